@@ -1,0 +1,17 @@
+"""Sequence mixers: each maps (batch, seq, d_model) -> (batch, seq, d_model) behind one contract.
+
+    mixer = MIXERS[name](cfg: ModelConfig, layer_idx: int)
+    y = mixer(x, state=None)              # training / prefill; with a state, decoding continues it
+    state = mixer.init_state(batch_size, max_len, device, dtype)
+    mixer.flops_per_token(seq_len)        # forward FLOPs, for an honest MFU
+"""
+
+from slmlab.mixers.attention import Attention
+
+MIXERS = {"attention": Attention}
+
+
+def mixer_class(name: str) -> type:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; available: {sorted(MIXERS)}")
+    return MIXERS[name]

@@ -1,0 +1,51 @@
+"""Building blocks shared by the backbone and the mixers: RMSNorm, SwiGLU, rotary embeddings."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (half-split layout, as in Llama/Qwen/HF `rotate_half`).
+
+    cos/sin are computed per call from the positions, in float32: no max-length table to outgrow,
+    and cached decoding only needs the offset.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x: (batch, heads, seq, head_dim) -> same shape, rotated by position offset..offset+seq."""
+        pos = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

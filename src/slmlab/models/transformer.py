@@ -1,0 +1,82 @@
+"""The decoder-only backbone: embedding -> N x (pre-norm mixer, pre-norm SwiGLU) -> norm -> LM head."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from slmlab.mixers import mixer_class
+from slmlab.models.config import ModelConfig
+from slmlab.models.layers import RMSNorm, SwiGLU
+
+
+class Block(nn.Module):
+    """
+    x ──┬─ norm ─ mixer ─(+)──┬─ norm ─ SwiGLU ─(+)── out
+        └──────────────────┘  └─────────────────┘
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer_class(cfg.mixer)(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, state: object | None = None) -> Tensor:
+        x = x + self.mixer(self.mixer_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; the projections that write into the residual stream are
+        scaled by 1/sqrt(2 n_layers) so the residual variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights keep their ones
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("mixer.o.weight", "mlp.down.weight")) else 1
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
+        """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if state is None else state[i])
+        logits = self.lm_head(self.norm(x))
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
+
+    def init_state(self, batch_size: int, max_len: int) -> list:
+        """One decoding state per layer (KV cache for attention, fixed-size state for recurrent mixers)."""
+        p = self.lm_head.weight
+        return [b.mixer.init_state(batch_size, max_len, p.device, p.dtype) for b in self.blocks]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward) at this sequence length.
+
+        Forward: 2 FLOPs per multiply-accumulate of every matmul (mixer projections, MLP, LM head) plus
+        each mixer's own sequence-mixing term; the embedding lookup is free.
+        """
+        d, h = self.cfg.d_model, self.cfg.ffn_hidden
+        per_layer_mlp = 2 * 3 * d * h
+        mixers = sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
+        head = 2 * d * self.cfg.vocab_size
+        return 3 * (mixers + self.cfg.n_layers * per_layer_mlp + head)

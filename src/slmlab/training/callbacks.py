@@ -1,0 +1,137 @@
+"""Callbacks that make a run report itself: throughput and MFU, a console summary, a text sample."""
+
+import math
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from slmlab.models.generate import generate
+
+# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class ThroughputMonitor(Callback):
+    """Logs perf/tokens_per_s, perf/mfu (CUDA, from the model's own FLOPs per token) and
+    perf/data_wait (fraction of wall time spent between batches: loading, transfer, hooks).
+    Validation time is excluded."""
+
+    def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.peak = peak_flops_per_device
+        self._last_logged_step = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._t0 = self._last_end = None
+        self._tokens = 0
+        self._wait = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now
+        elif self._last_end is not None:
+            self._wait += now - self._last_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        self._last_end = time.perf_counter()
+        step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
+        if step % self.log_every_n_steps or step == self._last_logged_step:
+            return
+        self._last_logged_step = step
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._t0
+        if elapsed <= 0:
+            return
+        tps = self._tokens / elapsed
+        metrics = {"perf/tokens_per_s": tps, "perf/data_wait": self._wait / elapsed}
+        peak = self.peak or peak_flops(pl_module.device)
+        if peak:
+            seq_len = batch["input_ids"].shape[1]
+            metrics["perf/mfu"] = tps * pl_module.model.flops_per_token(seq_len) / (peak * trainer.world_size)
+        pl_module.log_dict(metrics)
+        self._reset()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+
+class ConsoleSummary(Callback):
+    """Prints one line per validation and a summary at the end, so a plain log shows the run."""
+
+    KEYS = ("train/loss", "val/loss", "val/bpb", "perf/tokens_per_s")
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.tokens_per_s: list[float] = []
+
+    def _print(self, trainer: L.Trainer, text: str) -> None:
+        if trainer.is_global_zero:
+            bar = trainer.progress_bar_callback
+            bar.print(text) if bar is not None else print(text, flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        for key in self.KEYS:
+            if key in metrics:
+                self.first.setdefault(key, metrics[key])
+                self.last[key] = metrics[key]
+        if "perf/tokens_per_s" in metrics:
+            self.tokens_per_s.append(metrics["perf/tokens_per_s"])
+        per_source = "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(metrics.items())
+                               if k.startswith("val/") and k.endswith("/bpb") and k.count("/") == 2)
+        self._print(trainer, f"step {trainer.global_step:>6} | train loss {metrics.get('train/loss', math.nan):.4f}"
+                    f" | val loss {metrics.get('val/loss', math.nan):.4f} | val bits-per-byte"
+                    f" {metrics.get('val/bpb', math.nan):.4f} ({per_source}) | {metrics.get('perf/tokens_per_s', math.nan):,.0f} tokens/s")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.last:
+            return
+        lines = ["", f"== summary after {trainer.global_step} steps"]
+        for key in self.KEYS[:3]:
+            if key in self.last:
+                lines.append(f"{key:<18} {self.first[key]:.4f} (first validation) -> {self.last[key]:.4f}")
+        if self.tokens_per_s:
+            lines.append(f"{'tokens/s':<18} {sum(self.tokens_per_s) / len(self.tokens_per_s):,.0f} (mean)")
+        self._print(trainer, "\n".join(lines))
+
+
+class GenerateSample(Callback):
+    """At the end of training, re-seeds and prints a continuation of each prompt."""
+
+    def __init__(self, prompts: list[str], max_new_tokens: int = 48, temperature: float = 0.8,
+                 top_k: int | None = 50, seed: int = 0) -> None:
+        self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        tokenizer = trainer.datamodule.tokenizer
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        print("\n== samples", flush=True)
+        for prompt in self.prompts:
+            ids = torch.tensor([tokenizer.encode(prompt).ids], device=pl_module.device)
+            out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                           eos_id=trainer.datamodule.eos_id, generator=generator)
+            print(f"> {tokenizer.decode(out[0].tolist())!r}", flush=True)
+        model.train(was_training)

@@ -1,0 +1,18 @@
+"""Parameter groups for weight decay."""
+
+from torch import nn
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Decay matrices only: norms and biases (1-D) never, embeddings (and a head tied to them)
+    only when asked — decaying them shrinks rare-token rows towards zero."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied parameters appear once
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or (id(p) in embedding_ids and not decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

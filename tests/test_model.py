@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.generate import generate
+from slmlab.models.layers import Rotary
+
+
+def tiny(**overrides) -> ModelConfig:
+    cfg = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64, qk_norm=True)
+    return ModelConfig(**{**cfg, **overrides})
+
+
+@pytest.fixture
+def model() -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(tiny()).double().eval()
+
+
+def test_changing_a_future_token_never_changes_past_logits(model):
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 97
+    a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def naive_attention_layer(attn, x: torch.Tensor) -> torch.Tensor:
+    """Reference: every q head with its kv head repeated, RoPE by explicit 2x2 rotations, masked softmax."""
+    B, T, _ = x.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.q(x).view(B, T, H, D)
+    k = attn.k(x).view(B, T, Hkv, D)
+    v = attn.v(x).view(B, T, Hkv, D)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    theta = attn.rotary.inv_freq.double()
+
+    def rotate(t):  # pair (i, i + D/2) rotated by angle pos * theta_i
+        out = t.clone()
+        for pos in range(T):
+            c, s = torch.cos(pos * theta), torch.sin(pos * theta)
+            a, b = t[:, pos, :, : D // 2], t[:, pos, :, D // 2 :]
+            out[:, pos, :, : D // 2] = a * c - b * s
+            out[:, pos, :, D // 2 :] = b * c + a * s
+        return out
+
+    q, k = rotate(q), rotate(k)
+    group = H // Hkv
+    out = torch.empty(B, T, H, D, dtype=x.dtype)
+    for h in range(H):
+        scores = q[:, :, h] @ k[:, :, h // group].transpose(1, 2) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, :, h // group]
+    return attn.o(out.reshape(B, T, H * D))
+
+
+def test_attention_matches_naive_gqa_rope_reference(model):
+    attn = model.blocks[0].mixer
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), naive_attention_layer(attn, x))
+
+
+def test_rotary_preserves_norm_and_is_relative():
+    rot = Rotary(16, theta=10_000.0).double()
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    torch.testing.assert_close(rot(q, offset=7).norm(), q.norm())
+    # <rot(q, m), rot(k, n)> depends on m - n only
+    dot = lambda m, n: (rot(q, offset=m) * rot(k, offset=n)).sum()  # noqa: E731
+    torch.testing.assert_close(dot(5, 2), dot(13, 10))
+    assert not torch.isclose(dot(5, 2), dot(5, 3))
+
+
+def test_cached_decoding_equals_full_forward(model):
+    x = torch.randint(0, 97, (3, 17))
+    full = model(x)
+    state = model.init_state(3, 17)
+    steps = [model(x[:, :5], state), model(x[:, 5:9], state)] + [model(x[:, t : t + 1], state) for t in range(9, 17)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+
+
+def test_greedy_generation_equals_argmax_of_full_forwards(model):
+    prompt = torch.randint(0, 97, (2, 4))
+    out = generate(model, prompt, 8, temperature=0)
+    seq = prompt
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_tied_head_shares_the_embedding_and_untied_does_not():
+    tied, untied = CausalLM(tiny()), CausalLM(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.num_params() - tied.num_params() == 97 * 64
+
+
+def test_logit_softcap_squashes_the_uncapped_logits():
+    torch.manual_seed(0)
+    capped = CausalLM(tiny(logit_softcap=2.0, init_std=1.0)).double()
+    plain = CausalLM(tiny(init_std=1.0)).double()
+    plain.load_state_dict(capped.state_dict())
+    x = torch.randint(0, 97, (1, 8))
+    raw = plain(x)
+    assert raw.abs().max() > 4  # large init, so the cap matters
+    torch.testing.assert_close(capped(x), 2.0 * torch.tanh(raw / 2.0))
+
+
+def test_flops_per_token_matches_a_hand_count():
+    cfg = tiny()
+    m = CausalLM(cfg)
+    d, hd, H, Hkv, f, V, T = 64, 16, 4, 2, 96, 97, 32
+    attn_proj = 2 * (d * H * hd + 2 * d * Hkv * hd + H * hd * d)
+    attn_scores = 2 * H * hd * T  # QK^T and AV, 2 FLOPs per MAC, over the causal half: 4 * H * hd * T / 2
+    forward = cfg.n_layers * (attn_proj + attn_scores + 2 * 3 * d * f) + 2 * d * V
+    assert m.flops_per_token(T) == 3 * forward
+
+
+def test_bad_head_configuration_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        tiny(n_kv_heads=3)

@@ -1,0 +1,99 @@
+"""Schedules, losses and weight-decay groups against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.training.losses import IGNORE_INDEX, lm_loss
+from slmlab.training.optim import weight_decay_groups
+from slmlab.training.schedules import WSD, Constant, Cosine
+
+
+def lrs(make, steps: int) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make(opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_wsd_warms_up_holds_then_decays_to_the_floor():
+    got = lrs(lambda o: WSD(o, total_steps=20, warmup_steps=4, decay_fraction=0.25, decay_shape="linear", min_lr_ratio=0.1), 20)
+    assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert got[4:15] == pytest.approx([1.0] * 11)
+    # 5 decay steps, linear from 1 to 0.1: 1 - 0.9 * k/5 for k = 1..5
+    assert got[15:] == pytest.approx([1 - 0.9 * k / 5 for k in range(1, 6)])
+
+
+def test_wsd_cosine_and_sqrt_shapes_end_at_the_floor():
+    for shape in ("cosine", "sqrt"):
+        got = lrs(lambda o: WSD(o, total_steps=10, decay_fraction=0.5, decay_shape=shape, min_lr_ratio=0.2), 10)
+        assert got[-1] == pytest.approx(0.2)
+        assert all(a >= b for a, b in zip(got, got[1:]))
+    cos = lrs(lambda o: WSD(o, total_steps=10, decay_fraction=0.5, decay_shape="cosine"), 10)
+    assert cos[5] == pytest.approx(0.5 * (1 + math.cos(math.pi / 5)))
+
+
+def test_cosine_and_constant():
+    got = lrs(lambda o: Cosine(o, total_steps=12, warmup_steps=2, min_lr_ratio=0.0), 12)
+    assert got[:2] == pytest.approx([0.5, 1.0])
+    assert got[2] == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
+    assert got[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs(lambda o: Constant(o, total_steps=5, warmup_steps=1), 5) == pytest.approx([1.0] * 5)
+
+
+def test_schedule_state_round_trips_mid_run():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    a = WSD(opt, total_steps=20, warmup_steps=3, decay_fraction=0.5)
+    for _ in range(12):
+        opt.step(); a.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    b = WSD(opt2, total_steps=20, warmup_steps=3, decay_fraction=0.5)
+    b.load_state_dict(a.state_dict())
+    opt2.param_groups[0]["lr"] = b.get_last_lr()[0]
+    opt.step(); a.step(); opt2.step(); b.step()
+    assert a.get_last_lr() == b.get_last_lr() != [1.0]
+
+
+def test_bad_schedule_arguments_name_the_value():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="warmup_steps=30"):
+        WSD(opt, total_steps=10, warmup_steps=30)
+    with pytest.raises(ValueError, match="decay shape 'square'"):
+        lrs(lambda o: WSD(o, total_steps=4, decay_fraction=0.5, decay_shape="square"), 4)
+
+
+def test_lm_loss_with_z_loss_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
+    labels = torch.tensor([[0, 2, IGNORE_INDEX]])
+    lse = torch.log(torch.tensor([math.exp(2) + 2, math.e + 2]))
+    ce = ((lse[0] - 2.0) + (lse[1] - 0.0)) / 2
+    loss, got_ce = lm_loss(logits, labels, z_loss=1e-2)
+    assert got_ce.item() == pytest.approx(ce.item())
+    assert loss.item() == pytest.approx(ce.item() + 1e-2 * lse.square().mean().item())
+
+
+def test_ignored_positions_get_no_gradient():
+    logits = torch.randn(1, 4, 5, requires_grad=True)
+    loss, _ = lm_loss(logits, torch.tensor([[1, IGNORE_INDEX, 3, IGNORE_INDEX]]), z_loss=1e-3)
+    loss.backward()
+    assert logits.grad[0, [1, 3]].abs().sum() == 0
+    assert logits.grad[0, [0, 2]].abs().sum() > 0
+
+
+def test_weight_decay_skips_norms_and_tied_embeddings():
+    model = CausalLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, qk_norm=True))
+    decay, no_decay = weight_decay_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"blocks.0.mixer.q.weight", "blocks.0.mixer.k.weight", "blocks.0.mixer.v.weight",
+                     "blocks.0.mixer.o.weight", "blocks.0.mlp.gate.weight", "blocks.0.mlp.up.weight", "blocks.0.mlp.down.weight"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    with_embed, _ = weight_decay_groups(model, 0.1, decay_embeddings=True)
+    assert any(p is model.embed.weight for p in with_embed["params"])

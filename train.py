@@ -1,0 +1,43 @@
+"""Compose the config, instantiate data, stage, callbacks, loggers and trainer, then fit.
+
+    python train.py                                          # tiny model, embedded en/de corpus, CPU
+    python train.py experiment=helios_nova_pretrain          # a named recipe
+    python train.py model=helium_nano trainer=gpu optim.lr=1e-3
+    python train.py run_name=my_run ckpt_path=last           # resume outputs/my_run exactly
+"""
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from slmlab.checkpoint import resolve_ckpt_path
+from slmlab.config import register_configs
+
+register_configs()
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Runs one configuration; returns the final validation loss (the metric sweeps optimise)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
+    if cfg.test:
+        trainer.test(module, datamodule=datamodule)
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return None if val_loss is None else float(val_loss)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
