@@ -97,3 +97,19 @@ def test_weight_decay_skips_norms_and_tied_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     with_embed, _ = weight_decay_groups(model, 0.1, decay_embeddings=True)
     assert any(p is model.embed.weight for p in with_embed["params"])
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_a_clear_error():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from lightning_modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
+                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant))
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(vocab_size=64, seq_len=16))
+    with pytest.raises(ValueError, match="tokenizer has 64 tokens but model.vocab_size=50"):
+        module.setup("fit")
+    module.trainer.datamodule = SimpleNamespace(vocab_size=50, seq_len=32)
+    with pytest.raises(ValueError, match="data.seq_len=32 exceeds model.max_seq_len=16"):
+        module.setup("fit")

@@ -1,0 +1,61 @@
+"""Training-step throughput of a model preset on synthetic tokens (no data loading, no Lightning).
+
+    python bench/train_step.py                       # tiny preset, the CPU default
+    python bench/train_step.py model=helios_nova data.batch_size=8 --steps 20
+
+Prints tokens/s and, on CUDA, MFU from the model's own FLOPs per token. The end-to-end number
+including the loader and Lightning is `perf/tokens_per_s` in any run's metrics.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from slmlab.config import register_configs
+from slmlab.models import CausalLM
+from slmlab.training.callbacks import peak_flops
+from slmlab.training.losses import lm_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    register_configs()
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = CausalLM(instantiate(cfg.model)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch, seq = cfg.data.batch_size, cfg.data.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast:
+            loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tps = args.steps * batch * seq / (time.perf_counter() - start)
+    line = f"model={cfg.model.d_model}d x {cfg.model.n_layers}L ({model.num_params() / 1e6:.1f}M) batch={batch} seq={seq} " \
+           f"device={device.type} threads={torch.get_num_threads()}: {tps:,.0f} tokens/s"
+    peak = peak_flops(device)
+    if peak:
+        line += f", MFU {tps * model.flops_per_token(seq) / peak:.1%}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Callbacks the end-to-end tests add to a run with `+callbacks.<name>._target_=tests.helpers.<Class>`."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class StopAtStep(Callback):
+    """Ends fit after the validation (and checkpoint) of optimizer step `step`, as a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class RecordBatches(Callback):
+    """Writes a hash of every training sample this rank saw to `<out_dir>/rank<r>.json`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.hashes: list[str] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.hashes += [hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest() for row in batch["input_ids"]]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.hashes))

@@ -1,0 +1,72 @@
+"""Every preset, experiment and group option composes; typos and wrong types fail at composition."""
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf.errors import ValidationError
+
+from tests.conftest import CONF, compose_config
+
+# parameter counts recomputed from the seed specs (../specs/systems.md)
+PRESET_PARAMS = {"helios_nova": (305_844_224, 0.0), "helium_nano": (47_846_912, 0.0), "helium_2b": (2_141_308_928, 0.0)}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", options("model"))
+def test_every_model_preset_builds_on_the_meta_device(preset):
+    cfg = compose_config([f"model={preset}"])
+    with torch.device("meta"):
+        module = instantiate(cfg.stage)
+    n = module.model.num_params()
+    if preset in PRESET_PARAMS:
+        want, tol = PRESET_PARAMS[preset]
+        assert abs(n - want) <= tol * want, f"{preset}: {n:,} parameters, spec {want:,}"
+    logits = module.model(torch.zeros(2, 16, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 16, cfg.model.vocab_size)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_instantiates(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    with torch.device("meta"):
+        module = instantiate(cfg.stage)
+    assert module.model_config.vocab_size == cfg.model.vocab_size
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+    instantiate(cfg.data)  # constructing a datamodule reads nothing yet
+
+
+@pytest.mark.parametrize("group", ["data", "optim", "schedule", "trainer", "logger", "callbacks", "stage"])
+def test_every_group_option_composes(group):
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_helios_recipe_overrides_the_base():
+    cfg = compose_config(["experiment=helios_nova_pretrain"])
+    assert (cfg.model.d_model, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.trainer.accumulate_grad_batches) == (1024, 3e-4, 4000, 8)
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len == 393_216
+
+
+def test_a_typo_in_a_group_option_names_it():
+    with pytest.raises(MissingConfigException, match="helios_nvoa"):
+        compose_config(["model=helios_nvoa"])
+
+
+def test_a_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["optim.lr=abc"])
+    assert isinstance(err.value.__cause__, ValidationError) and "optim.lr" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="model.d_model"):
+        compose_config(["model.d_model=wide"])
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ConfigCompositionException, match="d_modle"):
+        compose_config(["model.d_modle=64"])
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+        compose_config(["learning_rate=1e-3"])

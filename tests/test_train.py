@@ -1,0 +1,99 @@
+"""End-to-end runs of train.py at tiny size: the Quickstart, exact resume, DDP, export."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from slmlab.checkpoint import export_safetensors, load_model as load_checkpoint_model, resolve_ckpt_path
+from slmlab.models import CausalLM, ModelConfig
+from tests.conftest import ROOT, compose_config, tiny_run_overrides
+from train import train
+
+pytestmark = pytest.mark.slow
+
+
+def run_train(overrides: list[str], timeout: int = 300) -> str:
+    """`python train.py <overrides>` in a subprocess, as a user runs it; returns its output."""
+    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def metric(run_dir: Path, key: str) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_quickstart_command_trains_and_reports(tmp_path):
+    out = run_train(tiny_run_overrides(tmp_path, steps=30, val_every=10) + ["optim.lr=3e-3"])
+    for text in ("val loss", "bits-per-byte", "en ", "de ", "tokens/s", "== summary", "== samples"):
+        assert text in out, f"{text!r} missing from the output"
+    val = metric(tmp_path / "run", "val/loss")
+    assert len(val) == 3 and val[-1] < val[0] - 0.5, val
+    assert all(b > 0 for b in metric(tmp_path / "run", "val/bpb"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
+    # the resumed half crosses a pass over each source's training blocks (tiny shards)
+    straight = tiny_run_overrides(tmp_path / "a", steps=12, val_every=6)
+    train(compose_config(straight))
+    interrupted = tiny_run_overrides(tmp_path / "b", steps=12, val_every=6)
+    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=6"]))
+    assert torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    train(compose_config(interrupted + ["ckpt_path=last"]))
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert metric(tmp_path / "a" / "run", "train/loss")[-3:] == metric(tmp_path / "b" / "run", "train/loss")[-3:]
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["ckpt_path=last"]))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        train(compose_config(tiny_run_overrides(tmp_path) + [f"ckpt_path={tmp_path / 'nope.ckpt'}"]))
+
+
+def test_ddp_on_cpu_gives_ranks_disjoint_data(tmp_path):
+    record = tmp_path / "batches"
+    run_train(tiny_run_overrides(tmp_path, steps=4, val_every=2) + [
+        "trainer=ddp", "trainer.devices=2", "trainer.enable_progress_bar=false",
+        "+callbacks.record._target_=tests.helpers.RecordBatches", f"+callbacks.record.out_dir={record}"])
+    rank0, rank1 = (json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 4 * 4  # steps x batch size
+    assert not set(rank0) & set(rank1)
+
+
+def test_checkpoint_exports_to_safetensors_and_loads_for_the_next_stage(tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=4, val_every=4)))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    model = load_checkpoint_model(ckpt)
+    out = export_safetensors(ckpt, tmp_path / "export")
+    config = ModelConfig(**json.loads((out / "config.json").read_text()))
+    fresh = CausalLM(config)
+    load_model(fresh, str(out / "model.safetensors"))
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="broken.ckpt is truncated or corrupt"):
+        load_checkpoint_model(bad)
+    with pytest.raises(ValueError, match="broken.ckpt"):
+        resolve_ckpt_path(str(bad), False, trainer=type("T", (), {"checkpoint_callback": None})())
