@@ -26,6 +26,21 @@ class ModelConfig:
     tie_embeddings: bool = True
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     init_std: float = 0.02
+    # which implementation the recurrent mixers run: auto = the CUDA kernel when on CUDA and
+    # importable, else the pure-PyTorch reference; torch | fla | mamba_ssm force one
+    kernel: str = "auto"
+    # GLA (mixers/gla.py): heads = n_heads, key/value dim per head = head_dim
+    gla_decay_init: float = 0.9  # exp(log-decay) of every key channel at initialisation
+    # HGRN2 (mixers/hgrn2.py): per-head state expand_ratio x (d_model / heads)
+    hgrn2_expand_ratio: int = 128
+    # Mamba-2 (mixers/mamba2.py), mamba-ssm's parameter layout
+    ssm_d_state: int = 128
+    ssm_d_conv: int = 4
+    ssm_expand: int = 2
+    ssm_headdim: int = 64
+    ssm_ngroups: int = 1
+    ssm_dt_min: float = 0.001
+    ssm_dt_max: float = 0.1
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
