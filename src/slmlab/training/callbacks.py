@@ -72,11 +72,11 @@ class ThroughputMonitor(Callback):
 class ConsoleSummary(Callback):
     """Prints one line per validation and a summary at the end, so a plain log shows the run."""
 
-    KEYS = ("train/loss", "val/loss", "val/bpb", "perf/tokens_per_s")
+    KEYS = ("train/loss", "val/loss", "val/bpb")
 
     def __init__(self) -> None:
-        self.first: dict[str, float] = {}
-        self.last: dict[str, float] = {}
+        self.first: dict[str, tuple[int, float]] = {}  # key -> (step, value) when first seen
+        self.last: dict[str, tuple[int, float]] = {}
         self.tokens_per_s: list[float] = []
 
     def _print(self, trainer: L.Trainer, text: str) -> None:
@@ -84,14 +84,22 @@ class ConsoleSummary(Callback):
             bar = trainer.progress_bar_callback
             bar.print(text) if bar is not None else print(text, flush=True)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def _record(self, trainer: L.Trainer) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         for key in self.KEYS:
             if key in metrics:
-                self.first.setdefault(key, metrics[key])
-                self.last[key] = metrics[key]
+                self.first.setdefault(key, (trainer.global_step, metrics[key]))
+                self.last[key] = (trainer.global_step, metrics[key])
+        return metrics
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if "train/loss" not in self.first:
+            self._record(trainer)  # the loss before training has taught the model anything
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = self._record(trainer)
         if "perf/tokens_per_s" in metrics:
             self.tokens_per_s.append(metrics["perf/tokens_per_s"])
         per_source = "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(metrics.items())
@@ -101,14 +109,13 @@ class ConsoleSummary(Callback):
                     f" {metrics.get('val/bpb', math.nan):.4f} ({per_source}) | {metrics.get('perf/tokens_per_s', math.nan):,.0f} tokens/s")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.last:
-            return
-        lines = ["", f"== summary after {trainer.global_step} steps"]
-        for key in self.KEYS[:3]:
+        lines = [f"== summary after {trainer.global_step} steps"]
+        for key in self.KEYS:
             if key in self.last:
-                lines.append(f"{key:<18} {self.first[key]:.4f} (first validation) -> {self.last[key]:.4f}")
+                (s0, v0), (s1, v1) = self.first[key], self.last[key]
+                lines.append(f"{key:<12} {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
         if self.tokens_per_s:
-            lines.append(f"{'tokens/s':<18} {sum(self.tokens_per_s) / len(self.tokens_per_s):,.0f} (mean)")
+            lines.append(f"{'tokens/s':<12} {sum(self.tokens_per_s) / len(self.tokens_per_s):,.0f} (mean)")
         self._print(trainer, "\n".join(lines))
 
 
