@@ -1,6 +1,7 @@
 """End-to-end runs of train.py at tiny size: the Quickstart, exact resume, DDP, export."""
 
 import csv
+import math
 import json
 import os
 import subprocess
@@ -37,7 +38,8 @@ def test_quickstart_command_trains_and_reports(tmp_path):
     for text in ("val loss", "bits-per-byte", "en ", "de ", "tokens/s", "== summary", "== samples"):
         assert text in out, f"{text!r} missing from the output"
     val = metric(tmp_path / "run", "val/loss")
-    assert len(val) == 3 and val[-1] < val[0] - 0.5, val
+    # an untrained model scores about ln(vocab); each validation must improve on the last
+    assert len(val) == 3 and val[0] > val[1] > val[2] and val[2] < math.log(512) - 0.5, val
     assert all(b > 0 for b in metric(tmp_path / "run", "val/bpb"))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
@@ -47,7 +49,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
-    # the resumed half crosses a pass over each source's training blocks (tiny shards)
+    # (resume across a pass over a source's blocks is tested on the datamodule itself)
     straight = tiny_run_overrides(tmp_path / "a", steps=12, val_every=6)
     train(compose_config(straight))
     interrupted = tiny_run_overrides(tmp_path / "b", steps=12, val_every=6)

@@ -1,0 +1,3 @@
+from datamodules.token_shards import TokenShardDataModule
+
+__all__ = ["TokenShardDataModule"]

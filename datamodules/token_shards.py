@@ -1,0 +1,210 @@
+"""LightningDataModule over token shards: a weighted, shuffled, exactly resumable training stream,
+and one validation loader per source. See `conf/data/de_en.yaml` for a configuration.
+"""
+
+import logging
+from collections.abc import Iterator, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, IterableDataset
+
+from slmlab.data.blocks import Blocks
+from slmlab.data.errors import DataError
+from slmlab.data.mixture import Mixture
+from slmlab.data.prepare import is_val_document, prepare_shards
+from slmlab.data.readers import DocumentReader
+from slmlab.data.shards import MANIFEST, VERIFY_MODES, Manifest, check_tokenizer, open_shards
+from slmlab.data.streams import Batch, TrainBatches, ValBatches
+from slmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+_SOURCE_KEYS = {"path", "weight", "raw"}
+_TOKENIZER_KEYS = {"path", "vocab_size", "min_frequency", "max_documents"}
+
+
+class TokenShardDataModule(L.LightningDataModule):
+    """Token shards of named sources, prepared from raw text on first use.
+
+    sources: name -> {path: shard directory, weight: share of training samples (default 1; 0 for a
+        validation-only source), raw: DocumentReader arguments plus an optional max_tokens, or None
+        for shards prepared elsewhere}.
+    tokenizer: {path: tokenizer.json, vocab_size, min_frequency: 2, max_documents: None}. When the
+        file is missing it is trained on the train split of every raw source (at most max_documents
+        documents of each); its vocabulary can come out smaller than vocab_size, never larger.
+    Training batches are {"input_ids", "labels"}: LongTensor[batch_size, seq_len], labels shifted
+    by one. The position in the stream is saved in checkpoints, so a resumed run continues with
+    exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, sources: Mapping[str, Mapping], tokenizer: Mapping, seq_len: int, batch_size: int,
+                 num_workers: int = 0, seed: int = 1234, val_fraction: float = 0.05,
+                 shard_tokens: int = 50_000_000, num_proc: int = 1, verify: str = "size"):
+        super().__init__()
+        for key, value in {"seq_len": seq_len, "batch_size": batch_size, "shard_tokens": shard_tokens,
+                           "num_proc": num_proc}.items():
+            if value < 1:
+                raise DataError(f"{key}={value}: must be at least 1")
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
+        if seed < 0 or num_workers < 0:
+            raise DataError(f"seed={seed}, num_workers={num_workers}: must be >= 0")
+        if verify not in VERIFY_MODES:
+            raise DataError(f"verify={verify!r} is not one of {VERIFY_MODES}")
+        if not sources:
+            raise DataError("sources: at least one source is needed")
+        for name, source in sources.items():
+            _check_keys(source, _SOURCE_KEYS, f"source {name!r}", required={"path"})
+        _check_keys(tokenizer, _TOKENIZER_KEYS, "tokenizer", required={"path", "vocab_size"})
+
+        self.paths = {name: Path(source["path"]) for name, source in sources.items()}
+        self.readers = {name: _reader(name, source["raw"]) for name, source in sources.items()
+                        if source.get("raw") is not None}  # name -> (DocumentReader, max_tokens)
+        self.mixture = Mixture({name: float(source.get("weight", 1.0)) for name, source in sources.items()})
+        self.tokenizer_path = Path(tokenizer["path"])
+        self.max_vocab_size = int(tokenizer["vocab_size"])
+        self.min_frequency = int(tokenizer.get("min_frequency", 2))
+        self.tokenizer_max_documents = tokenizer.get("max_documents")
+        self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
+        self.val_fraction, self.shard_tokens, self.num_proc, self.verify = val_fraction, shard_tokens, num_proc, verify
+
+        self.val_sources = list(sources)  # the order of val_dataloader()'s loaders
+        self.batches_consumed = 0  # training batches delivered to the model on this rank
+        self.samples_consumed = 0  # training samples delivered on all ranks: the stream position
+        self._world_size = 1
+        # set by setup()
+        self.tokenizer: Tokenizer | None = None
+        self.vocab_size: int | None = None
+        self.eos_id: int | None = None
+        self.manifests: dict[str, Manifest] = {}
+        self.train_blocks: dict[str, Blocks] = {}
+        self.val_blocks: dict[str, Blocks] = {}
+
+    # -- preparation ---------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Train the tokenizer if its file is missing; prepare every source whose manifest is missing.
+
+        A no-op when all exist. Lightning calls it on one process per node; concurrent calls on
+        shared storage only repeat work, since every file is written atomically and deterministically
+        (set `prepare_data_per_node = False` on the datamodule to prepare once for all nodes).
+        """
+        if not self.tokenizer_path.exists():
+            if not self.readers:
+                raise DataError(f"{self.tokenizer_path}: tokenizer not found, and no source has `raw` text "
+                                "to train one")
+            log.info("training a %d-token tokenizer on %s", self.max_vocab_size, ", ".join(self.readers))
+            train_tokenizer(self._tokenizer_texts(), self.max_vocab_size, self.tokenizer_path, self.min_frequency)
+        for name, out_dir in self.paths.items():
+            if (out_dir / MANIFEST).exists():
+                log.info("source %r: shards in %s already prepared", name, out_dir)
+                continue
+            if name not in self.readers:
+                raise DataError(f"source {name!r}: {out_dir / MANIFEST} not found, and the source has no `raw` "
+                                "to prepare it from")
+            reader, max_tokens = self.readers[name]
+            prepare_shards(reader, out_dir, self.tokenizer_path, val_fraction=self.val_fraction,
+                           shard_tokens=self.shard_tokens, num_proc=self.num_proc, max_tokens=max_tokens)
+
+    def _tokenizer_texts(self) -> Iterator[str]:
+        """The train-split documents of every raw source: validation text must not shape the tokenizer."""
+        for reader, _ in self.readers.values():
+            train = (text for text in reader if not is_val_document(text.encode("utf-8"), self.val_fraction))
+            yield from islice(train, self.tokenizer_max_documents)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the tokenizer and every source's shards, and check that they belong together."""
+        if self.tokenizer is not None:
+            return
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        vocab_size = tokenizer.get_vocab_size()
+        if vocab_size > self.max_vocab_size:
+            raise DataError(f"{self.tokenizer_path}: {vocab_size} tokens, more than tokenizer.vocab_size="
+                            f"{self.max_vocab_size}; delete it to train a new one, or raise vocab_size")
+        expected_hash = tokenizer_hash(self.tokenizer_path)
+        for index, (name, out_dir) in enumerate(self.paths.items()):
+            manifest = open_shards(out_dir, self.verify)
+            check_tokenizer(manifest, out_dir, expected_hash, vocab_size)
+            if manifest.val_fraction != self.val_fraction:
+                raise DataError(f"{out_dir / MANIFEST}: prepared with val_fraction={manifest.val_fraction}, "
+                                f"configured {self.val_fraction}; delete {out_dir} to prepare it again")
+            self.manifests[name] = manifest
+            self.val_blocks[name] = _nonempty(Blocks(out_dir, manifest, "val", self.seq_len), name, "val")
+            self.train_blocks[name] = Blocks(out_dir, manifest, "train", self.seq_len)
+            if self.mixture.counts[index] > 0:
+                _nonempty(self.train_blocks[name], name, "train")
+        self.tokenizer, self.vocab_size, self.eos_id = tokenizer, vocab_size, tokenizer.token_to_id(EOS)
+
+    def bytes_per_token(self, source: str) -> float:
+        """UTF-8 bytes of source text per token, measured on the source's validation split:
+        bits-per-byte = loss (nats/token) / ln 2 / bytes_per_token."""
+        split = self.manifests[source].splits["val"]
+        return split.bytes / split.tokens
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        """The endless training stream of this rank, from the sample after the last one consumed."""
+        rank, self._world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return self._loader(TrainBatches(list(self.train_blocks.values()), self.mixture, self.batch_size, self.seed,
+                                         rank, self._world_size, start=self.samples_consumed))
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per source, in the order of `val_sources`, over every block of its val split."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return [self._loader(ValBatches(self.val_blocks[name], self.batch_size, rank, world_size))
+                for name in self.val_sources]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The validation loaders: there is no separate test split."""
+        return self.val_dataloader()
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        # batch_size=None: the datasets yield collated batches
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    # -- exact resume --------------------------------------------------------------------------
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        # counts what reached the model, not what the loader's workers have prefetched
+        if self.trainer is not None and self.trainer.training:
+            self.batches_consumed += 1
+            self.samples_consumed += len(batch["input_ids"]) * self._world_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_consumed": self.batches_consumed, "samples_consumed": self.samples_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_consumed = state_dict["batches_consumed"]
+        self.samples_consumed = state_dict["samples_consumed"]
+
+
+def _check_keys(config: Mapping, allowed: set[str], where: str, required: set[str]) -> None:
+    if unknown := set(config) - allowed:
+        raise DataError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    if missing := required - set(config):
+        raise DataError(f"{where}: missing keys {sorted(missing)}")
+
+
+def _reader(name: str, raw: Mapping) -> tuple[DocumentReader, int | None]:
+    raw = dict(raw)
+    max_tokens = raw.pop("max_tokens", None)
+    try:
+        return DocumentReader(**raw), max_tokens
+    except TypeError as e:  # an unknown key
+        raise DataError(f"source {name!r}: raw {raw}: {e}") from None
+
+
+def _nonempty(blocks: Blocks, source: str, split: str) -> Blocks:
+    if blocks.num_blocks == 0:
+        hint = "raise val_fraction (then delete the shards to prepare them again)" if split == "val" else "add text"
+        raise DataError(f"source {source!r}: its {split} split is shorter than one block of seq_len + 1 = "
+                        f"{blocks.seq_len + 1} tokens; {hint}, or lower seq_len")
+    return blocks

@@ -1,0 +1,177 @@
+"""Prepare token shards: raw documents -> train/val split -> tokens (+ EOS each) -> shards + manifest.
+
+    python -m slmlab.data.prepare data=de_en   # the tokenizer and shards of conf/data/de_en.yaml
+
+Sources whose shards exist are left alone; the same happens at the start of training.
+"""
+
+import hashlib
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from itertools import chain
+from pathlib import Path
+from typing import NamedTuple
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from slmlab.data.errors import DataError
+from slmlab.data.readers import DocumentReader
+from slmlab.data.shards import MANIFEST, SPLITS, Manifest, ShardWriter, Split, token_dtype
+from slmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+_BATCH_CHARS = 1 << 20  # characters of text per tokenization task: large enough to amortize the IPC
+
+
+def is_val_document(utf8: bytes, val_fraction: float) -> bool:
+    """Whether a document (its UTF-8 bytes) belongs to the validation split.
+
+    Decided by a hash of the text alone: the split does not depend on document order or on the
+    other documents, and exact duplicates always land in the same split.
+    """
+    digest = hashlib.blake2b(utf8, digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+class _Chunk(NamedTuple):
+    """Tokens of some consecutive documents of one split, EOS after each; with their count and bytes."""
+    tokens: np.ndarray
+    documents: int
+    bytes: int
+
+
+class _Encoder:
+    """Splits a batch of documents into train/val and tokenizes each part."""
+
+    def __init__(self, tokenizer_path: Path, val_fraction: float):
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        # "<|endoftext|>" written in a document is text, not a document boundary
+        self.tokenizer.encode_special_tokens = True
+        self.eos_id = self.tokenizer.token_to_id(EOS)
+        self.dtype = token_dtype(self.tokenizer.get_vocab_size())
+        self.val_fraction = val_fraction
+
+    def __call__(self, texts: list[str]) -> dict[str, _Chunk]:
+        by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
+        n_bytes = dict.fromkeys(SPLITS, 0)
+        for text in texts:
+            utf8 = text.encode("utf-8")
+            split = "val" if is_val_document(utf8, self.val_fraction) else "train"
+            by_split[split].append(text)
+            n_bytes[split] += len(utf8)
+        chunks = {}
+        for split, docs in by_split.items():
+            ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(docs)]  # no offsets
+            count = sum(map(len, ids)) + len(ids)
+            tokens = np.fromiter(chain.from_iterable(i + [self.eos_id] for i in ids), self.dtype, count)
+            chunks[split] = _Chunk(tokens, len(docs), n_bytes[split])
+        return chunks
+
+
+def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: str | Path, *,
+                   val_fraction: float, shard_tokens: int = 50_000_000, num_proc: int = 1,
+                   max_tokens: int | None = None) -> Manifest:
+    """Tokenize `reader`'s documents into train/val token shards in `out_dir`; return the manifest.
+
+    Tokenization runs in `num_proc` processes, in order, so the output does not depend on it.
+    `max_tokens` stops reading once that many tokens (both splits) are written, at the end of a
+    batch of about 1M characters. Every file is written atomically and the manifest last: a run
+    killed part way leaves a directory that does not load and is prepared again next time.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    if num_proc < 1:
+        raise DataError(f"num_proc={num_proc}: must be at least 1")
+    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # while shards are rewritten the directory must not load
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size = tokenizer.get_vocab_size()
+    writers = {split: ShardWriter(out_dir, split, token_dtype(vocab_size), shard_tokens) for split in SPLITS}
+    splits = {split: Split() for split in SPLITS}
+    batches = _encoded(_batches(reader), tokenizer_path, val_fraction, num_proc)
+    with closing(batches):
+        for chunks in batches:
+            for split, chunk in chunks.items():
+                writers[split].write(chunk.tokens)
+                splits[split].tokens += len(chunk.tokens)
+                splits[split].documents += chunk.documents
+                splits[split].bytes += chunk.bytes
+            if max_tokens is not None and sum(s.tokens for s in splits.values()) >= max_tokens:
+                break
+    for split, writer in writers.items():
+        splits[split].shards = writer.close()
+    manifest = Manifest(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash(tokenizer_path),
+                        eos_id=tokenizer.token_to_id(EOS), val_fraction=val_fraction, splits=splits,
+                        skipped_documents=reader.skipped)
+    manifest.save(out_dir)
+    log.info("prepared %s: %s; skipped %d documents that are not valid UTF-8", out_dir,
+             "; ".join(f"{name} {s.tokens:,} tokens, {s.documents:,} documents, {s.bytes:,} bytes"
+                       for name, s in splits.items()), reader.skipped)
+    return manifest
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(batches: Iterable[list[str]], tokenizer_path: Path, val_fraction: float,
+             num_proc: int) -> Iterator[dict[str, _Chunk]]:
+    """Encode batches in order; with `num_proc` > 1 in worker processes, at most 2 batches each in flight
+    (so a huge streamed source is never read far ahead of what is written)."""
+    if num_proc == 1:
+        yield from map(_Encoder(tokenizer_path, val_fraction), batches)
+        return
+    # spawn, not fork: the parent may already run tokenizer and torch threads
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, _start_worker, (tokenizer_path, val_fraction)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _start_worker(tokenizer_path: Path, val_fraction: float) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc processes of one thread each
+    _worker_encoder = _Encoder(tokenizer_path, val_fraction)
+
+
+def _encode_in_worker(texts: list[str]) -> dict[str, _Chunk]:
+    return _worker_encoder(texts)
+
+
+@hydra.main(config_path=str(Path(__file__).resolve().parents[3] / "conf"), config_name="config",
+            version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Train the tokenizer and prepare the shards of `cfg.data`, where they are missing."""
+    hydra.utils.instantiate(cfg.data).prepare_data()
+
+
+if __name__ == "__main__":
+    # imported here, not at the top: tokenizer worker processes import this module and need no torch
+    from slmlab.config import register_configs
+
+    register_configs()
+    main()

@@ -1,0 +1,173 @@
+"""Raw documents (str) from local files or a Hugging Face dataset.
+
+Local formats, by file name or `format`:
+  txt      the whole file is one document
+  jsonl    one JSON object per line, text under `text_key`
+  parquet  column `text_key`, read one row group batch at a time
+`.gz` files are decompressed on the fly (`.txt.gz`, `.jsonl.gz`).
+"""
+
+import glob
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO
+
+from slmlab.data.errors import DataError
+
+FORMATS = ("txt", "jsonl", "parquet")
+DECODE_ERROR_POLICIES = ("skip", "error")
+_PARQUET_BATCH_ROWS = 1024
+
+
+class DocumentReader:
+    """Iterate the documents of one raw source; every pass restarts from the first document.
+
+    Exactly one of `files` (paths or glob patterns, read in the given order, each pattern's matches
+    sorted) or `hf_dataset` (streamed with `datasets.load_dataset(hf_dataset, hf_config, split=hf_split)`).
+    Documents that are not valid UTF-8 are counted in `skipped` (`on_decode_error="skip"`) or raise
+    a `DataError` naming the file and line (`"error"`). `max_documents` stops after that many documents.
+    """
+
+    def __init__(self, files: str | Sequence[str] | None = None, format: str | None = None,
+                 text_key: str = "text", hf_dataset: str | None = None, hf_config: str | None = None,
+                 hf_split: str = "train", on_decode_error: str = "skip", max_documents: int | None = None):
+        if (files is None) == (hf_dataset is None):
+            raise DataError(f"raw source: give exactly one of `files` or `hf_dataset` "
+                            f"(got files={files!r}, hf_dataset={hf_dataset!r})")
+        if format is not None and format not in FORMATS:
+            raise DataError(f"raw source: format={format!r} is not one of {FORMATS}")
+        if on_decode_error not in DECODE_ERROR_POLICIES:
+            raise DataError(f"raw source: on_decode_error={on_decode_error!r} is not one of {DECODE_ERROR_POLICIES}")
+        if isinstance(files, str):
+            files = [files]
+        self.files = None if files is None else list(files)
+        self.format, self.text_key = format, text_key
+        self.hf_dataset, self.hf_config, self.hf_split = hf_dataset, hf_config, hf_split
+        self.on_decode_error, self.max_documents = on_decode_error, max_documents
+        self.skipped = 0
+        """Documents skipped as invalid UTF-8 in the current (or last) pass."""
+
+    def __iter__(self) -> Iterator[str]:
+        self.skipped = 0
+        documents = self._hf_documents() if self.hf_dataset else self._file_documents()
+        yield from islice(documents, self.max_documents)
+
+    def _paths(self) -> Iterator[Path]:
+        for pattern in self.files:
+            if glob.has_magic(pattern):
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise DataError(f"{pattern}: no file matches this pattern")
+                yield from map(Path, matches)
+            else:
+                yield Path(pattern)
+
+    def _file_documents(self) -> Iterator[str]:
+        for path in self._paths():
+            if not path.is_file():
+                raise DataError(f"{path}: raw data file not found")
+            read = getattr(self, f"_read_{self.format or _infer_format(path)}")
+            found, skipped_before = False, self.skipped
+            for text in read(path):
+                found = True
+                yield text
+            if not found and self.skipped == skipped_before:
+                raise DataError(f"{path}: empty file, no documents")
+
+    def _decode(self, raw: bytes, where: str) -> str | None:
+        """`raw` as text, or None when it is not UTF-8 (see `_reject`)."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._reject(f"{where}: not valid UTF-8 (byte {e.start})")
+            return None
+
+    def _reject(self, problem: str) -> None:
+        """Count a document that is not valid UTF-8, or raise, as `on_decode_error` says."""
+        if self.on_decode_error == "error":
+            raise DataError(f"{problem}; set on_decode_error: skip to drop such documents")
+        self.skipped += 1
+
+    def _read_txt(self, path: Path) -> Iterator[str]:
+        with _open(path) as f:
+            text = self._decode(f.read(), str(path))
+        if text:
+            yield text
+
+    def _read_jsonl(self, path: Path) -> Iterator[str]:
+        with _open(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                where = f"{path}:{line_no}"
+                line = self._decode(raw, where)
+                if line is None or not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                text = self._text_of(record, where)
+                try:  # JSON escapes can encode lone surrogates ("\ud800"), which UTF-8 cannot
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    self._reject(f"{where}: not valid UTF-8 (lone surrogate at character {e.start})")
+                    continue
+                yield text
+
+    def _read_parquet(self, path: Path) -> Iterator[str]:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading parquet files needs `pyarrow`: pip install -e '.[hf]'") from None
+        parquet = pq.ParquetFile(path)
+        if self.text_key not in parquet.schema_arrow.names:
+            raise DataError(f"{path}: no column {self.text_key!r} (columns: {parquet.schema_arrow.names})")
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[self.text_key]):
+            column = batch.column(0)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                # as bytes: decoding ourselves applies on_decode_error to invalid UTF-8 too
+                column = column.cast(pa.large_binary())
+            elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                raise DataError(f"{path}: column {self.text_key!r} has type {column.type}, expected string")
+            for raw in column.to_pylist():
+                row += 1
+                if raw is None:
+                    raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
+                text = self._decode(raw, f"{path}: row {row}")
+                if text is not None:
+                    yield text
+
+    def _hf_documents(self) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError("reading a Hugging Face dataset needs `datasets`: pip install -e '.[hf]'") from None
+        name = f"{self.hf_dataset} (config {self.hf_config}, split {self.hf_split})"
+        stream = datasets.load_dataset(self.hf_dataset, self.hf_config, split=self.hf_split, streaming=True)
+        for row_no, record in enumerate(stream, 1):
+            yield self._text_of(record, f"{name}: row {row_no}")
+
+    def _text_of(self, record: object, where: str) -> str:
+        if not isinstance(record, dict) or self.text_key not in record:
+            keys = list(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: no key {self.text_key!r} (found {keys})")
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {self.text_key!r} is {type(text).__name__}, expected a string")
+        return text
+
+
+def _infer_format(path: Path) -> str:
+    name = path.name.removesuffix(".gz")
+    suffix = name.rsplit(".", 1)[-1] if "." in name else ""
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: cannot tell the format from the name; set format: one of {FORMATS}")
+    return suffix
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")

@@ -1,0 +1,186 @@
+import gzip
+import hashlib
+import json
+import re
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hydra.utils import instantiate
+
+from datamodules import TokenShardDataModule
+from slmlab import CORPUS_DIR
+from slmlab.data import prepare
+from slmlab.data.errors import DataError
+from slmlab.data.prepare import is_val_document, prepare_shards
+from slmlab.data.readers import DocumentReader
+from slmlab.data.shards import Manifest, open_shards
+from slmlab.data.tokenizer import load_tokenizer
+from tests.conftest import compose_config
+from tests.data_fixtures import documents, tokenizer_path_fixture, write_jsonl  # noqa: F401 (a fixture)
+
+
+# -- readers -----------------------------------------------------------------------------------
+
+def test_every_format_reads_its_documents(tmp_path):
+    docs = documents(7)
+    for i in range(2):
+        (tmp_path / f"part{i}.txt").write_text(docs[i])
+    write_jsonl(tmp_path / "d.jsonl.gz", docs[2:4])
+    pq.write_table(pa.table({"text": docs[4:7]}), tmp_path / "d.parquet", row_group_size=2)
+    write_jsonl(tmp_path / "d.data", docs[:1], key="body")
+    files = [str(tmp_path / "part*.txt"), str(tmp_path / "d.jsonl.gz"), str(tmp_path / "d.parquet")]
+    assert list(DocumentReader(files)) == docs
+    assert list(DocumentReader(files, max_documents=3)) == docs[:3]
+    assert list(DocumentReader(str(tmp_path / "d.data"), format="jsonl", text_key="body")) == docs[:1]
+
+
+@pytest.fixture
+def invalid_utf8_files(tmp_path):
+    """Files holding 4 good documents and 4 that are not valid UTF-8."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "gut"}\n{"text": "caf\xe9"}\n\n{"text": "\\ud800 lone"}\n'
+                                       b'{"text": "auch gut"}\n')
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not text")
+    (tmp_path / "good.txt").write_text("Grüße")
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"\xc3("], pa.binary())}), tmp_path / "d.parquet")
+    return [str(tmp_path / name) for name in ("d.jsonl", "bad.txt", "good.txt", "d.parquet")]
+
+
+def test_invalid_utf8_is_skipped_and_counted(invalid_utf8_files):
+    reader = DocumentReader(invalid_utf8_files)
+    assert list(reader) == ["gut", "auch gut", "Grüße", "ok"]
+    assert reader.skipped == 4
+    list(reader)
+    assert reader.skipped == 4  # counted per pass
+
+
+def test_prepare_records_the_skipped_documents(invalid_utf8_files, tmp_path, tokenizer_path):
+    manifest = prepare_shards(DocumentReader(invalid_utf8_files), tmp_path / "out", tokenizer_path, val_fraction=0.5)
+    assert manifest.skipped_documents == 4
+    assert sum(s.documents for s in manifest.splits.values()) == 4
+
+
+def test_invalid_utf8_can_be_an_error_naming_file_and_line(invalid_utf8_files, tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'd.jsonl'}:2: not valid UTF-8")):
+        list(DocumentReader(invalid_utf8_files, on_decode_error="error"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'bad.txt'}: not valid UTF-8")):
+        list(DocumentReader(invalid_utf8_files[1:], on_decode_error="error"))
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "empty.jsonl.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "keyless.jsonl").write_text('{"body": "a"}\n')
+    (tmp_path / "doc.xml").write_text("<doc/>")
+    cases = {"missing.jsonl": "raw data file not found", "empty.jsonl.gz": "empty file",
+             "broken.jsonl:2": "invalid JSON", "keyless.jsonl:1": r"no key 'text' \(found \['body'\]\)",
+             "nothing*.txt": "no file matches", "doc.xml": "cannot tell the format"}
+    for file, problem in cases.items():
+        with pytest.raises(DataError, match=re.escape(str(tmp_path / file)) + ".*" + problem):
+            list(DocumentReader(str(tmp_path / file.split(":")[0])))
+
+
+# -- prepare -----------------------------------------------------------------------------------
+
+def documents_in_shards(out_dir, manifest: Manifest, split: str) -> list[list[int]]:
+    """The token ids of each document of a split, read back from its shards."""
+    tokens = np.concatenate([np.fromfile(out_dir / s.file, manifest.dtype) for s in manifest.splits[split].shards])
+    ends = np.flatnonzero(tokens == manifest.eos_id)
+    assert len(tokens) == 0 or ends[-1] == len(tokens) - 1  # every document ends in EOS
+    return [d.tolist() for d in np.split(tokens, ends + 1)[:-1]]
+
+
+def test_shards_hold_every_document_once_split_by_its_hash(tmp_path, tokenizer_path):
+    docs = documents(300) + ["a document that says <|endoftext|> in its text"]
+    reader = DocumentReader(str(write_jsonl(tmp_path / "docs.jsonl", docs)))
+    manifest = prepare_shards(reader, tmp_path / "out", tokenizer_path, val_fraction=0.2, shard_tokens=3000)
+    tokenizer = load_tokenizer(tokenizer_path)
+    decoded = {split: [tokenizer.decode(ids) for ids in documents_in_shards(tmp_path / "out", manifest, split)]
+               for split in ("train", "val")}
+    hashes = {split: {hashlib.sha256(d.encode()).hexdigest() for d in texts} for split, texts in decoded.items()}
+    assert not hashes["train"] & hashes["val"]  # no validation document is ever trained on
+    for split in ("train", "val"):
+        expected = [d for d in docs if is_val_document(d.encode(), 0.2) == (split == "val")]
+        assert decoded[split] == [unicodedata.normalize("NFKC", d) for d in expected]
+        info = manifest.splits[split]
+        assert info.documents == len(expected)
+        assert info.bytes == sum(len(d.encode()) for d in expected)
+        assert info.tokens == sum(s.tokens for s in info.shards)
+        assert all(s.tokens <= 3000 for s in info.shards)
+    assert 40 < manifest.splits["val"].documents < 80  # ~20% of 301
+    assert open_shards(tmp_path / "out", verify="hash") == manifest
+
+
+def test_the_split_does_not_depend_on_document_order(tmp_path, tokenizer_path):
+    docs = documents(100)
+    val_docs = []
+    for name, order in {"forward": docs, "reversed": docs[::-1]}.items():
+        reader = DocumentReader(str(write_jsonl(tmp_path / f"{name}.jsonl", order)))
+        manifest = prepare_shards(reader, tmp_path / name, tokenizer_path, val_fraction=0.3)
+        val_docs.append(sorted(map(tuple, documents_in_shards(tmp_path / name, manifest, "val"))))
+    assert val_docs[0] == val_docs[1] and len(val_docs[0]) > 0
+
+
+def test_output_is_the_same_for_any_num_proc(tmp_path, tokenizer_path, monkeypatch):
+    monkeypatch.setattr(prepare, "_BATCH_CHARS", 2000)  # many batches, so several processes share them
+    path = write_jsonl(tmp_path / "docs.jsonl", documents(200))
+    for num_proc in (1, 2):
+        prepare_shards(DocumentReader(str(path)), tmp_path / str(num_proc), tokenizer_path, val_fraction=0.1,
+                       shard_tokens=5000, num_proc=num_proc)
+    for file in (tmp_path / "1").iterdir():
+        assert file.read_bytes() == (tmp_path / "2" / file.name).read_bytes(), file.name
+
+
+def test_max_tokens_stops_reading_after_the_batch_that_reaches_it(tmp_path, tokenizer_path, monkeypatch):
+    monkeypatch.setattr(prepare, "_BATCH_CHARS", 2000)
+    reader = DocumentReader(str(write_jsonl(tmp_path / "docs.jsonl", documents(200))))
+    manifest = prepare_shards(reader, tmp_path / "out", tokenizer_path, val_fraction=0.1, max_tokens=3000)
+    tokens = sum(s.tokens for s in manifest.splits.values())
+    assert 3000 <= tokens < 3000 + 1500  # a 2000-character batch is well under 1500 tokens
+    assert sum(s.documents for s in manifest.splits.values()) < 100
+
+
+def test_an_interrupted_preparation_never_loads_and_is_redone(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", documents(50))
+
+    def killed_midway():  # stands in for a reader whose process is killed
+        yield from documents(10)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "shards"
+    prepare_shards(DocumentReader(str(path)), out, tokenizer_path, val_fraction=0.1)
+    with pytest.raises(KeyboardInterrupt):  # a second run dies: the old manifest must not outlive it
+        prepare_shards(killed_midway(), out, tokenizer_path, val_fraction=0.1)
+    with pytest.raises(DataError, match="never prepared, or preparation was interrupted"):
+        open_shards(out)
+    (out / ".train_00000.bin.123-abcd.tmp").write_bytes(b"torn")  # as a killed writer leaves it
+    (out / "train_00000.bin").write_bytes(b"torn")
+    dm = TokenShardDataModule({"docs": {"path": str(out), "raw": {"files": [str(path)]}}},
+                              {"path": str(tokenizer_path), "vocab_size": 300}, seq_len=8, batch_size=2,
+                              val_fraction=0.1, verify="hash")
+    dm.prepare_data()
+    dm.setup()
+    assert dm.manifests["docs"].splits["train"].documents + dm.manifests["docs"].splits["val"].documents == 50
+
+
+def test_embedded_corpus_prepares_end_to_end(tmp_path):
+    cfg = compose_config(["data=de_en", f"paths.artifacts={tmp_path}", "model.vocab_size=512"])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.val_sources == ["en", "de"] and 300 < dm.vocab_size <= 512
+    for lang in dm.val_sources:
+        texts = [json.loads(line)["text"] for line in gzip.open(CORPUS_DIR / f"debian_reference.{lang}.jsonl.gz")]
+        splits = dm.manifests[lang].splits
+        assert splits["train"].documents + splits["val"].documents == len(texts) == 87
+        assert splits["train"].bytes + splits["val"].bytes == sum(len(t.encode()) for t in texts)
+        assert splits["val"].documents >= 3
+        assert 2 < dm.bytes_per_token(lang) < 6  # a 512-token BPE on prose
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (cfg.data.batch_size, cfg.model.max_seq_len)
+    # prepared: a second run trains and writes nothing
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    instantiate(cfg.data).prepare_data()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
