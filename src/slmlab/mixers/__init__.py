@@ -7,8 +7,9 @@
 """
 
 from slmlab.mixers.attention import Attention
+from slmlab.mixers.sparse_attention import SparseAttention
 
-MIXERS = {"attention": Attention}
+MIXERS = {"attention": Attention, "sparse_attention": SparseAttention}
 
 
 def mixer_class(name: str) -> type:

@@ -32,7 +32,7 @@ class Attention(nn.Module):
         # QK-norm: one RMSNorm over head_dim shared by all heads (Qwen3 / Helios Nova)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.rope_on(layer_idx) else None
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache."""
@@ -43,18 +43,23 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = state.pos if state is not None else 0
-        q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         if state is not None:
             state.k[:, :, offset : offset + T] = k
             state.v[:, :, offset : offset + T] = v
             state.pos += T
             k, v = state.k[:, :, : offset + T], state.v[:, :, : offset + T]
-        if offset == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # queries at offset..offset+T see every cached key up to their own position
-            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(diagonal=offset)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = self.attend(q, k, v, offset)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        """q: (B, H, T, hd) at positions offset..offset+T; k, v: (B, Hkv, offset+T, hd) -> (B, H, T, hd)."""
+        if offset == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # queries at offset..offset+T see every cached key up to their own position
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -1,6 +1,10 @@
 """The one config dataclass every model is built from; presets live in `conf/model/*.yaml`."""
 
+import re
 from dataclasses import dataclass
+
+# one-letter names for layouts: "M*6,G*16,S*6" = 6 mamba2, 16 gla, 6 sparse_attention layers
+MIXER_LETTERS = {"A": "attention", "S": "sparse_attention", "G": "gla", "H": "hgrn2", "M": "mamba2"}
 
 
 @dataclass
@@ -20,12 +24,22 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     max_seq_len: int = 2048
     mixer: str = "attention"
+    # per-layer mixers for hybrids: comma-separated `name` or `name*count` (names or MIXER_LETTERS),
+    # e.g. "M*6,G*16,S*6"; None: `mixer` in every layer
+    layout: str | None = None
+    norm: str = "rms"  # rms | zc_rms (zero-centred: weight stored as an offset from 1)
+    residual: str = "plain"  # plain: x + f(norm(x)); gated: x + sigmoid(g) * f(norm(x)), g a scalar per branch
+    rope_layers: str = "all"  # all | even | none: the layers whose mixer rotates q and k
     rope_theta: float = 10_000.0
     qk_norm: bool = False
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     init_std: float = 0.02
+    # sparse attention (mixers/sparse_attention.py): causal sliding window plus the first
+    # `global_tokens` positions, which every query sees
+    sliding_window: int = 1024
+    global_tokens: int = 32
     # which implementation the recurrent mixers run: auto = the CUDA kernel when on CUDA and
     # importable, else the pure-PyTorch reference; torch | fla | mamba_ssm force one
     kernel: str = "auto"
@@ -51,3 +65,25 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
+        for key, value, allowed in (("norm", self.norm, ("rms", "zc_rms")), ("residual", self.residual, ("plain", "gated")),
+                                    ("rope_layers", self.rope_layers, ("all", "even", "none"))):
+            if value not in allowed:
+                raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
+        self.layer_mixers = self._parse_layout()
+
+    def _parse_layout(self) -> list[str]:
+        if self.layout is None:
+            return [self.mixer] * self.n_layers
+        names = []
+        for part in self.layout.replace(" ", "").split(","):
+            match = re.fullmatch(r"(\w+)(?:\*(\d+))?", part)
+            if match is None:
+                raise ValueError(f"model.layout={self.layout!r}: cannot read {part!r}; write name*count, e.g. M*6,G*16,S*6")
+            name, count = match.group(1), int(match.group(2) or 1)
+            names += [MIXER_LETTERS.get(name, name)] * count
+        if len(names) != self.n_layers:
+            raise ValueError(f"model.layout={self.layout!r} gives {len(names)} layers but model.n_layers={self.n_layers}")
+        return names
+
+    def rope_on(self, layer_idx: int) -> bool:
+        return self.rope_layers == "all" or (self.rope_layers == "even" and layer_idx % 2 == 0)

@@ -6,15 +6,20 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 for stability under bf16."""
+    """x / rms(x) * weight, computed in float32 for stability under bf16.
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    zero_centred: the parameter is stored as an offset from 1 (scale = 1 + weight, initialised to 0),
+    so weight decay or a zero init pulls the scale towards 1 rather than 0 (OdinNext's ZC-RMSNorm).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centred: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.zero_centred = eps, zero_centred
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        scale = self.weight.float() + 1 if self.zero_centred else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

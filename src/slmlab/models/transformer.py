@@ -5,27 +5,39 @@ import math
 import torch
 from torch import Tensor, nn
 
-from slmlab.mixers import mixer_class
+from slmlab import mixers  # a module reference: mixers import models.config, so no names yet
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, SwiGLU
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, cfg.norm_eps, zero_centred=cfg.norm == "zc_rms")
+
+
 class Block(nn.Module):
     """
-    x ──┬─ norm ─ mixer ─(+)──┬─ norm ─ SwiGLU ─(+)── out
-        └──────────────────┘  └─────────────────┘
+    x ──┬─ norm ─ mixer ─(×σ(g))─(+)──┬─ norm ─ SwiGLU ─(×σ(g))─(+)── out
+        └───────────────────────────┘  └──────────────────────────┘
+    The σ(g) scalar gates exist only with `residual: gated` (OdinNext); they start at σ(0) = 0.5.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = mixer_class(cfg.mixer)(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer_norm = make_norm(cfg, cfg.d_model)
+        self.mixer = mixers.mixer_class(cfg.layer_mixers[layer_idx])(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        gated = cfg.residual == "gated"
+        self.mixer_gate = nn.Parameter(torch.zeros(())) if gated else None
+        self.mlp_gate = nn.Parameter(torch.zeros(())) if gated else None
 
     def forward(self, x: Tensor, state: object | None = None) -> Tensor:
-        x = x + self.mixer(self.mixer_norm(x), state)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + _gate(self.mixer(self.mixer_norm(x), state), self.mixer_gate)
+        return x + _gate(self.mlp(self.mlp_norm(x)), self.mlp_gate)
+
+
+def _gate(branch: Tensor, gate: Tensor | None) -> Tensor:
+    return branch if gate is None else torch.sigmoid(gate).to(branch.dtype) * branch
 
 
 class CausalLM(nn.Module):
@@ -34,7 +46,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

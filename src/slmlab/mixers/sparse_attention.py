@@ -1,0 +1,66 @@
+"""Helix v2's sparse attention: a causal sliding window plus global tokens.
+
+Query i sees key j when j <= i and (i - j < sliding_window or j < global_tokens): local context
+plus the first `global_tokens` positions as attention sinks. Everything else (projections, RoPE,
+GQA, KV cache) is `Attention`'s.
+
+On CUDA the mask is a FlexAttention block mask, so blocks outside the window are never computed;
+elsewhere, and with `kernel: torch`, SDPA with the same boolean mask is the reference. Both paths
+compute the same function (tested).
+"""
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from slmlab.mixers.attention import Attention
+from slmlab.models.config import ModelConfig
+
+
+def visible(q_pos: Tensor, kv_pos: Tensor, window: int, global_tokens: int) -> Tensor:
+    """Boolean mask (broadcast of q_pos against kv_pos): which keys each query attends to."""
+    return (kv_pos <= q_pos) & ((q_pos - kv_pos < window) | (kv_pos < global_tokens))
+
+
+@cache
+def _block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(q_idx + offset, kv_idx, window, global_tokens)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+@cache
+def _compiled_flex_attention():
+    # FlexAttention is only fast compiled; eager runs an unfused reference that materialises scores
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class SparseAttention(Attention):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx)
+        self.window, self.global_tokens = cfg.sliding_window, cfg.global_tokens
+        self.use_flex = cfg.kernel != "torch"
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        q_len, kv_len = q.shape[2], k.shape[2]
+        if q.is_cuda and self.use_flex and q_len > 1:
+            block_mask = _block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.reference_attend(q, k, v, offset)
+
+    def reference_attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)[:, None]
+        mask = visible(q_pos, torch.arange(k.shape[2], device=q.device)[None], self.window, self.global_tokens)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections plus QK^T and AV over the keys each position actually sees, averaged over the sequence."""
+        pos = torch.arange(seq_len, dtype=torch.float64)
+        local = torch.clamp(pos + 1, max=self.window)
+        sinks = torch.clamp(pos + 1 - self.window, min=0).clamp(max=self.global_tokens)
+        proj = 2 * sum(m.weight.numel() for m in (self.q, self.k, self.v, self.o))
+        return proj + 2 * 2 * self.n_heads * self.head_dim * float((local + sinks).mean())
