@@ -1,0 +1,86 @@
+"""Sparse attention, per-layer layouts, gated residuals and zero-centred norms."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from slmlab.mixers.sparse_attention import SparseAttention, visible
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.layers import RMSNorm
+
+
+def cfg(**overrides) -> ModelConfig:
+    base = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=96,
+                sliding_window=8, global_tokens=3)
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_sparse_attention_sees_the_window_and_the_global_tokens_only():
+    torch.manual_seed(0)
+    attn = SparseAttention(cfg(), 0).double()
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    y = x.clone()
+    y[:, 5] += 1.0  # position 5: outside the window of queries >= 13, not a global token
+    z = x.clone()
+    z[:, 1] += 1.0  # position 1: a global token, seen by every later query
+    a, b, c = attn(x), attn(y), attn(z)
+    torch.testing.assert_close(a[:, 13:], b[:, 13:], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 5:13], b[:, 5:13])
+    assert (a[:, 13:] - c[:, 13:]).abs().amax(dim=-1).min() > 0
+
+
+def test_flex_attention_block_mask_equals_the_sdpa_reference():
+    torch.manual_seed(0)
+    attn = SparseAttention(cfg(), 0).double()
+    q, k, v = (torch.randn(2, 4, 70, 8, dtype=torch.float64) for _ in range(3))
+    mask = create_block_mask(lambda b, h, qi, ki: visible(qi, ki, 8, 3), B=None, H=None, Q_LEN=70, KV_LEN=70, device="cpu")
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), attn.reference_attend(q, k, v, 0))
+
+
+def test_sparse_attention_flops_count_only_visible_keys():
+    attn = SparseAttention(cfg(sliding_window=4, global_tokens=2), 0)
+    proj = 2 * sum(m.weight.numel() for m in (attn.q, attn.k, attn.v, attn.o))
+    # visible keys for positions 0..7: 1,2,3,4, then 4 + min(2, pos-3) = 5,6,6,6 -> mean 4.125
+    assert attn.flops_per_token(8) == pytest.approx(proj + 4 * 4 * 8 * 4.125)
+
+
+def test_layouts_expand_letters_names_and_counts():
+    c = cfg(n_layers=6, layout="M*2, gla, S ,attention*2")
+    assert c.layer_mixers == ["mamba2", "mamba2", "gla", "sparse_attention", "attention", "attention"]
+    with pytest.raises(ValueError, match="gives 5 layers but model.n_layers=6"):
+        cfg(n_layers=6, layout="A*5")
+    with pytest.raises(ValueError, match="cannot read 'A\\*x'"):
+        cfg(layout="A*x")
+    with pytest.raises(ValueError, match="unknown mixer 'lstm'"):
+        CausalLM(cfg(layout="lstm,A"))
+
+
+def test_gated_residual_block_by_hand():
+    torch.manual_seed(0)
+    model = CausalLM(cfg(n_layers=1, residual="gated", norm="zc_rms")).double()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.mixer_gate.fill_(1.5)
+        block.mlp_gate.fill_(-0.5)
+        block.mixer_norm.weight.normal_()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    h = x + torch.sigmoid(torch.tensor(1.5)) * block.mixer(block.mixer_norm(x))
+    want = h + torch.sigmoid(torch.tensor(-0.5)) * block.mlp(block.mlp_norm(h))
+    torch.testing.assert_close(block(x), want)
+    assert sum(p.numel() for n, p in block.named_parameters() if "gate" in n and "mlp.gate" not in n) == 2
+
+
+def test_zero_centred_norm_scales_by_one_plus_weight():
+    zc, plain = RMSNorm(8, zero_centred=True).double(), RMSNorm(8).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(zc(x), plain(x))  # both start as the identity scale
+    with torch.no_grad():
+        zc.weight.fill_(0.25)
+        plain.weight.fill_(1.25)
+    torch.testing.assert_close(zc(x), plain(x))
+
+
+def test_rope_layers_even_rotates_only_even_attention_layers():
+    model = CausalLM(cfg(n_layers=3, rope_layers="even"))
+    assert [b.mixer.rotary is not None for b in model.blocks] == [True, False, True]
+    assert all(b.mixer.rotary is None for b in CausalLM(cfg(rope_layers="none")).blocks)
