@@ -114,7 +114,8 @@ class TokenShardDataModule(L.LightningDataModule):
     def _tokenizer_texts(self) -> Iterator[str]:
         """The train-split documents of every raw source: validation text must not shape the tokenizer."""
         for reader, _ in self.readers.values():
-            train = (text for text in reader if not is_val_document(text.encode("utf-8"), self.val_fraction))
+            train = (text for text, split_id in reader.with_split_ids()
+                     if not is_val_document(split_id, self.val_fraction))
             yield from islice(train, self.tokenizer_max_documents)
 
     def setup(self, stage: str | None = None) -> None:
@@ -130,9 +131,11 @@ class TokenShardDataModule(L.LightningDataModule):
         for index, (name, out_dir) in enumerate(self.paths.items()):
             manifest = open_shards(out_dir, self.verify)
             check_tokenizer(manifest, out_dir, expected_hash, vocab_size)
-            if manifest.val_fraction != self.val_fraction:
+            split_key = self.readers[name][0].split_key if name in self.readers else manifest.split_key
+            if (manifest.val_fraction, manifest.split_key) != (self.val_fraction, split_key):
                 raise DataError(f"{out_dir / MANIFEST}: prepared with val_fraction={manifest.val_fraction}, "
-                                f"configured {self.val_fraction}; delete {out_dir} to prepare it again")
+                                f"split_key={manifest.split_key}; configured val_fraction={self.val_fraction}, split_key={split_key}; "
+                                f"delete {out_dir} to prepare it again")
             self.manifests[name] = manifest
             self.val_blocks[name] = _nonempty(Blocks(out_dir, manifest, "val", self.seq_len), name, "val")
             self.train_blocks[name] = Blocks(out_dir, manifest, "train", self.seq_len)

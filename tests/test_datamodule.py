@@ -191,7 +191,7 @@ def test_setup_refuses_shards_of_another_tokenizer_or_val_fraction(make_dm, tmp_
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "b" / MANIFEST)) + ".*feedbeef.*"
                        + tokenizer_hash(tokenizer_path)):
         make_dm()
-    with pytest.raises(DataError, match="prepared with val_fraction=0.05, configured 0.1"):
+    with pytest.raises(DataError, match="prepared with val_fraction=0.05, split_key=None; configured val_fraction=0.1"):
         make_dm(val_fraction=0.1)
 
 

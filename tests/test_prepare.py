@@ -145,14 +145,17 @@ def test_max_tokens_stops_reading_after_the_batch_that_reaches_it(tmp_path, toke
 def test_an_interrupted_preparation_never_loads_and_is_redone(tmp_path, tokenizer_path):
     path = write_jsonl(tmp_path / "docs.jsonl", documents(50))
 
-    def killed_midway():  # stands in for a reader whose process is killed
-        yield from documents(10)
-        raise KeyboardInterrupt
+    class KilledMidway:  # stands in for a reader whose process is killed
+        skipped = 0
+
+        def with_split_ids(self):
+            yield from ((text, text.encode()) for text in documents(10))
+            raise KeyboardInterrupt
 
     out = tmp_path / "shards"
     prepare_shards(DocumentReader(str(path)), out, tokenizer_path, val_fraction=0.1)
     with pytest.raises(KeyboardInterrupt):  # a second run dies: the old manifest must not outlive it
-        prepare_shards(killed_midway(), out, tokenizer_path, val_fraction=0.1)
+        prepare_shards(KilledMidway(), out, tokenizer_path, val_fraction=0.1)
     with pytest.raises(DataError, match="never prepared, or preparation was interrupted"):
         open_shards(out)
     (out / ".train_00000.bin.123-abcd.tmp").write_bytes(b"torn")  # as a killed writer leaves it
@@ -184,3 +187,24 @@ def test_embedded_corpus_prepares_end_to_end(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     instantiate(cfg.data).prepare_data()
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_records_sharing_a_split_key_land_in_the_same_split(tmp_path, tokenizer_path):
+    # translations of one section: different texts, one key
+    rows = [{"id": f"sec{i // 2}", "text": f"{'Abschnitt' if i % 2 else 'Section'} {i // 2}: {'Text' if i % 2 else 'text'} {i}"}
+            for i in range(80)]
+    path = tmp_path / "parallel.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_key = DocumentReader(str(path), split_key="id")
+    pairs = list(by_key.with_split_ids())
+    assert [t for t, _ in pairs] == [r["text"] for r in rows]
+    splits = [is_val_document(split_id, 0.3) for _, split_id in pairs]
+    assert all(splits[i] == splits[i + 1] for i in range(0, 80, 2))
+    assert 0 < sum(splits) < 80
+    by_text = [is_val_document(t.encode(), 0.3) for t in by_key]
+    assert any(by_text[i] != by_text[i + 1] for i in range(0, 80, 2))  # without the key, pairs split up
+    manifest = prepare_shards(by_key, tmp_path / "out", tokenizer_path, val_fraction=0.3)
+    assert manifest.splits["val"].documents == sum(splits)
+    with pytest.raises(DataError, match="no 'id' \\(split_key\\)"):
+        path.write_text(json.dumps({"text": "no id"}) + "\n")
+        list(DocumentReader(str(path), split_key="id"))

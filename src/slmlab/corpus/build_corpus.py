@@ -5,7 +5,8 @@
 
 Each package ships the whole book as plain text (`debian-reference.<lang>.txt.gz`). We drop the
 front matter and table of contents and write one JSON line per numbered section ("1.2. ..."),
-so documents are sections of the same book in both languages.
+`{"id": "1.2", "text": ...}`: the same ids in both languages, so that a section and its
+translation can be kept in the same train/val split (`split_key: id`).
 """
 
 import gzip
@@ -16,11 +17,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-SECTION = re.compile(r"^\d+\.\d+\.\s\S")
+SECTION = re.compile(r"^(\d+\.\d+)\.\s\S")
 FIRST_CHAPTER = re.compile(r"^(Chapter|Kapitel)\s1\.\s")
+CHAPTER = re.compile(r"^(?:Chapter|Kapitel|Appendix|Anhang)\s(\w+)\.\s")
 
 
-def sections(text: str) -> list[str]:
+def section_id(first_line: str) -> str:
+    match = SECTION.match(first_line) or CHAPTER.match(first_line)
+    if match is None:
+        raise ValueError(f"a section starts with an unnumbered line: {first_line!r}")
+    return match.group(1)
+
+
+def sections(text: str) -> list[dict]:
     lines = text.splitlines()
     # the table of contents repeats "Chapter 1." first; the body starts at its last occurrence
     start = max(i for i, line in enumerate(lines) if FIRST_CHAPTER.match(line))
@@ -31,7 +40,7 @@ def sections(text: str) -> list[str]:
             current = []
         current.append(line.rstrip())
     docs.append("\n".join(current).strip())
-    return [d for d in docs if d]
+    return [{"id": section_id(d.splitlines()[0]), "text": d} for d in docs if d]
 
 
 def main(debs: list[str]) -> None:
@@ -43,10 +52,11 @@ def main(debs: list[str]) -> None:
             text = gzip.decompress(src.read_bytes()).decode("utf-8")
         out = Path(__file__).parent / f"debian_reference.{lang}.jsonl.gz"
         docs = sections(text)
-        with gzip.open(out, "wt", encoding="utf-8") as f:
+        # mtime=0: the same input gives byte-identical files
+        with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for doc in docs:
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        print(f"{out.name}: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes")
+                f.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+        print(f"{out.name}: {len(docs)} documents, {sum(len(d['text'].encode()) for d in docs):,} bytes")
 
 
 if __name__ == "__main__":

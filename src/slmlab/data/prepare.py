@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 _BATCH_CHARS = 1 << 20  # characters of text per tokenization task: large enough to amortize the IPC
 
 
-def is_val_document(utf8: bytes, val_fraction: float) -> bool:
-    """Whether a document (its UTF-8 bytes) belongs to the validation split.
+def is_val_document(split_id: bytes, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split, from its split id (its UTF-8 text, or
+    its record's `split_key`; see `DocumentReader`).
 
-    Decided by a hash of the text alone: the split does not depend on document order or on the
-    other documents, and exact duplicates always land in the same split.
+    Decided by a hash of that id alone: the split does not depend on document order or on the
+    other documents, and exact duplicates (or translations sharing a key) land in the same split.
     """
-    digest = hashlib.blake2b(utf8, digest_size=8).digest()
+    digest = hashlib.blake2b(split_id, digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
@@ -58,14 +59,13 @@ class _Encoder:
         self.dtype = token_dtype(self.tokenizer.get_vocab_size())
         self.val_fraction = val_fraction
 
-    def __call__(self, texts: list[str]) -> dict[str, _Chunk]:
+    def __call__(self, documents: list[tuple[str, bytes]]) -> dict[str, _Chunk]:
         by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
         n_bytes = dict.fromkeys(SPLITS, 0)
-        for text in texts:
-            utf8 = text.encode("utf-8")
-            split = "val" if is_val_document(utf8, self.val_fraction) else "train"
+        for text, split_id in documents:
+            split = "val" if is_val_document(split_id, self.val_fraction) else "train"
             by_split[split].append(text)
-            n_bytes[split] += len(utf8)
+            n_bytes[split] += len(text.encode("utf-8"))
         chunks = {}
         for split, docs in by_split.items():
             ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(docs)]  # no offsets
@@ -96,7 +96,7 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     vocab_size = tokenizer.get_vocab_size()
     writers = {split: ShardWriter(out_dir, split, token_dtype(vocab_size), shard_tokens) for split in SPLITS}
     splits = {split: Split() for split in SPLITS}
-    batches = _encoded(_batches(reader), tokenizer_path, val_fraction, num_proc)
+    batches = _encoded(_batches(reader.with_split_ids()), tokenizer_path, val_fraction, num_proc)
     with closing(batches):
         for chunks in batches:
             for split, chunk in chunks.items():
@@ -110,7 +110,7 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
         splits[split].shards = writer.close()
     manifest = Manifest(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash(tokenizer_path),
                         eos_id=tokenizer.token_to_id(EOS), val_fraction=val_fraction, splits=splits,
-                        skipped_documents=reader.skipped)
+                        skipped_documents=reader.skipped, split_key=reader.split_key)
     manifest.save(out_dir)
     log.info("prepared %s: %s; skipped %d documents that are not valid UTF-8", out_dir,
              "; ".join(f"{name} {s.tokens:,} tokens, {s.documents:,} documents, {s.bytes:,} bytes"
@@ -118,11 +118,11 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     return manifest
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def _batches(documents: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
     batch, chars = [], 0
     for doc in documents:
         batch.append(doc)
-        chars += len(doc)
+        chars += len(doc[0])
         if chars >= _BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -130,7 +130,7 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded(batches: Iterable[list[str]], tokenizer_path: Path, val_fraction: float,
+def _encoded(batches: Iterable[list[tuple[str, bytes]]], tokenizer_path: Path, val_fraction: float,
              num_proc: int) -> Iterator[dict[str, _Chunk]]:
     """Encode batches in order; with `num_proc` > 1 in worker processes, at most 2 batches each in flight
     (so a huge streamed source is never read far ahead of what is written)."""
@@ -158,8 +158,8 @@ def _start_worker(tokenizer_path: Path, val_fraction: float) -> None:
     _worker_encoder = _Encoder(tokenizer_path, val_fraction)
 
 
-def _encode_in_worker(texts: list[str]) -> dict[str, _Chunk]:
-    return _worker_encoder(texts)
+def _encode_in_worker(documents: list[tuple[str, bytes]]) -> dict[str, _Chunk]:
+    return _worker_encoder(documents)
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parents[3] / "conf"), config_name="config",

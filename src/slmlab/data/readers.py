@@ -5,6 +5,10 @@ Local formats, by file name or `format`:
   jsonl    one JSON object per line, text under `text_key`
   parquet  column `text_key`, read one row group batch at a time
 `.gz` files are decompressed on the fly (`.txt.gz`, `.jsonl.gz`).
+
+Each document also has a *split id*, the bytes that decide its train/val split (see
+`prepare.is_val_document`): its text, or with `split_key` a field of its record, so that records
+sharing a key (a section and its translation) always land in the same split.
 """
 
 import glob
@@ -33,7 +37,8 @@ class DocumentReader:
 
     def __init__(self, files: str | Sequence[str] | None = None, format: str | None = None,
                  text_key: str = "text", hf_dataset: str | None = None, hf_config: str | None = None,
-                 hf_split: str = "train", on_decode_error: str = "skip", max_documents: int | None = None):
+                 hf_split: str = "train", on_decode_error: str = "skip", max_documents: int | None = None,
+                 split_key: str | None = None):
         if (files is None) == (hf_dataset is None):
             raise DataError(f"raw source: give exactly one of `files` or `hf_dataset` "
                             f"(got files={files!r}, hf_dataset={hf_dataset!r})")
@@ -46,11 +51,16 @@ class DocumentReader:
         self.files = None if files is None else list(files)
         self.format, self.text_key = format, text_key
         self.hf_dataset, self.hf_config, self.hf_split = hf_dataset, hf_config, hf_split
-        self.on_decode_error, self.max_documents = on_decode_error, max_documents
+        self.on_decode_error, self.max_documents, self.split_key = on_decode_error, max_documents, split_key
         self.skipped = 0
         """Documents skipped as invalid UTF-8 in the current (or last) pass."""
 
     def __iter__(self) -> Iterator[str]:
+        return (text for text, _ in self.with_split_ids())
+
+    def with_split_ids(self) -> Iterator[tuple[str, bytes]]:
+        """(text, split id) of every document: the split id is the text's UTF-8 bytes, or the
+        `split_key` field of its record."""
         self.skipped = 0
         documents = self._hf_documents() if self.hf_dataset else self._file_documents()
         yield from islice(documents, self.max_documents)
@@ -65,15 +75,15 @@ class DocumentReader:
             else:
                 yield Path(pattern)
 
-    def _file_documents(self) -> Iterator[str]:
+    def _file_documents(self) -> Iterator[tuple[str, bytes]]:
         for path in self._paths():
             if not path.is_file():
                 raise DataError(f"{path}: raw data file not found")
             read = getattr(self, f"_read_{self.format or _infer_format(path)}")
             found, skipped_before = False, self.skipped
-            for text in read(path):
+            for document in read(path):
                 found = True
-                yield text
+                yield document
             if not found and self.skipped == skipped_before:
                 raise DataError(f"{path}: empty file, no documents")
 
@@ -91,13 +101,15 @@ class DocumentReader:
             raise DataError(f"{problem}; set on_decode_error: skip to drop such documents")
         self.skipped += 1
 
-    def _read_txt(self, path: Path) -> Iterator[str]:
+    def _read_txt(self, path: Path) -> Iterator[tuple[str, bytes]]:
+        if self.split_key is not None:
+            raise DataError(f"{path}: split_key={self.split_key!r} needs records (jsonl, parquet or a dataset), not txt")
         with _open(path) as f:
             text = self._decode(f.read(), str(path))
         if text:
-            yield text
+            yield text, text.encode("utf-8")
 
-    def _read_jsonl(self, path: Path) -> Iterator[str]:
+    def _read_jsonl(self, path: Path) -> Iterator[tuple[str, bytes]]:
         with _open(path) as f:
             for line_no, raw in enumerate(f, 1):
                 where = f"{path}:{line_no}"
@@ -114,34 +126,37 @@ class DocumentReader:
                 except UnicodeEncodeError as e:
                     self._reject(f"{where}: not valid UTF-8 (lone surrogate at character {e.start})")
                     continue
-                yield text
+                yield text, self._split_id(record, text, where)
 
-    def _read_parquet(self, path: Path) -> Iterator[str]:
+    def _read_parquet(self, path: Path) -> Iterator[tuple[str, bytes]]:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError("reading parquet files needs `pyarrow`: pip install -e '.[hf]'") from None
         parquet = pq.ParquetFile(path)
-        if self.text_key not in parquet.schema_arrow.names:
-            raise DataError(f"{path}: no column {self.text_key!r} (columns: {parquet.schema_arrow.names})")
+        columns = [self.text_key] + ([self.split_key] if self.split_key else [])
+        for column in columns:
+            if column not in parquet.schema_arrow.names:
+                raise DataError(f"{path}: no column {column!r} (columns: {parquet.schema_arrow.names})")
         row = 0
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[self.text_key]):
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            keys = batch.column(1).to_pylist() if self.split_key else None
             column = batch.column(0)
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 # as bytes: decoding ourselves applies on_decode_error to invalid UTF-8 too
                 column = column.cast(pa.large_binary())
             elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
                 raise DataError(f"{path}: column {self.text_key!r} has type {column.type}, expected string")
-            for raw in column.to_pylist():
+            for i, raw in enumerate(column.to_pylist()):
                 row += 1
                 if raw is None:
                     raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
                 text = self._decode(raw, f"{path}: row {row}")
                 if text is not None:
-                    yield text
+                    yield text, text.encode("utf-8") if keys is None else str(keys[i]).encode("utf-8")
 
-    def _hf_documents(self) -> Iterator[str]:
+    def _hf_documents(self) -> Iterator[tuple[str, bytes]]:
         try:
             import datasets
         except ImportError:
@@ -149,7 +164,9 @@ class DocumentReader:
         name = f"{self.hf_dataset} (config {self.hf_config}, split {self.hf_split})"
         stream = datasets.load_dataset(self.hf_dataset, self.hf_config, split=self.hf_split, streaming=True)
         for row_no, record in enumerate(stream, 1):
-            yield self._text_of(record, f"{name}: row {row_no}")
+            where = f"{name}: row {row_no}"
+            text = self._text_of(record, where)
+            yield text, self._split_id(record, text, where)
 
     def _text_of(self, record: object, where: str) -> str:
         if not isinstance(record, dict) or self.text_key not in record:
@@ -159,6 +176,13 @@ class DocumentReader:
         if not isinstance(text, str):
             raise DataError(f"{where}: {self.text_key!r} is {type(text).__name__}, expected a string")
         return text
+
+    def _split_id(self, record: dict, text: str, where: str) -> bytes:
+        if self.split_key is None:
+            return text.encode("utf-8")
+        if record.get(self.split_key) is None:
+            raise DataError(f"{where}: no {self.split_key!r} (split_key) in the record")
+        return str(record[self.split_key]).encode("utf-8")
 
 
 def _infer_format(path: Path) -> str:

@@ -56,6 +56,7 @@ class Manifest:
     val_fraction: float
     splits: dict[str, Split]
     skipped_documents: int = 0  # not valid UTF-8, in neither split
+    split_key: str | None = None  # the record field that decided the split (None: the text)
 
     @property
     def dtype(self) -> np.dtype:
