@@ -9,7 +9,8 @@ from omegaconf.errors import ValidationError
 from tests.conftest import CONF, compose_config
 
 # parameter counts recomputed from the seed specs (../specs/systems.md)
-PRESET_PARAMS = {"helios_nova": (305_844_224, 0.0), "helium_nano": (47_846_912, 0.0), "helium_2b": (2_141_308_928, 0.0)}
+PRESET_PARAMS = {"helios_nova": (305_844_224, 0.0), "helium_nano": (47_846_912, 0.0), "helium_2b": (2_141_308_928, 0.0),
+                 "helix_hybrid": (899_409_360, 0.0), "odinnext": (138_438_944, 0.0)}
 
 
 def options(group: str) -> list[str]:
@@ -44,6 +45,21 @@ def test_every_group_option_composes(group):
     for option in options(group):
         cfg = compose_config([f"{group}={option}"])
         assert cfg[group] is not None
+
+
+def test_odinnext_non_embedding_count_and_hybrid_layout():
+    with torch.device("meta"):
+        odin = instantiate(compose_config(["model=odinnext"]).stage).model
+        helix = instantiate(compose_config(["model=helix_hybrid"]).stage).model
+    assert odin.num_params(non_embedding=True) == 113_271_584
+    assert [type(b.mixer).__name__ for b in helix.blocks] == ["Mamba2"] * 6 + ["GLA"] * 16 + ["SparseAttention"] * 6
+    assert helix.blocks[0].mixer.nheads == 40 and helix.blocks[6].mixer.n_heads == 10
+
+
+def test_the_mixer_of_a_preset_can_be_swapped_from_the_command_line():
+    with torch.device("meta"):
+        model = instantiate(compose_config(["model.mixer=gla"]).stage).model
+    assert {type(b.mixer).__name__ for b in model.blocks} == {"GLA"}
 
 
 def test_helios_recipe_overrides_the_base():

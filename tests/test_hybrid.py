@@ -84,3 +84,54 @@ def test_rope_layers_even_rotates_only_even_attention_layers():
     model = CausalLM(cfg(n_layers=3, rope_layers="even"))
     assert [b.mixer.rotary is not None for b in model.blocks] == [True, False, True]
     assert all(b.mixer.rotary is None for b in CausalLM(cfg(rope_layers="none")).blocks)
+
+
+MODELS = {
+    "attention": dict(mixer="attention"),
+    "sparse_attention": dict(mixer="sparse_attention"),
+    "gla": dict(mixer="gla"),
+    "hgrn2_rope_even": dict(mixer="hgrn2", hgrn2_expand_ratio=8, rope_layers="even", residual="gated", norm="zc_rms"),
+    "mamba2": dict(mixer="mamba2", ssm_d_state=8, ssm_headdim=16),
+    "hybrid": dict(n_layers=5, layout="M,G,H,S,A", hgrn2_expand_ratio=8, ssm_d_state=8, ssm_headdim=16, rope_layers="even"),
+}
+
+
+def full_model(name: str) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(cfg(n_kv_heads=4, **MODELS[name])).double().eval()
+    with torch.no_grad():  # non-zero gates and norms, so every parameter shapes the output
+        for n, p in model.named_parameters():
+            if p.dim() < 2 and ("gate" in n or "norm" in n):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_incremental_decoding_equals_the_full_forward(name):
+    model = full_model(name)
+    x = torch.randint(0, 61, (2, 37))  # longer than the sparse window (8)
+    full = model(x)
+    state = model.init_state(2, 37)
+    steps = [model(x[:, :13], state)] + [model(x[:, t : t + 1], state) for t in range(13, 37)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_mixer_is_causal_in_a_full_model(name):
+    model = full_model(name)
+    x = torch.randint(0, 61, (2, 30))
+    y = x.clone()
+    y[:, 17] = (y[:, 17] + 1) % 61
+    a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :17], b[:, :17], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+
+
+def test_hgrn2_rope_makes_the_even_layers_position_dependent():
+    torch.manual_seed(0)
+    rope = CausalLM(cfg(**MODELS["hgrn2_rope_even"])).double()
+    plain = CausalLM(cfg(**{**MODELS["hgrn2_rope_even"], "rope_layers": "none"})).double()
+    plain.load_state_dict(rope.state_dict())  # RoPE has no parameters: same weights, other function
+    x = torch.randint(0, 61, (1, 12))
+    assert torch.equal(rope(x)[:, 0], plain(x)[:, 0])  # position 0 is not rotated
+    assert not torch.allclose(rope(x)[:, 1:], plain(x)[:, 1:])

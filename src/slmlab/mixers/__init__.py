@@ -7,9 +7,12 @@
 """
 
 from slmlab.mixers.attention import Attention
+from slmlab.mixers.gla import GLA
+from slmlab.mixers.hgrn2 import HGRN2
+from slmlab.mixers.mamba2 import Mamba2
 from slmlab.mixers.sparse_attention import SparseAttention
 
-MIXERS = {"attention": Attention, "sparse_attention": SparseAttention}
+MIXERS = {"attention": Attention, "sparse_attention": SparseAttention, "gla": GLA, "hgrn2": HGRN2, "mamba2": Mamba2}
 
 
 def mixer_class(name: str) -> type:

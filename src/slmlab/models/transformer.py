@@ -10,6 +10,9 @@ from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, SwiGLU
 
 
+RESIDUAL_OUTPUTS = ("mixer.o", "mixer.out_proj", "mlp.down")
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
     return RMSNorm(dim, cfg.norm_eps, zero_centred=cfg.norm == "zc_rms")
 
@@ -53,14 +56,15 @@ class CausalLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; the projections that write into the residual stream are
-        scaled by 1/sqrt(2 n_layers) so the residual variance does not grow with depth (GPT-2)."""
+        """Normal(0, init_std) for every linear and embedding weight; the projections that write into
+        the residual stream are scaled by 1/sqrt(2 n_layers) so its variance does not grow with depth
+        (GPT-2). Everything else keeps the initialisation its module gave it (norms, gates, Mamba-2's
+        conv, dt_bias and A_log, GLA's decay bias)."""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm weights keep their ones
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("mixer.o.weight", "mlp.down.weight")) else 1
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
     def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""

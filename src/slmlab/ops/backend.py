@@ -1,0 +1,74 @@
+"""Which implementation of a sequence-mixing op runs: a CUDA kernel package or the PyTorch reference.
+
+    kernel = "auto"       the first kernel package that implements the op and imports, when the
+                          inputs are on CUDA; else the PyTorch reference (warned about once on CUDA,
+                          where it is slow and memory-hungry)
+    kernel = "torch"      always the PyTorch reference
+    kernel = "fla" | "mamba_ssm"   that package's kernel; an error if it is missing or the inputs are on the CPU
+
+The kernel packages are imported lazily, here and in the ops: slmlab imports and runs its CPU path
+without them.
+"""
+
+import functools
+import importlib
+import warnings
+
+import torch
+
+KERNELS = ("auto", "torch", "fla", "mamba_ssm")
+INSTALL_HINT = 'pip install -e ".[cuda]"'
+
+# the module whose import proves that a package's kernels can run (mamba_ssm's top-level import
+# also needs its compiled selective-scan extension, which the SSD kernels do not use)
+_PROBES = {
+    "fla": "fla.ops.gla",
+    "mamba_ssm": "mamba_ssm.ops.triton.ssd_combined",
+    "causal_conv1d": "causal_conv1d",
+}
+_warned: set[str] = set()
+
+
+@functools.cache
+def kernel_available(package: str) -> bool:
+    """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports."""
+    try:
+        importlib.import_module(_PROBES[package])
+    except Exception:  # ImportError, or a broken Triton/CUDA install failing at import time
+        return False
+    return True
+
+
+def resolve_backend(kernel: str, device: torch.device, supported: tuple[str, ...], op: str) -> str:
+    """The backend ("torch" or a package name) that runs `op` on inputs living on `device`.
+
+    `supported`: the kernel packages implementing `op`, in the order `auto` tries them.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel == "torch":
+        return "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    if kernel == "auto":
+        if not on_cuda:
+            return "torch"
+        for package in supported:
+            if kernel_available(package):
+                return package
+        if op not in _warned:
+            _warned.add(op)
+            warnings.warn(
+                f"{op}: no kernel package imports ({', '.join(supported)}), running the slow PyTorch "
+                f"reference on CUDA. Install the kernels with `{INSTALL_HINT}`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "torch"
+    if kernel not in supported:
+        choices = ", ".join(map(repr, ("auto", "torch", *supported)))
+        raise ValueError(f"{op} has no {kernel} kernel; choose kernel from {choices}")
+    if not kernel_available(kernel):
+        raise ImportError(f"kernel={kernel!r} was asked for, but {kernel} does not import; install it: {INSTALL_HINT}")
+    if not on_cuda:
+        raise ValueError(f"kernel={kernel!r} runs on CUDA tensors only, got {device}; elsewhere use 'auto' or 'torch'")
+    return kernel

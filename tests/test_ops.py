@@ -1,0 +1,167 @@
+"""The recurrent ops on the CPU: chunked references against step-by-step oracles (float64), state
+carrying, and the choice of backend."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmlab.ops import backend, gla, gla_chunked, gla_recurrent, resolve_backend, ssd, ssd_chunked, ssd_recurrent
+
+f64 = dict(dtype=torch.float64)
+
+
+def gla_inputs(B=2, T=63, H=3, K=5, V=4, per_channel=True, decay_scale=3.0, seed=0) -> dict:
+    """Random GLA inputs with gradients; decays from ~0 to ~e^-10 per step."""
+    torch.manual_seed(seed)
+    g_shape = (B, T, H, K) if per_channel else (B, T, H)
+    inputs = dict(
+        q=torch.randn(B, T, H, K, **f64), k=torch.randn(B, T, H, K, **f64), v=torch.randn(B, T, H, V, **f64),
+        g=F.logsigmoid(decay_scale * torch.randn(g_shape, **f64)), initial_state=torch.randn(B, H, K, V, **f64),
+    )
+    return {name: t.requires_grad_() for name, t in inputs.items()}
+
+
+def ssd_inputs(b=2, T=63, H=4, P=3, G=2, N=5, seed=0) -> dict:
+    torch.manual_seed(seed)
+    inputs = dict(
+        x=torch.randn(b, T, H, P, **f64), dt=F.softplus(torch.randn(b, T, H, **f64) - 1),
+        A=-torch.empty(H, **f64).uniform_(1, 16), B=torch.randn(b, T, G, N, **f64), C=torch.randn(b, T, G, N, **f64),
+        D=torch.randn(H, **f64), initial_state=torch.randn(b, H, P, N, **f64),
+    )
+    return {name: t.requires_grad_() for name, t in inputs.items()}
+
+
+def outputs_and_grads(fn, inputs: dict) -> list[torch.Tensor]:
+    """Output, final state, and the gradients of every input under a loss that weighs both outputs."""
+    out, state = fn(**inputs, output_final_state=True)
+    torch.manual_seed(1)  # (randn_like would follow the outputs' strides, which differ between implementations)
+    loss = (out * torch.randn(out.shape, **f64)).sum() + (state * torch.randn(state.shape, **f64)).sum()
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return [out, state, *grads]
+
+
+def assert_all_close(actual: list, expected: list, tol: float = 1e-10) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_head"])
+@pytest.mark.parametrize("T,chunk", [(63, 16), (63, 64), (63, 7), (64, 16), (1, 16), (5, 64)])
+def test_chunked_gla_matches_recurrence_forward_state_and_grads(per_channel, T, chunk):
+    inputs = gla_inputs(T=T, per_channel=per_channel)
+    expected = outputs_and_grads(gla_recurrent, inputs)
+    actual = outputs_and_grads(lambda **kw: gla_chunked(**kw, chunk_size=chunk), inputs)
+    assert_all_close(actual, expected)
+
+
+def test_gla_without_decay_is_causal_linear_attention():
+    q, k, v, _, _ = gla_inputs(T=9).values()
+    o, _ = gla_recurrent(q, k, v, torch.zeros_like(q))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k).tril() / q.shape[-1] ** 0.5
+    torch.testing.assert_close(o, torch.einsum("bhij,bjhd->bihd", scores, v))
+
+
+def test_chunked_gla_stays_finite_under_decays_that_overflow_a_factorised_form():
+    # e^-60 per step: over a chunk of 64 the cumulative decay is e^-3840, whose inverse overflows float64
+    inputs = gla_inputs(T=64)
+    inputs["g"] = torch.full_like(inputs["g"], -60.0).requires_grad_()
+    actual = outputs_and_grads(lambda **kw: gla_chunked(**kw, chunk_size=64), inputs)
+    assert all(t.isfinite().all() for t in actual)
+    assert_all_close(actual, outputs_and_grads(gla_recurrent, inputs))
+
+
+def test_gla_state_carried_across_calls_equals_one_call():
+    q, k, v, g, h0 = (t.detach() for t in gla_inputs(T=50).values())
+    o, S = gla_chunked(q, k, v, g, initial_state=h0, output_final_state=True)
+    o1, S1 = gla_chunked(q[:, :21], k[:, :21], v[:, :21], g[:, :21], initial_state=h0, output_final_state=True)
+    o2, S2 = gla_chunked(q[:, 21:], k[:, 21:], v[:, 21:], g[:, 21:], initial_state=S1, output_final_state=True)
+    assert_all_close([torch.cat([o1, o2], dim=1), S2], [o, S])
+
+
+def test_gla_dispatch_runs_the_reference_on_cpu():
+    q, k, v, g, h0 = (t.detach() for t in gla_inputs(T=20).values())
+    assert_all_close(gla(q, k, v, g, initial_state=h0, output_final_state=True),
+                     gla_chunked(q, k, v, g, initial_state=h0, output_final_state=True), tol=0)
+
+
+@pytest.mark.parametrize("T,chunk", [(63, 64), (63, 8), (64, 16), (1, 64)])
+def test_chunked_ssd_matches_recurrence_forward_state_and_grads(T, chunk):
+    inputs = ssd_inputs(T=T)
+    expected = outputs_and_grads(ssd_recurrent, inputs)
+    actual = outputs_and_grads(lambda **kw: ssd_chunked(**kw, chunk_size=chunk), inputs)
+    assert_all_close(actual, expected)
+
+
+def test_ssd_groups_share_B_and_C_between_their_heads():
+    x, dt, A, B, C, D, h0 = (t.detach() for t in ssd_inputs(H=4, G=2).values())
+    y, S = ssd_recurrent(x, dt, A, B, C, D, h0, output_final_state=True)
+    # heads 2 and 3 belong to group 1: alone, with one group, they give the same result
+    y23, S23 = ssd_recurrent(x[:, :, 2:], dt[:, :, 2:], A[2:], B[:, :, 1:], C[:, :, 1:], D[2:], h0[:, 2:], True)
+    assert_all_close([y[:, :, 2:], S[:, 2:]], [y23, S23], tol=0)
+
+
+def test_ssd_state_carried_across_calls_equals_one_call():
+    x, dt, A, B, C, D, h0 = (t.detach() for t in ssd_inputs(T=50).values())
+    y, S = ssd_chunked(x, dt, A, B, C, D, h0, output_final_state=True)
+    first = [t[:, :30] for t in (x, dt)] + [A] + [t[:, :30] for t in (B, C)]
+    rest = [t[:, 30:] for t in (x, dt)] + [A] + [t[:, 30:] for t in (B, C)]
+    y1, S1 = ssd_chunked(*first, D, h0, output_final_state=True)
+    y2, S2 = ssd_chunked(*rest, D, S1, output_final_state=True)
+    assert_all_close([torch.cat([y1, y2], dim=1), S2], [y, S])
+
+
+# --- choosing the backend -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Pretend that exactly the packages in the returned set import."""
+    installed: set[str] = set()
+    monkeypatch.setattr(backend, "kernel_available", lambda package: package in installed)
+    monkeypatch.setattr(backend, "_warned", set())
+    return installed
+
+
+def test_asking_for_a_missing_kernel_says_how_to_install_it(kernels):
+    q, k, v, g, _ = (t.detach() for t in gla_inputs(T=4).values())
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[cuda\]"'):
+        gla(q, k, v, g, kernel="fla")
+    x, dt, A, B, C, D, _ = (t.detach() for t in ssd_inputs(T=4).values())
+    with pytest.raises(ImportError, match=r"mamba_ssm does not import.*pip install"):
+        ssd(x, dt, A, B, C, D, kernel="mamba_ssm")
+
+
+def test_asking_for_a_kernel_on_cpu_tensors_is_an_error(kernels):
+    kernels.update({"fla", "mamba_ssm"})
+    q, k, v, g, _ = (t.detach() for t in gla_inputs(T=4).values())
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        gla(q, k, v, g, kernel="fla")
+
+
+def test_auto_picks_the_first_installed_kernel_on_cuda_and_the_reference_on_cpu(kernels):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    kernels.update({"fla", "mamba_ssm"})
+    assert resolve_backend("auto", cuda, ("mamba_ssm", "fla"), "SSD") == "mamba_ssm"
+    assert resolve_backend("auto", cpu, ("mamba_ssm", "fla"), "SSD") == "torch"
+    assert resolve_backend("torch", cuda, ("mamba_ssm", "fla"), "SSD") == "torch"
+    kernels.remove("mamba_ssm")
+    assert resolve_backend("auto", cuda, ("mamba_ssm", "fla"), "SSD") == "fla"
+
+
+def test_auto_on_cuda_without_kernels_warns_once_and_runs_the_reference(kernels):
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match=r"slow PyTorch reference.*pip install"):
+        assert resolve_backend("auto", cuda, ("fla",), "GLA") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second fallback is silent
+        assert resolve_backend("auto", cuda, ("fla",), "GLA") == "torch"
+
+
+def test_unknown_or_unsupported_kernels_are_errors(kernels):
+    kernels.update({"fla", "mamba_ssm"})
+    with pytest.raises(ValueError, match="unknown kernel 'triton'"):
+        resolve_backend("triton", torch.device("cuda"), ("fla",), "GLA")
+    with pytest.raises(ValueError, match="GLA has no mamba_ssm kernel"):
+        resolve_backend("mamba_ssm", torch.device("cuda"), ("fla",), "GLA")
