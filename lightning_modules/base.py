@@ -1,12 +1,17 @@
-"""What every training stage shares: the model, AdamW groups, a per-step LR schedule, grad-norm logging."""
+"""What every training stage shares: the model, AdamW groups, a per-step LR schedule, grad-norm
+logging, weights from a previous stage (`init_from`), and per-source validation loss sums."""
 
+import copy
 from dataclasses import asdict
 from functools import partial
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
+from slmlab.checkpoint import load_weights
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import weight_decay_groups
 
 
@@ -14,16 +19,24 @@ class LMModule(L.LightningModule):
     """Base LightningModule of all stages; a stage adds its `training_step` / `validation_step`.
 
     `optimizer` and `scheduler` are partials from `conf/optim` and `conf/schedule`; the schedule's
-    length is the trainer's `max_steps`.
+    length is the trainer's `max_steps`. `init_from` loads the weights (only) of a checkpoint of
+    another run, typically the previous stage, and refuses one of another architecture.
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: partial, scheduler: partial,
-                 decay_embeddings: bool = False, compile: bool = False) -> None:
+                 decay_embeddings: bool = False, compile: bool = False, init_from: str | None = None) -> None:
         super().__init__()
         self.model_config = model_config
         self.model = CausalLM(model_config)
+        if init_from is not None:
+            load_weights(self.model, init_from)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
+
+    def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
+        """A copy of the current model that never trains (a reference policy or a teacher)."""
+        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return ref.to(dtype) if dtype is not None else ref
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -41,14 +54,18 @@ class LMModule(L.LightningModule):
             for block in self.model.blocks:
                 block.compile()
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the run, the length of the LR schedule."""
+        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
+            raise ValueError("trainer.max_steps must be set: the LR schedule is defined over optimizer steps")
+        return self.trainer.max_steps
+
     def configure_optimizers(self) -> dict:
         weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
         groups = weight_decay_groups(self.model, weight_decay, self.decay_embeddings)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         optimizer = self.optimizer_factory(groups, **fused)
-        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
-            raise ValueError("trainer.max_steps must be set: the LR schedule is defined over optimizer steps")
-        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -59,3 +76,26 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = asdict(self.model_config)
+
+    # -- validation loss per data source (one val dataloader per source) -------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        # per source: summed cross-entropy (nats) and token count, reduced over ranks at the end
+        n = len(self.trainer.datamodule.val_sources)
+        self._val_sums = torch.zeros(n, 2, dtype=torch.float64, device=self.device)
+
+    def accumulate_val_loss(self, batch: dict, dataloader_idx: int) -> None:
+        logits = self.model(batch["input_ids"])
+        nats = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        self._val_sums[dataloader_idx, 0] += nats.double()
+        self._val_sums[dataloader_idx, 1] += (batch["labels"] != IGNORE_INDEX).sum()
+
+    def val_loss_sums(self) -> dict[str, tuple[float, float]]:
+        """Source name -> (summed nats, tokens) over all ranks, for sources that had tokens."""
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        return {name: (nats, tokens) for (nats, tokens), name in zip(sums, self.trainer.datamodule.val_sources) if tokens}
+
+    def log_metrics(self, metrics: dict[str, float], prog_bar: str = "val/loss") -> None:
+        for key, value in metrics.items():  # already reduced over ranks: no sync_dist
+            self.log(key, value, prog_bar=key == prog_bar)

@@ -113,3 +113,70 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_a_clear_error():
     module.trainer.datamodule = SimpleNamespace(vocab_size=50, seq_len=32)
     with pytest.raises(ValueError, match="data.seq_len=32 exceeds model.max_seq_len=16"):
         module.setup("fit")
+
+
+def test_token_logprobs_in_row_chunks_equal_a_full_log_softmax():
+    from slmlab.training.losses import token_logprobs
+
+    logits = torch.randn(5, 7, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (5, 7))
+    labels[1, :3] = IGNORE_INDEX
+    want = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != IGNORE_INDEX)
+    torch.testing.assert_close(token_logprobs(logits, labels, chunk_rows=2), want.float())
+
+
+def test_dpo_loss_by_hand():
+    from slmlab.training.losses import dpo_loss
+
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.5))
+    h = (-3.0 + 5.0) - (-4.0 + 4.5)  # 1.5
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.1 * h)))
+    assert (chosen.item(), rejected.item()) == pytest.approx((0.1 * 1.0, 0.1 * -0.5))
+    smooth, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    assert smooth.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)))
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx((1.5 - 5.0) ** 2)
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    from slmlab.training.losses import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(rewards, group_size=4)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()
+    assert adv[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4)])
+    assert adv[4:].tolist() == [0.0] * 4  # a group that all scored the same teaches nothing
+
+
+def test_grpo_loss_by_hand():
+    from slmlab.training.losses import grpo_loss
+
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.5, 0.0], [-0.7, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = grpo_loss(logps, old, ref, adv, mask, clip_eps=0.1, kl_beta=0.5)
+    k3 = lambda lr: math.exp(lr) - lr - 1  # noqa: E731
+    r00 = math.exp(0.2)  # > 1.1: clipped, and min(r A, 1.1 A) = 1.1 * 2 for A > 0
+    row0 = ((min(r00 * 2, 1.1 * 2) - 0.5 * k3(0.0)) + (1.0 * 2 - 0.5 * k3(0.5))) / 2
+    row1 = (1.0 * -1 - 0.5 * k3(-0.2)) / 1
+    assert loss.item() == pytest.approx(-(row0 + row1) / 2, rel=1e-6)
+    assert stats["clip_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["kl"].item() == pytest.approx(((k3(0.0) + k3(0.5)) / 2 + k3(-0.2)) / 2, rel=1e-6)
+    loss.backward()
+    assert logps.grad[0, 2] == 0 and logps.grad[1, 1] == 0  # padding gets no gradient
+
+
+def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
+    from slmlab.training.losses import distill_loss
+
+    t = torch.randn(2, 3, 5, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    assert distill_loss(t, t, labels, temperature=2.0).item() == pytest.approx(0.0, abs=1e-12)
+    s = torch.randn(2, 3, 5, dtype=torch.float64)
+    p, q = (t / 2).softmax(-1), (s / 2).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    want = 4 * (kl[0, 0] + kl[0, 1] + kl[1, 0]) / 3
+    assert distill_loss(s, t, labels, temperature=2.0).item() == pytest.approx(want.item())

@@ -61,13 +61,33 @@ def resolve_ckpt_path(ckpt_path: str | None, resume: bool, trainer) -> str | Non
     return last if resume else None
 
 
+def _model_state(ckpt: dict) -> dict:
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
 def load_model(path: str | Path) -> CausalLM:
     """The network of a checkpoint, in float32 on the CPU, in eval mode."""
     ckpt = read_checkpoint(path)
     model = CausalLM(ModelConfig(**ckpt["model_config"]))
-    state = {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    model.load_state_dict(state)
+    model.load_state_dict(_model_state(ckpt))
     return model.eval()
+
+
+# fields that do not change what the weights mean: a later stage may set them differently
+FREE_FIELDS = {"kernel", "max_seq_len", "init_std"}
+
+
+def load_weights(model: CausalLM, path: str | Path) -> None:
+    """Copies the weights of checkpoint `path` into `model` (init_from). The checkpoint's model must
+    be the configured one: any other difference (vocabulary, width, mixers...) is an error naming it."""
+    ckpt = read_checkpoint(path)
+    theirs, ours = ckpt["model_config"], asdict(model.cfg)
+    diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in ours.items()
+            if key not in FREE_FIELDS and theirs.get(key) != value]
+    if diff:
+        raise ValueError(f"init_from={path}: the checkpoint holds another architecture than model=... configures "
+                         f"({'; '.join(diff)})")
+    model.load_state_dict(_model_state(ckpt))
 
 
 def export_safetensors(ckpt_path: str | Path, out_dir: str | Path) -> Path:

@@ -22,3 +22,74 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> tuple[Tensor
     mask = labels != IGNORE_INDEX
     lse = torch.logsumexp(logits[mask], dim=-1)
     return ce + z_loss * lse.square().mean(), ce
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tensor:
+    """log p(label) per position: (batch, seq, vocab), (batch, seq) -> (batch, seq) float32, 0 where
+    labels == IGNORE_INDEX. Rows are done a few at a time so the float32 log-softmax of the whole
+    batch is never materialised (the largest tensor of DPO/GRPO steps otherwise)."""
+    out = []
+    for rows, row_labels in zip(logits.split(chunk_rows), labels.split(chunk_rows)):
+        mask = row_labels != IGNORE_INDEX
+        picked = rows.gather(-1, row_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+        out.append((picked - torch.logsumexp(rows.float(), dim=-1)) * mask)
+    return torch.cat(out)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023) on summed sequence log-probs, (batch,) each.
+
+    sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = policy margin - reference margin
+             (eps = label_smoothing: conservative DPO, for noisy preferences);
+    ipo:     (h - 1 / (2 beta))^2 (Azar et al. 2023).
+    Returns (mean loss, chosen rewards, rejected rewards); reward = beta (policy - reference) log-prob.
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use sigmoid or ipo")
+    return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantage: each reward normalised by the mean and std of its group of completions of
+    the same prompt. rewards: (n_prompts * group_size,), groups contiguous."""
+    groups = rewards.view(-1, group_size)
+    mean, std = groups.mean(dim=1, keepdim=True), groups.std(dim=1, keepdim=True)
+    return ((groups - mean) / (std + eps)).flatten()
+
+
+def grpo_loss(logps: Tensor, old_logps: Tensor, ref_logps: Tensor, advantages: Tensor, mask: Tensor,
+              clip_eps: float = 0.2, kl_beta: float = 0.04) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's objective (Shao et al. 2024, DeepSeekMath eq. 3), to minimise.
+
+    Per completion token: min(r A, clip(r, 1 - eps, 1 + eps) A) - beta KL, r = exp(logp - old_logp),
+    KL the k3 estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0); averaged over each
+    completion's tokens, then over completions. logps etc.: (n, seq); advantages: (n,); mask: (n, seq).
+    """
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    log_ref_ratio = ref_logps - logps
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+    per_token = -(surrogate - kl_beta * kl)
+    lengths = mask.sum(dim=1).clamp(min=1)
+    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    clipped = ((ratio - 1).abs() > clip_eps) & mask.bool()
+    stats = {"kl": ((kl * mask).sum(dim=1) / lengths).mean().detach(),
+             "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach()}
+    return loss, stats
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Forward KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et
+    al. 2015) so gradients keep their scale across temperatures; mean over positions with a label."""
+    t = temperature
+    mask = (labels != IGNORE_INDEX).flatten()
+    s = F.log_softmax(student_logits.float().flatten(0, 1)[mask] / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float().flatten(0, 1)[mask] / t, dim=-1)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
