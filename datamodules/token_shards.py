@@ -6,20 +6,18 @@ import logging
 from collections.abc import Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
-import lightning as L
-import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from datamodules.stream import StreamDataModule, check_at_least, check_fraction
 from slmlab.data.blocks import Blocks
 from slmlab.data.errors import DataError
 from slmlab.data.mixture import Mixture
 from slmlab.data.prepare import is_val_document, prepare_shards
 from slmlab.data.readers import DocumentReader
 from slmlab.data.shards import MANIFEST, VERIFY_MODES, Manifest, check_tokenizer, open_shards
-from slmlab.data.streams import Batch, TrainBatches, ValBatches
+from slmlab.data.streams import TrainBatches, ValBatches
 from slmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -28,7 +26,7 @@ _SOURCE_KEYS = {"path", "weight", "raw"}
 _TOKENIZER_KEYS = {"path", "vocab_size", "min_frequency", "max_documents"}
 
 
-class TokenShardDataModule(L.LightningDataModule):
+class TokenShardDataModule(StreamDataModule):
     """Token shards of named sources, prepared from raw text on first use.
 
     sources: name -> {path: shard directory, weight: share of training samples (default 1; 0 for a
@@ -45,15 +43,10 @@ class TokenShardDataModule(L.LightningDataModule):
     def __init__(self, sources: Mapping[str, Mapping], tokenizer: Mapping, seq_len: int, batch_size: int,
                  num_workers: int = 0, seed: int = 1234, val_fraction: float = 0.05,
                  shard_tokens: int = 50_000_000, num_proc: int = 1, verify: str = "size"):
-        super().__init__()
-        for key, value in {"seq_len": seq_len, "batch_size": batch_size, "shard_tokens": shard_tokens,
-                           "num_proc": num_proc}.items():
-            if value < 1:
-                raise DataError(f"{key}={value}: must be at least 1")
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
-        if seed < 0 or num_workers < 0:
-            raise DataError(f"seed={seed}, num_workers={num_workers}: must be >= 0")
+        super().__init__(num_workers)
+        check_at_least(1, seq_len=seq_len, batch_size=batch_size, shard_tokens=shard_tokens, num_proc=num_proc)
+        check_at_least(0, seed=seed, num_workers=num_workers)
+        check_fraction(val_fraction=val_fraction)
         if verify not in VERIFY_MODES:
             raise DataError(f"verify={verify!r} is not one of {VERIFY_MODES}")
         if not sources:
@@ -70,13 +63,10 @@ class TokenShardDataModule(L.LightningDataModule):
         self.max_vocab_size = int(tokenizer["vocab_size"])
         self.min_frequency = int(tokenizer.get("min_frequency", 2))
         self.tokenizer_max_documents = tokenizer.get("max_documents")
-        self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.val_fraction, self.shard_tokens, self.num_proc, self.verify = val_fraction, shard_tokens, num_proc, verify
 
         self.val_sources = list(sources)  # the order of val_dataloader()'s loaders
-        self.batches_consumed = 0  # training batches delivered to the model on this rank
-        self.samples_consumed = 0  # training samples delivered on all ranks: the stream position
-        self._world_size = 1
         # set by setup()
         self.tokenizer: Tokenizer | None = None
         self.vocab_size: int | None = None
@@ -151,42 +141,19 @@ class TokenShardDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def train_dataloader(self) -> DataLoader:
-        """The endless training stream of this rank, from the sample after the last one consumed."""
-        rank, self._world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return self._loader(TrainBatches(list(self.train_blocks.values()), self.mixture, self.batch_size, self.seed,
-                                         rank, self._world_size, start=self.samples_consumed))
+    def train_stream(self, rank: int, world_size: int, start: int) -> TrainBatches:
+        return TrainBatches(list(self.train_blocks.values()), self.mixture, self.batch_size, self.seed,
+                            rank, world_size, start)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per source, in the order of `val_sources`, over every block of its val split."""
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return [self._loader(ValBatches(self.val_blocks[name], self.batch_size, rank, world_size))
+        rank, world_size = self.rank_and_world_size()
+        return [self.loader(ValBatches(self.val_blocks[name], self.batch_size, rank, world_size))
                 for name in self.val_sources]
 
     def test_dataloader(self) -> list[DataLoader]:
         """The validation loaders: there is no separate test split."""
         return self.val_dataloader()
-
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        # batch_size=None: the datasets yield collated batches
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
-
-    # -- exact resume --------------------------------------------------------------------------
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        # counts what reached the model, not what the loader's workers have prefetched
-        if self.trainer is not None and self.trainer.training:
-            self.batches_consumed += 1
-            self.samples_consumed += len(batch["input_ids"]) * self._world_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_consumed": self.batches_consumed, "samples_consumed": self.samples_consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches_consumed = state_dict["batches_consumed"]
-        self.samples_consumed = state_dict["samples_consumed"]
 
 
 def _check_keys(config: Mapping, allowed: set[str], where: str, required: set[str]) -> None:

@@ -74,6 +74,12 @@ class LMModule(L.LightningModule):
         self.log("train/grad_norm", norm)  # before clipping
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # stopping on the last step makes Lightning validate (and checkpoint) the final weights,
+        # whether or not max_steps is a multiple of val_check_interval
+        if self.trainer.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = asdict(self.model_config)
 

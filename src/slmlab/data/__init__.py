@@ -8,4 +8,11 @@
     mixture    which source and block the n-th training sample reads
     streams    the training and validation datasets (whole batches)
 The LightningDataModule that ties them together is `datamodules.TokenShardDataModule`.
+
+Post-training data (conversations, preference pairs, prompts; `datamodules.ChatDataModule`,
+`PreferenceDataModule`, `PromptDataModule`):
+
+    chat       the chat template, tokens with an assistant mask, converting Hugging Face chat data
+    records    JSON-lines records named by file and line, and their train/val split by a key
+    sequences  tokenized conversations: stored flat, packed, collated into padded batches
 """

@@ -1,12 +1,20 @@
-"""Batches for the DataLoader: an endless shuffled mixture for training, ordered blocks for validation.
+"""Batches for the DataLoader: endless shuffled streams for training, ordered items for validation.
 
-Both datasets yield whole collated batches (use `DataLoader(batch_size=None)`). Dataloader worker
-w of W yields batches w, w + W, ...; the DataLoader takes one batch from each worker in turn, so
-the batch sequence is the same for any number of workers.
+Every dataset here yields whole collated batches (use `DataLoader(batch_size=None)`). Dataloader
+worker w of W yields batches w, w + W, ...; the DataLoader takes one batch from each worker in
+turn, so the batch sequence is the same for any number of workers.
+
+    SampleStream   the endless stream of global sample indices, split over ranks and workers
+    TrainBatches   ... of token blocks from a weighted mixture of sources (pretraining)
+    EpochBatches   ... of items (conversations, pairs, prompts) visited once per epoch
+    OrderedStream  every item once, in order, split over ranks and workers
+    ValBatches     ... of the token blocks of one split
+    OrderedItems   ... of items (held-out conversations, pairs, prompts)
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,34 +32,52 @@ def to_batch(tokens: np.ndarray) -> Batch:
             "labels": torch.from_numpy(tokens[:, 1:].astype(np.int64))}
 
 
-class TrainBatches(IterableDataset):
-    """Endless training batches from a weighted mixture of sources, from global sample `start` on.
+class SampleStream(IterableDataset):
+    """Endless batches of global sample indices from sample `start` on, made into batches by the
+    subclass's `collate`.
 
     Global batch b holds samples start + b*batch_size*world_size onwards, and rank r takes the r-th
-    `batch_size` of them. Each sample's source comes from `mixture` and its block from a per-source
-    `ShuffledBlocks`, so every batch is a pure function of (start, its index): starting anywhere
-    costs nothing, and ranks and workers never read the same sample.
+    `batch_size` of them. When `collate` is a pure function of the sample indices, every batch is a
+    pure function of (start, its index): starting anywhere costs nothing (exact resume), and ranks
+    and workers never read the same sample.
     """
 
-    def __init__(self, sources: Sequence[Blocks], mixture: Mixture, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
-        self.sources, self.mixture = sources, mixture
-        self.orders = [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(sources)]
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0):
         self.batch_size, self.rank, self.world_size, self.start = batch_size, rank, world_size, start
-        self.seq_len = sources[0].seq_len
-        self.dtype = np.result_type(*(blocks.dtype for blocks in sources))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Any]:
         worker, workers = _worker()
         batch = worker
         while True:
             yield self.batch(batch)
             batch += workers
 
-    def batch(self, index: int) -> Batch:
+    def batch(self, index: int) -> Any:
         """This rank's `index`-th batch."""
         first = self.start + (index * self.world_size + self.rank) * self.batch_size
-        sources, within = self.mixture.locate(np.arange(first, first + self.batch_size))
+        return self.collate(np.arange(first, first + self.batch_size))
+
+    def collate(self, samples: np.ndarray) -> Any:
+        """Global sample indices [batch_size] -> one batch."""
+        raise NotImplementedError
+
+
+class TrainBatches(SampleStream):
+    """Endless training batches from a weighted mixture of sources, from global sample `start` on.
+
+    Each sample's source comes from `mixture` and its block from a per-source `ShuffledBlocks`.
+    """
+
+    def __init__(self, sources: Sequence[Blocks], mixture: Mixture, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        super().__init__(batch_size, rank, world_size, start)
+        self.sources, self.mixture = sources, mixture
+        self.orders = [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(sources)]
+        self.seq_len = sources[0].seq_len
+        self.dtype = np.result_type(*(blocks.dtype for blocks in sources))
+
+    def collate(self, samples: np.ndarray) -> Batch:
+        sources, within = self.mixture.locate(samples)
         tokens = np.empty((self.batch_size, self.seq_len + 1), dtype=self.dtype)
         for s in np.unique(sources).tolist():
             rows = sources == s
@@ -59,22 +85,67 @@ class TrainBatches(IterableDataset):
         return to_batch(tokens)
 
 
-class ValBatches(IterableDataset):
-    """Every block of one split, in order, in batches; rank r of W takes blocks r, r + W, ...
+class EpochBatches(SampleStream):
+    """Endless batches of items 0..num_items-1: epoch e visits every item once, in the permutation
+    seeded by (seed, e) (`ShuffledBlocks` of one source); `collate` turns an array of item
+    indices into a batch.
 
-    The last batch of a rank may be short, and ranks may differ by one batch: no block is dropped
-    or repeated, so summed losses over all ranks cover the split exactly once.
+    `collate` must be picklable (an object, not a lambda) for dataloader worker processes.
     """
 
-    def __init__(self, blocks: Blocks, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.blocks, self.batch_size = blocks, batch_size
-        self.ids = np.arange(rank, blocks.num_blocks, world_size)
+    def __init__(self, num_items: int, collate: Callable[[np.ndarray], Any], batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        super().__init__(batch_size, rank, world_size, start)
+        self.order = ShuffledBlocks(num_items, seed, 0)  # "blocks" are items here: one source, one order
+        self.collate_items = collate
 
-    def __iter__(self) -> Iterator[Batch]:
-        # no __len__: Lightning would refuse a rank with no batch (there can be more ranks than blocks)
+    def collate(self, samples: np.ndarray) -> Any:
+        return self.collate_items(self.order(samples))
+
+
+class OrderedStream(IterableDataset):
+    """Every item 0..num_items-1 once, in order, in batches; rank r of W takes items r, r + W, ...
+
+    The last batch of a rank may be short, and ranks may differ by one batch: no item is dropped or
+    repeated, so summed losses over all ranks cover the items exactly once.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.ids = np.arange(rank, num_items, world_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        # no __len__: Lightning would refuse a rank with no batch (there can be more ranks than items)
         worker, workers = _worker()
         for b in range(worker, math.ceil(len(self.ids) / self.batch_size), workers):
-            yield to_batch(self.blocks.read(self.ids[b * self.batch_size:(b + 1) * self.batch_size]))
+            yield self.collate(self.ids[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def collate(self, items: np.ndarray) -> Any:
+        """Item indices -> one batch."""
+        raise NotImplementedError
+
+
+class ValBatches(OrderedStream):
+    """Every block of one split, in order, in batches."""
+
+    def __init__(self, blocks: Blocks, batch_size: int, rank: int = 0, world_size: int = 1):
+        super().__init__(blocks.num_blocks, batch_size, rank, world_size)
+        self.blocks = blocks
+
+    def collate(self, items: np.ndarray) -> Batch:
+        return to_batch(self.blocks.read(items))
+
+
+class OrderedItems(OrderedStream):
+    """Every item once, in order, collated by `collate` (picklable) from an array of item indices."""
+
+    def __init__(self, num_items: int, collate: Callable[[np.ndarray], Any], batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(num_items, batch_size, rank, world_size)
+        self.collate_items = collate
+
+    def collate(self, items: np.ndarray) -> Any:
+        return self.collate_items(items)
 
 
 def _worker() -> tuple[int, int]:

@@ -33,6 +33,8 @@ def generate(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperatur
     keep emitting it so the batch stays rectangular.
     """
     batch, prompt_len = prompt.shape
+    if prompt_len >= model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
     total = min(prompt_len + max_new_tokens, model.cfg.max_seq_len)
     state = model.init_state(batch, total)
     logits = model(prompt, state)[:, -1]

@@ -14,6 +14,13 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
                    "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
+def token_tensors(batch) -> list[torch.Tensor]:
+    """The token-id tensors of a batch ("input_ids", "chosen_ids", ...); none for other batch types."""
+    if not isinstance(batch, dict):
+        return []
+    return [v for k, v in batch.items() if k.endswith("ids") and isinstance(v, torch.Tensor)]
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -45,10 +52,11 @@ class ThroughputMonitor(Callback):
             self._wait += now - self._last_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        tokens = token_tensors(batch)
+        self._tokens += sum(t.numel() for t in tokens) * trainer.world_size
         self._last_end = time.perf_counter()
         step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
-        if step % self.log_every_n_steps or step == self._last_logged_step:
+        if not tokens or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
         if pl_module.device.type == "cuda":
@@ -60,7 +68,7 @@ class ThroughputMonitor(Callback):
         metrics = {"perf/tokens_per_s": tps, "perf/data_wait": self._wait / elapsed}
         peak = self.peak or peak_flops(pl_module.device)
         if peak:
-            seq_len = batch["input_ids"].shape[1]
+            seq_len = tokens[0].shape[1]
             metrics["perf/mfu"] = tps * pl_module.model.flops_per_token(seq_len) / (peak * trainer.world_size)
         pl_module.log_dict(metrics)
         self._reset()

@@ -1,0 +1,42 @@
+"""Logit distillation from a teacher checkpoint of this codebase (any size or mixers, same vocabulary).
+
+For sequence-level KD (SFT on teacher generations), see `python -m slmlab.seqkd`.
+"""
+
+import torch
+
+from lightning_modules.pretrain import PretrainModule
+from slmlab.checkpoint import load_model
+from slmlab.training.losses import distill_loss, lm_loss
+
+
+class DistillModule(PretrainModule):
+    """loss = alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, on whatever data
+    the run uses (pretraining shards or chat data); validation is the pretraining one."""
+
+    def __init__(self, *args, teacher: str, temperature: float = 1.0, alpha: float = 0.5,
+                 teacher_dtype: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"stage.alpha={alpha} must lie in [0, 1]")
+        teacher_model = load_model(teacher).requires_grad_(False)
+        if teacher_model.cfg.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"teacher {teacher} has vocab_size={teacher_model.cfg.vocab_size}, the student "
+                             f"{self.model_config.vocab_size}: logit distillation needs one shared vocabulary")
+        if teacher_dtype:
+            teacher_model = teacher_model.to(getattr(torch, teacher_dtype))
+        self.__dict__["teacher"] = teacher_model  # frozen, not in the checkpoint
+        self.temperature, self.alpha = temperature, alpha
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["input_ids"])
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch["input_ids"])
+        kd = distill_loss(logits, teacher_logits, batch["labels"], self.temperature)
+        _, ce = lm_loss(logits, batch["labels"])
+        loss = self.alpha * kd + (1 - self.alpha) * ce
+        self.log_dict({"train/loss": ce, "train/kd": kd, "train/total_loss": loss})
+        return loss

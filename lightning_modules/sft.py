@@ -1,0 +1,48 @@
+"""Supervised fine-tuning on chat data: loss on assistant tokens only, fractional-epoch stopping,
+and at each validation the instruction loss next to held-out pretraining loss (forgetting)."""
+
+import math
+
+import torch
+
+from lightning_modules.pretrain import loss_and_bpb
+from lightning_modules.base import LMModule
+from slmlab.training.losses import lm_loss
+
+
+class SFTModule(LMModule):
+    """`epochs` may be fractional: 0.5 trains on exactly half an epoch of conversations (rounded to
+    whole optimizer steps), the schedule spanning just those steps. The run's `trainer.max_steps` is
+    replaced by that count."""
+
+    def __init__(self, *args, epochs: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if epochs <= 0:
+            raise ValueError(f"stage.epochs={epochs} must be positive")
+        self.epochs = epochs
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule
+        steps = dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches) * self.epochs
+        self.trainer.fit_loop.epoch_loop.max_steps = max(1, round(steps))  # what trainer.max_steps reads
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        dm = self.trainer.datamodule
+        self.log("train/epoch", dm.samples_consumed / dm.train_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.accumulate_val_loss(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        """val/loss is the instruction loss (held-out conversations, assistant tokens); val/pretrain/...
+        the loss and bits-per-byte on held-out pretraining text, whose rise measures forgetting."""
+        sums = self.val_loss_sums()
+        chat_nats, chat_tokens = sums.pop("chat", (math.nan, 1.0))
+        metrics = {"val/loss": chat_nats / chat_tokens}
+        if sums:
+            metrics.update(loss_and_bpb(sums, self.trainer.datamodule.bytes_per_token, prefix="val/pretrain"))
+        self.log_metrics(metrics)

@@ -1,0 +1,106 @@
+"""Post-training stages end to end at tiny size, each from a pretrained checkpoint."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from tests.conftest import compose_config, tiny_run_overrides
+from train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pretrain")
+    train(compose_config(tiny_run_overrides(tmp, steps=30, val_every=15) + ["optim.lr=3e-3"]))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def rows(run: Path, key: str) -> list[float]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_sft_stops_after_exactly_the_asked_fraction_of_an_epoch(pretrained, tmp_path):
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={pretrained}", "stage.epochs=0.5",
+                                                         "trainer.val_check_interval=10"])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    train(cfg)
+    ckpt = checkpoint(tmp_path / "run")
+    steps = round(0.5 * dm.train_size / cfg.data.batch_size)
+    assert ckpt["global_step"] == steps
+    consumed = next(v for k, v in ckpt.items() if k.endswith("ChatDataModule"))["samples_consumed"]
+    assert consumed == steps * cfg.data.batch_size and abs(consumed - dm.train_size / 2) <= cfg.data.batch_size / 2
+    run = tmp_path / "run"
+    assert rows(run, "val/loss") and rows(run, "val/pretrain/en/loss") and rows(run, "val/pretrain/de/bpb")
+
+
+def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=6, val_every=3) + ["stage=dpo", f"init_from={pretrained}",
+                                                                               "optim.lr=1e-3"]))
+    run = tmp_path / "run"
+    accuracy, margin = rows(run, "train/reward_accuracy"), rows(run, "train/reward_margin")
+    assert accuracy and all(0 <= a <= 1 for a in accuracy) and margin[-1] > margin[0]
+    assert rows(run, "val/loss")
+    weights = checkpoint(run)["state_dict"]
+    assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
+
+
+def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["what is debian?", "how do i install a package?", "what does apt do?", "wie installiere ich ein paket?"]
+    prompts.write_text("".join(json.dumps({"id": f"q{i}/{split}", "section": str(i), "prompt": q, "language": "en",
+                                           "constraints": [{"kind": "all_lowercase"}], "split": split}) + "\n"
+                               for i, q in enumerate(questions) for split in ("train", "heldout")))
+    train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
+        "stage=grpo", f"init_from={pretrained}", f"data.prompts={prompts}", "data.batch_size=2",
+        "stage.group_size=8", "stage.max_new_tokens=6", "stage.kl_beta=0.0", "optim.lr=3e-3"]))
+    reward = rows(tmp_path / "run", "train/reward")
+    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
+    assert last > first + 0.2, reward
+    assert rows(tmp_path / "run", "val/pass_rate")
+
+
+def test_logit_distillation_pulls_the_student_to_the_teacher(pretrained, tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=12, val_every=6) + [
+        "stage=distill", f"teacher={pretrained}", "optim.lr=3e-3", "stage.alpha=1.0"]))
+    kd = rows(tmp_path / "run", "train/kd")
+    assert kd[-1] < kd[0] * 0.8, kd
+
+
+def test_init_from_another_architecture_or_a_missing_file_is_named(pretrained, tmp_path):
+    # Hydra wraps errors raised while instantiating `stage` (InstantiationException), keeping the message
+    with pytest.raises(InstantiationException, match="d_model: checkpoint 32, config 48"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={pretrained}", "model.d_model=48"]))
+    with pytest.raises(InstantiationException, match="checkpoint not found: .*nope.ckpt"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={tmp_path / 'nope.ckpt'}"]))
+    with pytest.raises(InstantiationException, match="stage=dpo needs init_from"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=dpo"]))
+
+
+def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretrained, tmp_path):
+    from slmlab.seqkd import teacher_conversations
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    prompts = tmp_path / "prompts.jsonl"  # short: the tiny teacher has 32 positions
+    prompts.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]}) + "\n"
+                               for i, q in enumerate(["what is apt?", "was ist dpkg?", "what is sudo?", "hi"])))
+    a = teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=6, limit=3)
+    b = teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=6, limit=3)
+    assert a == b and len(a) == 3
+    for row in a:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert isinstance(row["messages"][-1]["content"], str)
