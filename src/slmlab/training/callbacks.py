@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
 
 # dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
@@ -110,11 +111,18 @@ class ConsoleSummary(Callback):
         metrics = self._record(trainer)
         if "perf/tokens_per_s" in metrics:
             self.tokens_per_s.append(metrics["perf/tokens_per_s"])
-        per_source = "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(metrics.items())
-                               if k.startswith("val/") and k.endswith("/bpb") and k.count("/") == 2)
-        self._print(trainer, f"step {trainer.global_step:>6} | train loss {metrics.get('train/loss', math.nan):.4f}"
-                    f" | val loss {metrics.get('val/loss', math.nan):.4f} | val bits-per-byte"
-                    f" {metrics.get('val/bpb', math.nan):.4f} ({per_source}) | {metrics.get('perf/tokens_per_s', math.nan):,.0f} tokens/s")
+        parts = [f"step {trainer.global_step:>6}", f"train loss {metrics.get('train/loss', math.nan):.4f}",
+                 f"val loss {metrics.get('val/loss', math.nan):.4f}"]
+        per_source = "  ".join(f"{k[4:-4]} {v:.3f}" for k, v in sorted(metrics.items())
+                               if k.startswith("val/") and k.endswith("/bpb") and k.count("/") >= 2)
+        if per_source:  # val/<source>/bpb, val/pretrain/<source>/bpb
+            overall = f"{metrics['val/bpb']:.4f} " if "val/bpb" in metrics else ""
+            parts.append(f"val bits-per-byte {overall}({per_source})")
+        if "val/pass_rate" in metrics:
+            parts.append(f"val pass-rate {metrics['val/pass_rate']:.3f}")
+        if "perf/tokens_per_s" in metrics:
+            parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tokens/s")
+        self._print(trainer, " | ".join(parts))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         lines = [f"== summary after {trainer.global_step} steps"]
@@ -144,8 +152,13 @@ class GenerateSample(Callback):
         model.eval()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         print("\n== samples", flush=True)
+        template = getattr(trainer.datamodule, "chat_template", None)
         for prompt in self.prompts:
-            ids = torch.tensor([tokenizer.encode(prompt).ids], device=pl_module.device)
+            if template is None:
+                ids = tokenizer.encode(prompt).ids
+            else:  # a chat model answers the prompt as a user turn
+                ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+            ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                            eos_id=trainer.datamodule.eos_id, generator=generator)
             print(f"> {tokenizer.decode(out[0].tolist())!r}", flush=True)
