@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_model
-
-from slmlab.checkpoint import export_safetensors, load_model as load_checkpoint_model, resolve_ckpt_path
-from slmlab.models import CausalLM, ModelConfig
+from slmlab.checkpoint import load_model as load_checkpoint_model, load_weights, resolve_ckpt_path
+from slmlab.export import export_safetensors_folder
+from slmlab.models import CausalLM
 from tests.conftest import ROOT, compose_config, tiny_run_overrides
 from train import train
 
@@ -80,16 +79,16 @@ def test_ddp_on_cpu_gives_ranks_disjoint_data(tmp_path):
     assert not set(rank0) & set(rank1)
 
 
-def test_checkpoint_exports_to_safetensors_and_loads_for_the_next_stage(tmp_path):
+def test_a_checkpoint_or_its_export_initialises_the_next_stage(tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=4, val_every=4)))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     model = load_checkpoint_model(ckpt)
-    out = export_safetensors(ckpt, tmp_path / "export")
-    config = ModelConfig(**json.loads((out / "config.json").read_text()))
-    fresh = CausalLM(config)
-    load_model(fresh, str(out / "model.safetensors"))
-    x = torch.randint(0, config.vocab_size, (2, 16))
-    torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
+    folder = export_safetensors_folder(model, tmp_path / "export")
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    for source in (ckpt, folder):
+        fresh = CausalLM(model.cfg)
+        load_weights(fresh, source)
+        torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):

@@ -1,16 +1,13 @@
-"""Load the model out of a Lightning checkpoint (for inference or the next stage) and export it.
+"""Reading Lightning checkpoints: the model for inference or the next stage, the path to resume from.
 
-    python -m slmlab.checkpoint outputs/<run>/checkpoints/last.ckpt exported/   # safetensors + config.json
+Exporting to other formats is `slmlab.export`.
 """
 
-import argparse
-import json
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
 from slmlab.models import CausalLM, ModelConfig
 
@@ -78,35 +75,21 @@ FREE_FIELDS = {"kernel", "max_seq_len", "init_std"}
 
 
 def load_weights(model: CausalLM, path: str | Path) -> None:
-    """Copies the weights of checkpoint `path` into `model` (init_from). The checkpoint's model must
-    be the configured one: any other difference (vocabulary, width, mixers...) is an error naming it."""
-    ckpt = read_checkpoint(path)
-    theirs, ours = ckpt["model_config"], asdict(model.cfg)
+    """Copies the weights of `path` into `model` (init_from): a Lightning checkpoint, or a folder
+    exported by `slmlab.export` (ours or Hugging Face). Its model must be the configured one: any other
+    difference (vocabulary, width, mixers...) is an error naming it."""
+    if Path(path).is_dir():
+        from slmlab.export import load_pretrained  # imported here: slmlab.export imports this module
+
+        source = load_pretrained(path)
+        theirs, state = asdict(source.cfg), source.state_dict()
+    else:
+        ckpt = read_checkpoint(path)
+        theirs, state = ckpt["model_config"], _model_state(ckpt)
+    ours = asdict(model.cfg)
     diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in ours.items()
             if key not in FREE_FIELDS and theirs.get(key) != value]
     if diff:
         raise ValueError(f"init_from={path}: the checkpoint holds another architecture than model=... configures "
                          f"({'; '.join(diff)})")
-    model.load_state_dict(_model_state(ckpt))
-
-
-def export_safetensors(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Writes `model.safetensors` (tied weights stored once) and `config.json` (the ModelConfig)."""
-    model = load_model(ckpt_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2) + "\n")
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Export the weights of an slmlab checkpoint to safetensors.")
-    parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt)")
-    parser.add_argument("out_dir", help="folder to write model.safetensors and config.json into")
-    args = parser.parse_args()
-    print(export_safetensors(args.ckpt, args.out_dir))
-
-
-if __name__ == "__main__":
-    main()
+    model.load_state_dict(state)

@@ -1,0 +1,149 @@
+"""Evaluation: seeding, bits-per-byte, contrastive probes, the lm-eval adapter and the CLI."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from slmlab.data.tokenizer import load_tokenizer
+from slmlab.eval import bits_per_byte, load_probes, probe_report, seed_everything
+from slmlab.eval.__main__ import main as eval_main
+from slmlab.eval.probes import DEFAULT_PROBES, item_margins
+from slmlab.export import load_pretrained
+from slmlab.models.generate import generate
+from tests.conftest import ROOT, compose_config
+
+pytest_plugins = ["tests.model_fixtures"]  # `tiny_runs`, trained once for both test modules
+
+LM_EVAL_TASKS = ROOT / "tests" / "assets" / "lm_eval"
+
+
+def test_seed_everything_repeats_every_generator():
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), np.random.rand(), torch.rand(3).tolist()))
+    assert draws[0] == draws[1]
+
+
+def test_bits_per_byte_matches_a_hand_count_and_repeats(tiny_runs):
+    run = tiny_runs[True]
+    model = load_pretrained(run.ckpt)
+    datamodule = instantiate(compose_config(run.overrides).data)
+    result = bits_per_byte(model, datamodule)
+    assert bits_per_byte(model, datamodule) == result
+    nats = bytes_ = 0.0
+    for name, loader in zip(datamodule.val_sources, datamodule.val_dataloader()):
+        batches = list(loader)
+        inputs, labels = torch.cat([b["input_ids"] for b in batches]), torch.cat([b["labels"] for b in batches])
+        with torch.no_grad():  # the mean over every token of the split at once, then scaled back to a sum
+            mean = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten()).item()
+        split = datamodule.manifests[name].splits["val"]
+        source_nats, source_bytes = mean * labels.numel(), labels.numel() * split.bytes / split.tokens
+        assert result[name]["loss"] == pytest.approx(mean, rel=1e-5)
+        assert result[name]["bpb"] == pytest.approx(source_nats / math.log(2) / source_bytes, rel=1e-5)
+        nats, bytes_ = nats + source_nats, bytes_ + source_bytes
+    assert result["overall"]["bpb"] == pytest.approx(nats / math.log(2) / bytes_, rel=1e-5)
+
+
+def test_probe_margin_is_the_mean_nll_gap_per_token(tiny_runs):
+    run = tiny_runs[False]
+    model, tokenizer = load_pretrained(run.ckpt), load_tokenizer(run.tokenizer)
+    item = {"prompt": "Das Debian-Paketsystem", "correct": " apt install foo", "wrong": [" rm -rf /", " Strg-Alt-Entf"]}
+
+    def nll(continuation: str) -> float:
+        """Mean NLL of the continuation's tokens, from one forward pass over EOS + prompt + continuation."""
+        prompt = tokenizer.encode(item["prompt"]).ids
+        ids = [tokenizer.token_to_id("<|endoftext|>"), *tokenizer.encode(item["prompt"] + continuation).ids]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        targets = range(1 + len(prompt), len(ids))
+        return -sum(logprobs[t - 1, ids[t]].item() for t in targets) / len(targets)
+
+    expected = (nll(item["wrong"][0]) + nll(item["wrong"][1])) / 2 - nll(item["correct"])
+    assert item_margins(model, tokenizer, [item])[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    report = probe_report(model, tokenizer, [item, {**item, "lang": "de"}])
+    assert report["all"] == {"margin": pytest.approx(expected, rel=1e-5, abs=1e-6), "accuracy": float(expected > 0),
+                             "items": 2}
+
+
+def test_the_shipped_probes_cover_both_languages():
+    items = load_probes(DEFAULT_PROBES)
+    assert len(items) >= 60
+    assert {lang: sum(i["lang"] == lang for i in items) >= 30 for lang in ("en", "de")} == {"en": True, "de": True}
+    assert all(i["correct"] not in i["wrong"] for i in items)
+    assert any("GNU General Public License" in i["prompt"] and i["correct"] == " 2 or higher" for i in items)
+
+
+def test_lm_eval_accuracy_is_the_argmax_of_the_adapters_loglikelihoods(tiny_runs, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from slmlab.eval.lm_eval_adapter import SlmlabLM  # registers the `slmlab` model
+
+    run = tiny_runs[True]
+    monkeypatch.chdir(ROOT)  # the task's data file path is relative to the repository
+    results = lm_eval.simple_evaluate(
+        model="slmlab", model_args=f"ckpt={run.ckpt},tokenizer={run.tokenizer},batch_size=4",
+        tasks=["slmlab_debian_mc"], task_manager=TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False),
+    )["results"]["slmlab_debian_mc"]
+
+    lm = SlmlabLM(str(run.ckpt), str(run.tokenizer), batch_size=2)
+    docs = [json.loads(line) for line in (LM_EVAL_TASKS / "debian_mc.jsonl").read_text().splitlines()]
+    hits = hits_norm = 0
+    for doc in docs:  # lm-eval joins question and choice with a space; acc_norm divides by characters
+        lls = np.array([ll for ll, _ in lm.loglikelihood([SimpleNamespace(args=(doc["question"], " " + c))
+                                                          for c in doc["choices"]])])
+        hits += int(np.argmax(lls) == doc["answer"])
+        hits_norm += int(np.argmax(lls / [len(c) for c in doc["choices"]]) == doc["answer"])
+    assert (results["acc,none"], results["acc_norm,none"]) == (hits / len(docs), hits_norm / len(docs))
+
+
+def test_adapter_rolling_loglikelihood_and_generation(tiny_runs):
+    pytest.importorskip("lm_eval")
+    from slmlab.eval.lm_eval_adapter import SlmlabLM
+
+    run = tiny_runs[False]
+    lm = SlmlabLM(str(run.ckpt), str(run.tokenizer), batch_size=3)
+    model, tokenizer = lm.model, lm.tokenizer
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    # more than two windows of max_seq_len predicted tokens; each window sees the max_seq_len tokens before
+    # its last prediction (lm-eval's rolling windows), the first one starting from EOS
+    text = "Die Paketquellen für APT stehen in der Datei /etc/apt/sources.list. " * 4
+    ids, window = tokenizer.encode(text).ids, model.cfg.max_seq_len
+    assert len(ids) > 2 * window
+    seq, expected = [eos, *ids], 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            end = min(start + window, len(ids))
+            logprobs = model(torch.tensor([seq[max(0, end - window):end]]))[0, start - end:].log_softmax(-1)
+            expected += logprobs[torch.arange(end - start), ids[start:end]].sum().item()
+    assert lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0] == pytest.approx(expected, rel=1e-5)
+
+    prompt = "Das Debian-Paketsystem"
+    greedy = generate(model, torch.tensor([[eos, *tokenizer.encode(prompt).ids]]), 12, temperature=0, eos_id=eos)
+    full = tokenizer.decode(greedy[0, len(tokenizer.encode(prompt).ids) + 1:].tolist(), skip_special_tokens=False)
+    assert len(full) >= 5
+    stop = full[3:5]  # a stop string the greedy text contains
+    (out,) = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 12}))])
+    assert out == full[:full.index(stop)]
+
+
+def test_eval_cli_prints_the_same_tables_twice(tiny_runs, capsys):
+    run = tiny_runs[True]
+    argv = [f"ckpt={run.ckpt}", "suite=bpb,probes", f"tokenizer={run.tokenizer}",
+            *[o for o in run.overrides if o.startswith("paths.artifacts=")]]
+    eval_main(argv)
+    first = capsys.readouterr().out
+    eval_main(argv)
+    assert capsys.readouterr().out == first
+    for text in ("== bpb", "overall", "en", "de", "== probes", "margin", "accuracy"):
+        assert text in first
+    with pytest.raises(SystemExit, match="suite=lm_eval needs tasks="):
+        eval_main([f"ckpt={run.ckpt}", "suite=lm_eval"])

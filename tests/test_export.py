@@ -1,0 +1,232 @@
+"""Export to safetensors / Hugging Face / GGUF and back: same logits, same greedy text, same tensors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slmlab.export import UnsupportedModelError, export_hf, export_safetensors_folder, load_pretrained
+from slmlab.export.__main__ import main as export_main
+from slmlab.export.tokenizer import TokenizerFiles
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.generate import generate
+from slmlab.models.layers import Rotary
+
+pytest_plugins = ["tests.model_fixtures"]  # `tiny_runs`, trained once for both test modules
+
+QK_NORM = pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def export(run, tmp_path, fmt: str, *extra: str, tokenizer: Path | None = None) -> Path:
+    export_main([f"ckpt={run.ckpt}", f"format={fmt}", f"tokenizer={tokenizer or run.tokenizer}",
+                 f"out={tmp_path / fmt}", *extra])
+    return tmp_path / fmt
+
+
+def chat_tokenizer(run, tmp_path) -> Path:
+    """The run's tokenizer.json beside a tokenizer_config.json with a chat template, as SFT writes one."""
+    folder = tmp_path / "chat_tokenizer"
+    folder.mkdir()
+    shutil.copyfile(run.tokenizer, folder / "tokenizer.json")
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "tokenizer.json"
+
+
+@QK_NORM
+def test_hf_export_gives_our_logits_and_greedy_text(tiny_runs, tmp_path, qk_norm):
+    transformers = pytest.importorskip("transformers")
+    run = tiny_runs[qk_norm]
+    ours = load_pretrained(run.ckpt)
+    folder = export(run, tmp_path, "hf", tokenizer=chat_tokenizer(run, tmp_path))
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    hf.eval()
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM")
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    cfg, c = ours.cfg, hf.config
+    assert (c.head_dim, c.num_key_value_heads, c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings) == \
+        (cfg.head_dim, cfg.n_kv_heads, cfg.norm_eps, cfg.max_seq_len, cfg.tie_embeddings)
+    assert c.rope_parameters["rope_theta"] == cfg.rope_theta and c.attention_bias is False
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+    hf.generation_config.eos_token_id = None  # run the full length, as ours does without eos_id
+    hf_text = hf.generate(tokens[:, :6], max_new_tokens=20, do_sample=False)
+    assert torch.equal(hf_text, generate(ours, tokens[:, :6], 20, temperature=0))
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "Das Debian-Paketsystem: apt install <|im_end|>"
+    assert tokenizer(text)["input_ids"] == TokenizerFiles.load(run.tokenizer).tokenizer.encode(text).ids
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|pad|>")  # the config's eos wins
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hallo"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nHallo<|im_end|>\n<|im_start|>assistant\n"
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [3, 0]
+
+
+def test_hf_tokenizer_defaults_without_a_tokenizer_config(tiny_runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = tiny_runs[False]
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    shutil.copyfile(run.tokenizer, folder / "tokenizer.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export(run, tmp_path, "hf", tokenizer=folder))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (None, "<|endoftext|>", "<|pad|>")
+    assert tokenizer.model_max_length == 32 and tokenizer.chat_template is None
+
+
+def test_hf_export_in_bfloat16_stores_rounded_weights(tiny_runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = tiny_runs[True]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export(run, tmp_path, "hf", "dtype=bfloat16"))
+    assert hf.dtype == torch.bfloat16
+    ours = load_pretrained(run.ckpt)
+    torch.testing.assert_close(hf.model.layers[1].self_attn.k_norm.weight,
+                               ours.blocks[1].mixer.k_norm.weight.bfloat16(), rtol=0, atol=0)
+
+
+@QK_NORM
+def test_load_pretrained_reads_hf_and_safetensors_folders_back(tiny_runs, tmp_path, qk_norm):
+    run = tiny_runs[qk_norm]
+    ours = load_pretrained(run.ckpt)
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected = ours(tokens)
+        for fmt in ("hf", "safetensors"):
+            back = load_pretrained(export(run, tmp_path, fmt))
+            assert back.cfg == ours.cfg, fmt
+            torch.testing.assert_close(back(tokens), expected, rtol=0, atol=0, msg=fmt)
+    assert (tmp_path / "safetensors" / "tokenizer.json").read_bytes() == run.tokenizer.read_bytes()
+
+
+def test_load_pretrained_reads_a_sharded_folder_saved_by_transformers(tiny_runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = tiny_runs[False]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export(run, tmp_path, "hf"))
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")  # transformers' own config.json and shards
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours, back = load_pretrained(run.ckpt), load_pretrained(tmp_path / "sharded")
+    assert back.cfg == ours.cfg
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), ours(tokens), rtol=0, atol=0)
+
+
+def test_an_hf_folder_of_another_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "vocab_size": 8}))
+    with pytest.raises(UnsupportedModelError, match="model_type='gemma3'"):
+        load_pretrained(tmp_path)
+
+
+def test_features_without_an_hf_equivalent_are_named(tmp_path, tiny_runs):
+    hybrid = CausalLM(ModelConfig(vocab_size=512, d_model=32, n_layers=3, n_heads=2, ffn_hidden=64, layout="A,G,M",
+                                  ssm_d_state=8, ssm_headdim=16))
+    tokens = TokenizerFiles.load(tiny_runs[True].tokenizer)
+    with pytest.raises(UnsupportedModelError, match=r"mixers \['gla', 'mamba2'\].*format=safetensors"):
+        export_hf(hybrid, tokens, tmp_path / "hf")
+    dense = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64)
+    for feature, message in (({"residual": "gated"}, "residual='gated'"), ({"norm": "zc_rms"}, "norm='zc_rms'"),
+                             ({"rope_layers": "even"}, "rope_layers='even'"),
+                             ({"logit_softcap": 30.0}, "logit_softcap")):
+        with pytest.raises(UnsupportedModelError, match=message):
+            export_hf(CausalLM(ModelConfig(**dense, **feature)), tokens, tmp_path / "hf")
+    # the native format holds any model
+    back = load_pretrained(export_safetensors_folder(hybrid, tmp_path / "native"))
+    x = torch.randint(0, 512, (1, 8))
+    torch.testing.assert_close(back(x), hybrid.eval()(x), rtol=0, atol=0)
+
+
+def test_export_cli_names_what_is_wrong(tiny_runs, tmp_path):
+    with pytest.raises(SystemExit, match="model not found: .*nope.ckpt"):
+        export_main([f"ckpt={tmp_path / 'nope.ckpt'}", "format=safetensors", f"out={tmp_path}"])
+    with pytest.raises(SystemExit, match="format=hf needs tokenizer="):
+        export_main([f"ckpt={tiny_runs[True].ckpt}", "format=hf", f"out={tmp_path}"])
+    with pytest.raises(SystemExit, match="format='onnx'"):
+        export_main([f"ckpt={tiny_runs[True].ckpt}", "format=onnx", f"out={tmp_path}"])
+
+
+def interleaved_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's `llama` (NORM) RoPE: rotates pairs (x[2j], x[2j+1]) by position * theta^(-2j/d)."""
+    d = x.shape[-1]
+    angles = torch.arange(x.shape[-2])[:, None] * theta ** (-torch.arange(0, d, 2) / d)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
+
+
+def test_llama_gguf_permutation_turns_our_rope_into_llama_cpps():
+    gguf_export = pytest.importorskip("slmlab.export.gguf")
+    heads, head_dim, d_model, seq = 3, 8, 16, 5
+    w, x = torch.randn(heads * head_dim, d_model), torch.randn(seq, d_model)
+    per_head = lambda y: y.view(seq, heads, head_dim).transpose(0, 1)  # noqa: E731
+    ours = Rotary(head_dim, 10_000.0)(per_head(x @ w.T))
+    theirs = interleaved_rope(per_head(x @ gguf_export.half_split_to_interleaved(w, heads).T), 10_000.0)
+    # llama.cpp's rotated q (or k) is ours with each head's coordinates reordered alike, so q.k is unchanged
+    order = gguf_export.half_split_to_interleaved(torch.arange(heads * head_dim), heads)
+    torch.testing.assert_close(theirs, per_head(ours.transpose(0, 1).reshape(seq, -1)[:, order]))
+
+
+@QK_NORM
+@pytest.mark.parametrize("gguf_type", ["F16", "Q8_0"])
+def test_gguf_tensors_and_metadata_read_back(tiny_runs, tmp_path, qk_norm, gguf_type):
+    gguf = pytest.importorskip("gguf")
+    from slmlab.export.gguf import half_split_to_interleaved
+
+    run = tiny_runs[qk_norm]
+    ours = load_pretrained(run.ckpt)
+    cfg = ours.cfg
+    folder = export(run, tmp_path, "gguf", f"gguf_type={gguf_type}", tokenizer=chat_tokenizer(run, tmp_path))
+    reader = gguf.GGUFReader(folder / f"model-{gguf_type}.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    arch = "qwen3" if qk_norm else "llama"
+    assert field("general.architecture") == arch
+    hparams = ("attention.head_count", "attention.head_count_kv", "block_count", "embedding_length",
+               "feed_forward_length", "context_length", "attention.key_length", "vocab_size")
+    assert [field(f"{arch}.{key}") for key in hparams] == [cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.d_model,
+                                                           cfg.ffn_hidden, cfg.max_seq_len, cfg.head_dim, cfg.vocab_size]
+    assert field(f"{arch}.rope.freq_base") == cfg.rope_theta
+    assert field(f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps, rel=1e-6)
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    vocab = field("tokenizer.ggml.tokens")
+    assert len(vocab) == cfg.vocab_size and vocab[:4] == ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    assert (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"),
+            field("tokenizer.ggml.padding_token_id")) == (0, 3, 1)
+    assert field("tokenizer.chat_template") == CHATML
+    assert field("tokenizer.ggml.merges")[0] == " ".join(json.loads(run.tokenizer.read_text())["model"]["merges"][0])
+
+    state = ours.state_dict()
+    expected = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["norm.weight"]}
+    for i in range(cfg.n_layers):
+        q, k = state[f"blocks.{i}.mixer.q.weight"], state[f"blocks.{i}.mixer.k.weight"]
+        if not qk_norm:  # llama.cpp's llama rotates interleaved pairs
+            q, k = half_split_to_interleaved(q, cfg.n_heads), half_split_to_interleaved(k, cfg.n_kv_heads)
+        expected |= {f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k,
+                     f"blk.{i}.attn_v.weight": state[f"blocks.{i}.mixer.v.weight"],
+                     f"blk.{i}.attn_output.weight": state[f"blocks.{i}.mixer.o.weight"],
+                     f"blk.{i}.attn_norm.weight": state[f"blocks.{i}.mixer_norm.weight"],
+                     f"blk.{i}.ffn_norm.weight": state[f"blocks.{i}.mlp_norm.weight"],
+                     f"blk.{i}.ffn_gate.weight": state[f"blocks.{i}.mlp.gate.weight"],
+                     f"blk.{i}.ffn_up.weight": state[f"blocks.{i}.mlp.up.weight"],
+                     f"blk.{i}.ffn_down.weight": state[f"blocks.{i}.mlp.down.weight"]}
+        if qk_norm:
+            expected |= {f"blk.{i}.attn_q_norm.weight": state[f"blocks.{i}.mixer.q_norm.weight"],
+                         f"blk.{i}.attn_k_norm.weight": state[f"blocks.{i}.mixer.k_norm.weight"]}
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors.keys() == expected.keys()  # tied: no output.weight
+    for name, want in expected.items():
+        t, want = tensors[name], want.numpy()
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        if want.ndim == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(got, want), name
+        elif gguf_type == "F16":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16 and np.array_equal(got, want.astype(np.float16)), name
+        else:  # Q8_0: 32 values share a step max|w| / 127: half a step of rounding, plus the step's float16 error
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+            step = np.abs(want).reshape(-1, 32).max(axis=1, keepdims=True) / 127
+            assert (np.abs(got - want).reshape(-1, 32) <= (0.5 + 127 * 2**-11) * step).all(), name
