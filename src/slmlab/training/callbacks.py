@@ -161,5 +161,5 @@ class GenerateSample(Callback):
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                            eos_id=trainer.datamodule.eos_id, generator=generator)
-            print(f"> {tokenizer.decode(out[0].tolist())!r}", flush=True)
+            print(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}", flush=True)
         model.train(was_training)
