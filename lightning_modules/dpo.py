@@ -1,31 +1,26 @@
-"""Direct preference optimisation against a frozen copy of the initial policy."""
+"""Direct preference optimisation against a frozen copy of the initial policy: offline on
+(prompt, chosen, rejected) pairs, or on-policy on pairs ranked by a reward from the policy's samples."""
 
 import torch
 
-from lightning_modules.base import LMModule
+from lightning_modules.policy import PolicyModule
+from slmlab.rewards import score
 from slmlab.training.batching import cat_right_padded
 from slmlab.training.losses import IGNORE_INDEX, dpo_loss, token_logprobs
 
 
-class DPOModule(LMModule):
-    """Offline DPO on (prompt, chosen, rejected) pairs.
+class DPOModule(PolicyModule):
+    """on_policy: batches are constraint prompts (data=ifeval_prompts); for each, `candidates`
+    samples are scored by the constraint reward and the best and worst form the pair (prompts whose
+    samples all score the same are skipped). Validation is then the pass-rate, as for GRPO."""
 
-    The reference is the policy as loaded (`init_from`), frozen, optionally in a lower precision
-    (`reference_dtype: bfloat16` halves its memory). It is not part of the checkpoint: a resumed run
-    rebuilds it from `init_from`.
-    """
+    stage = "dpo"
 
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                 reference_dtype: str | None = None, **kwargs) -> None:
+                 on_policy: bool = False, candidates: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if kwargs.get("init_from") is None:
-            raise ValueError("stage=dpo needs init_from=<checkpoint of the policy to improve (usually the SFT run)>")
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
-        # kept out of nn.Module's registry: no gradients, not in state_dict, moved by hand
-        self.__dict__["reference"] = self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None)
-
-    def on_fit_start(self) -> None:
-        self.reference.to(self.device)
+        self.on_policy, self.candidates = on_policy, candidates
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed log-prob of each row's response tokens: (batch,)."""
@@ -33,7 +28,7 @@ class DPOModule(LMModule):
 
     def step(self, batch: dict, prefix: str) -> torch.Tensor:
         n = batch["chosen_ids"].shape[0]
-        # chosen and rejected in one forward each (policy and reference); pad to a common length
+        # chosen and rejected in one forward each (policy and reference)
         ids = cat_right_padded([batch["chosen_ids"], batch["rejected_ids"]], value=0)
         labels = cat_right_padded([batch["chosen_labels"], batch["rejected_labels"]], value=IGNORE_INDEX)
         policy = self.sequence_logps(self.model, ids, labels)
@@ -44,11 +39,49 @@ class DPOModule(LMModule):
         self.log_dict({f"{prefix}/loss": loss, f"{prefix}/reward_accuracy": (chosen_r > rejected_r).float().mean(),
                        f"{prefix}/reward_margin": (chosen_r - rejected_r).mean(),
                        f"{prefix}/logp_chosen": policy[:n].mean().detach(), f"{prefix}/logp_rejected": policy[n:].mean().detach()},
-                      prog_bar=False, sync_dist=prefix == "val")
+                      sync_dist=prefix == "val")
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def ranked_pairs(self, prompts: list[dict]) -> dict | None:
+        """Preference batch from the policy's own samples: per prompt, best vs worst by reward."""
+        rows = {"chosen_ids": [], "chosen_labels": [], "rejected_ids": [], "rejected_labels": []}
+        sampled = []
+        for item in prompts:
+            seq, labels, texts = self.sample(item, self.candidates, self.temperature)
+            rewards = torch.tensor([score(t, item["constraints"]) for t in texts])
+            sampled.append(rewards)
+            best, worst = int(rewards.argmax()), int(rewards.argmin())
+            if rewards[best] == rewards[worst]:
+                continue
+            for side, row in (("chosen", best), ("rejected", worst)):
+                rows[f"{side}_ids"].append(seq[row : row + 1, :-1])
+                rows[f"{side}_labels"].append(labels[row : row + 1])
+        self.log("train/reward", torch.cat(sampled).mean(), prog_bar=True)
+        if not rows["chosen_ids"]:
+            return None
+        return {k: cat_right_padded(v, value=IGNORE_INDEX if k.endswith("labels") else 0) for k, v in rows.items()}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.on_policy:
+            batch = self.ranked_pairs(batch)
+            if batch is None:  # every prompt's samples tied: nothing to prefer. A zero loss over every
+                # parameter, not a skipped step, so DDP ranks still all-reduce the same gradients
+                self.log_dict({"train/loss": 0.0, "train/skipped": 1.0})
+                return sum(p.sum() for p in self.model.parameters()) * 0.0
         return self.step(batch, "train")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "val")
+    # offline pairs validate on held-out pairs; on-policy runs validate the pass-rate (PolicyModule)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.on_policy:
+            super().on_validation_epoch_start()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if self.on_policy:
+            super().validation_step(batch, batch_idx)
+        else:
+            self.step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.on_policy:
+            super().on_validation_epoch_end()

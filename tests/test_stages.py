@@ -58,12 +58,18 @@ def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
 
 
-def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
+def lowercase_prompts(tmp_path: Path) -> Path:
+    """Constraint prompts with a reward a tiny model can learn in a few dozen steps."""
     prompts = tmp_path / "prompts.jsonl"
     questions = ["what is debian?", "how do i install a package?", "what does apt do?", "wie installiere ich ein paket?"]
     prompts.write_text("".join(json.dumps({"id": f"q{i}/{split}", "section": str(i), "prompt": q, "language": "en",
                                            "constraints": [{"kind": "all_lowercase"}], "split": split}) + "\n"
                                for i, q in enumerate(questions) for split in ("train", "heldout")))
+    return prompts
+
+
+def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
+    prompts = lowercase_prompts(tmp_path)
     train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
         "stage=grpo", f"init_from={pretrained}", f"data.prompts={prompts}", "data.batch_size=2",
         "stage.group_size=8", "stage.max_new_tokens=6", "stage.kl_beta=0.0", "optim.lr=3e-3"]))
@@ -71,6 +77,17 @@ def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     assert last > first + 0.2, reward
     assert rows(tmp_path / "run", "val/pass_rate")
+
+
+def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
+        "stage=dpo", "stage.on_policy=true", "data=ifeval_prompts", f"data.prompts={lowercase_prompts(tmp_path)}",
+        f"init_from={pretrained}", "data.batch_size=4", "stage.candidates=8", "stage.max_new_tokens=6",
+        "optim.lr=1e-2"]))
+    run = tmp_path / "run"
+    reward = rows(run, "train/reward")  # mean reward of the samples the pairs were ranked from
+    assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.2, reward
+    assert rows(run, "train/reward_accuracy") and rows(run, "val/pass_rate")
 
 
 def test_logit_distillation_pulls_the_student_to_the_teacher(pretrained, tmp_path):

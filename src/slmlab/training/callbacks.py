@@ -158,6 +158,11 @@ class GenerateSample(Callback):
                 ids = tokenizer.encode(prompt).ids
             else:  # a chat model answers the prompt as a user turn
                 ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+            # a prompt longer than the context keeps its end, so the sample still shows the model's answer
+            keep = model.cfg.max_seq_len - max(1, min(self.max_new_tokens, model.cfg.max_seq_len // 2))
+            if len(ids) > keep:
+                print(f"  (prompt cut to its last {keep} of {len(ids)} tokens to fit max_seq_len={model.cfg.max_seq_len})")
+                ids = ids[-keep:]
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                            eos_id=trainer.datamodule.eos_id, generator=generator)
