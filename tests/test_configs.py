@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from tests.conftest import CONF, compose_config
+from slmlab.config import CONF_DIR as CONF
+from tests.conftest import compose_config
 
 # parameter counts recomputed from the seed specs (../specs/systems.md)
 PRESET_PARAMS = {"helios_nova": (305_844_224, 0.0), "helium_nano": (47_846_912, 0.0), "helium_2b": (2_141_308_928, 0.0),

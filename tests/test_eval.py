@@ -16,8 +16,10 @@ from slmlab.eval import bits_per_byte, load_probes, probe_report, seed_everythin
 from slmlab.eval.__main__ import main as eval_main
 from slmlab.eval.probes import DEFAULT_PROBES, item_margins
 from slmlab.export import load_pretrained
+from slmlab.export.tokenizer import TokenizerFiles
 from slmlab.models.generate import generate
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
+from train import train
 
 pytest_plugins = ["tests.model_fixtures"]  # `tiny_runs`, trained once for both test modules
 
@@ -127,7 +129,7 @@ def test_adapter_rolling_loglikelihood_and_generation(tiny_runs):
     assert lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0] == pytest.approx(expected, rel=1e-5)
 
     prompt = "Das Debian-Paketsystem"
-    greedy = generate(model, torch.tensor([[eos, *tokenizer.encode(prompt).ids]]), 12, temperature=0, eos_id=eos)
+    greedy = generate(model, torch.tensor([[eos, *tokenizer.encode(prompt).ids]]), 12, temperature=0, stop_ids=eos)
     full = tokenizer.decode(greedy[0, len(tokenizer.encode(prompt).ids) + 1:].tolist(), skip_special_tokens=False)
     assert len(full) >= 5
     stop = full[3:5]  # a stop string the greedy text contains
@@ -147,3 +149,25 @@ def test_eval_cli_prints_the_same_tables_twice(tiny_runs, capsys):
         assert text in first
     with pytest.raises(SystemExit, match="suite=lm_eval needs tasks="):
         eval_main([f"ckpt={run.ckpt}", "suite=lm_eval"])
+
+
+def test_eval_callback_logs_the_suites_during_training_without_changing_the_run(tmp_path):
+    pytest.importorskip("lm_eval")
+    base = tiny_run_overrides(tmp_path / "plain", steps=8, val_every=4)
+    train(compose_config(base))
+    evaluated = tiny_run_overrides(tmp_path / "eval", steps=8, val_every=4) + [
+        "+callbacks/eval=lm_eval", "callbacks.eval.tasks=[slmlab_debian_mc]", f"callbacks.eval.include_path={LM_EVAL_TASKS}",
+        "callbacks.eval.every_n_validations=1", "callbacks.eval.batch_size=4"]
+    train(compose_config(evaluated))
+    loss = {name: metric(tmp_path / name / "run", "train/loss") for name in ("plain", "eval")}
+    # evaluation re-seeds, yet the training run draws the same batches and noise as without it
+    assert loss["eval"] == loss["plain"] and len(loss["plain"]) == 4
+    margins = metric(tmp_path / "eval" / "run", "eval/probes/all/margin")
+    accuracies = metric(tmp_path / "eval" / "run", "eval/slmlab_debian_mc/acc")
+    assert len(margins) == len(accuracies) == 2  # one per validation
+    # the last logged numbers are those of the final weights, as the evaluation CLI computes them
+    run = tmp_path / "eval" / "run"
+    report = probe_report(load_pretrained(run / "checkpoints" / "last.ckpt"),
+                          TokenizerFiles.load(compose_config(evaluated).data.tokenizer.path).tokenizer,
+                          load_probes(DEFAULT_PROBES), batch_size=4)
+    assert margins[-1] == pytest.approx(report["all"]["margin"], rel=1e-5)

@@ -1,6 +1,5 @@
 """Post-training stages end to end at tiny size, each from a pretrained checkpoint."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, metric, tiny_run_overrides
 from train import train
 
 pytestmark = pytest.mark.slow
@@ -20,11 +19,6 @@ def pretrained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pretrain")
     train(compose_config(tiny_run_overrides(tmp, steps=30, val_every=15) + ["optim.lr=3e-3"]))
     return tmp / "run" / "checkpoints" / "last.ckpt"
-
-
-def rows(run: Path, key: str) -> list[float]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
 def checkpoint(run: Path) -> dict:
@@ -44,16 +38,16 @@ def test_sft_stops_after_exactly_the_asked_fraction_of_an_epoch(pretrained, tmp_
     consumed = next(v for k, v in ckpt.items() if k.endswith("ChatDataModule"))["samples_consumed"]
     assert consumed == steps * cfg.data.batch_size and abs(consumed - dm.train_size / 2) <= cfg.data.batch_size / 2
     run = tmp_path / "run"
-    assert rows(run, "val/loss") and rows(run, "val/pretrain/en/loss") and rows(run, "val/pretrain/de/bpb")
+    assert metric(run, "val/loss") and metric(run, "val/pretrain/en/loss") and metric(run, "val/pretrain/de/bpb")
 
 
 def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=6, val_every=3) + ["stage=dpo", f"init_from={pretrained}",
                                                                                "optim.lr=1e-3"]))
     run = tmp_path / "run"
-    accuracy, margin = rows(run, "train/reward_accuracy"), rows(run, "train/reward_margin")
+    accuracy, margin = metric(run, "train/reward_accuracy"), metric(run, "train/reward_margin")
     assert accuracy and all(0 <= a <= 1 for a in accuracy) and margin[-1] > margin[0]
-    assert rows(run, "val/loss")
+    assert metric(run, "val/loss")
     weights = checkpoint(run)["state_dict"]
     assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
 
@@ -73,10 +67,10 @@ def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
         "stage=grpo", f"init_from={pretrained}", f"data.prompts={prompts}", "data.batch_size=2",
         "stage.group_size=8", "stage.max_new_tokens=6", "stage.kl_beta=0.0", "optim.lr=3e-3"]))
-    reward = rows(tmp_path / "run", "train/reward")
+    reward = metric(tmp_path / "run", "train/reward")
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     assert last > first + 0.2, reward
-    assert rows(tmp_path / "run", "val/pass_rate")
+    assert metric(tmp_path / "run", "val/pass_rate")
 
 
 def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_path):
@@ -85,15 +79,15 @@ def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_pat
         f"init_from={pretrained}", "data.batch_size=4", "stage.candidates=8", "stage.max_new_tokens=6",
         "optim.lr=1e-2"]))
     run = tmp_path / "run"
-    reward = rows(run, "train/reward")  # mean reward of the samples the pairs were ranked from
+    reward = metric(run, "train/reward")  # mean reward of the samples the pairs were ranked from
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.2, reward
-    assert rows(run, "train/reward_accuracy") and rows(run, "val/pass_rate")
+    assert metric(run, "train/reward_accuracy") and metric(run, "val/pass_rate")
 
 
 def test_logit_distillation_pulls_the_student_to_the_teacher(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=12, val_every=6) + [
         "stage=distill", f"teacher={pretrained}", "optim.lr=3e-3", "stage.alpha=1.0"]))
-    kd = rows(tmp_path / "run", "train/kd")
+    kd = metric(tmp_path / "run", "train/kd")
     assert kd[-1] < kd[0] * 0.8, kd
 
 

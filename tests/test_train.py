@@ -1,6 +1,5 @@
 """End-to-end runs of train.py at tiny size: the Quickstart, exact resume, DDP, export."""
 
-import csv
 import math
 import json
 import os
@@ -13,7 +12,7 @@ import torch
 from slmlab.checkpoint import load_model as load_checkpoint_model, load_weights, resolve_ckpt_path
 from slmlab.export import export_safetensors_folder
 from slmlab.models import CausalLM
-from tests.conftest import ROOT, compose_config, tiny_run_overrides
+from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
 from train import train
 
 pytestmark = pytest.mark.slow
@@ -25,11 +24,6 @@ def run_train(overrides: list[str], timeout: int = 300) -> str:
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-def metric(run_dir: Path, key: str) -> list[float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
 def test_quickstart_command_trains_and_reports(tmp_path):

@@ -7,14 +7,19 @@ Presets extend them through their defaults list (`defaults: [schema, _self_]`).
 
 import netrc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from slmlab import CORPUS_DIR
 from slmlab.models.config import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's config tree
 
 
 @dataclass
@@ -82,3 +87,17 @@ def register_configs() -> None:
     cs.store(group="optim", name="schema", node=AdamWSchema)
     cs.store(group="schedule", name="schema", node=ScheduleSchema)
     cs.store(group="schedule", name="wsd_schema", node=WSDSchema)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python train.py <overrides>` would run, composed without running it."""
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def training_config(model: ModelConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config at a trained model's vocabulary and context: it names the data and the
+    tokenizer the model was trained with (checkpoints do not record the tokenizer)."""
+    return compose_config([f"model.vocab_size={model.vocab_size}", f"model.max_seq_len={model.max_seq_len}",
+                           *overrides])

@@ -44,7 +44,7 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
                 skipped += 1  # the answer would not fit the student's context either
                 continue
             seq = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_id=end_of_turn, generator=generator)[0, len(ids):].tolist()
+                           stop_ids=end_of_turn, generator=generator)[0, len(ids):].tolist()
             answer = tokenizer.decode([t for t in seq if t != end_of_turn]).strip()
             out.append({"id": row.get("id", len(out)), "messages": turns + [{"role": "assistant", "content": answer}]})
             if limit is not None and len(out) >= limit:

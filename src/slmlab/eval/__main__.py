@@ -11,23 +11,20 @@ Each suite starts from `seed_everything(seed)` and prints a table.
 """
 
 import sys
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from slmlab.config import register_configs
+from slmlab.config import training_config
 from slmlab.eval.bpb import bits_per_byte
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
 from slmlab.export.load import load_pretrained
-from slmlab.export.tokenizer import TOKENIZER_FILE, TokenizerFiles
+from slmlab.export.tokenizer import find_tokenizer
 from slmlab.models import CausalLM
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 SUITES = ("bpb", "probes", "lm_eval")
 KEYS = {"ckpt", "suite", "tokenizer", "probes", "tasks", "include_path", "limit", "num_fewshot", "batch_size",
         "seed", "device"}
@@ -51,21 +48,6 @@ def split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return args, overrides
 
 
-def training_config(model: CausalLM, overrides: list[str]) -> DictConfig:
-    """The training config at this model's vocabulary and context, which name its data and tokenizer."""
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model.vocab_size={model.cfg.vocab_size}",
-                                            f"model.max_seq_len={model.cfg.max_seq_len}", *overrides])
-
-
-def tokenizer_path(args: dict[str, str], cfg: DictConfig) -> Path:
-    if "tokenizer" in args:
-        return Path(args["tokenizer"])
-    exported = Path(args["ckpt"]) / TOKENIZER_FILE
-    return exported if exported.is_file() else Path(cfg.data.tokenizer.path)
-
-
 def table(rows: dict[str, dict[str, float]]) -> str:
     """Right-aligned columns: one row per name, floats to 4 decimals."""
     columns = list(next(iter(rows.values())))
@@ -81,7 +63,7 @@ def run_suite(suite: str, model: CausalLM, args: dict[str, str], cfg: DictConfig
     batch_size = int(args.get("batch_size", 16))
     if suite == "bpb":
         return table(bits_per_byte(model, instantiate(cfg.data)))
-    tokens = TokenizerFiles.load(tokenizer_path(args, cfg))
+    tokens = find_tokenizer(args["ckpt"], cfg.data.tokenizer.path, args.get("tokenizer"))
     if suite == "probes":
         return table(probe_report(model, tokens.tokenizer, load_probes(args.get("probes", DEFAULT_PROBES)), batch_size))
     # lm-eval is an optional dependency: imported only for its suite
@@ -106,7 +88,7 @@ def main(argv: list[str]) -> None:
         model = load_pretrained(args["ckpt"])
         if "device" in args:
             model = model.to(torch.device(args["device"]))
-        cfg = training_config(model, overrides)
+        cfg = training_config(model.cfg, overrides)
         for suite in args["suite"].split(","):
             print(f"== {suite}\n{run_suite(suite, model, args, cfg)}")
     except (FileNotFoundError, ValueError, HydraException) as e:  # a wrong path or argument: no traceback

@@ -109,7 +109,7 @@ class SlmlabLM(TemplateLM):
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]
             ids = generate(self.model, torch.tensor([prompt], device=self._device), max_new, temperature=0,
-                           eos_id=self.eot_token_id)[0, len(prompt):]
+                           stop_ids=self.eot_token_id)[0, len(prompt):]
             text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
             results.append(min((text.split(stop)[0] for stop in until), key=len))
             self.cache_hook.add_partial("generate_until", request.args, results[-1])

@@ -82,3 +82,12 @@ class TokenizerFiles:
             **self.config,
         }
         (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def find_tokenizer(model_path: str | Path, cfg_tokenizer_path: str | Path, tokenizer: str | Path | None = None) -> TokenizerFiles:
+    """The tokenizer of a model: `tokenizer` when given, else the one exported beside the model, else
+    the training config's (`training_config(...).data.tokenizer.path`)."""
+    if tokenizer is not None:
+        return TokenizerFiles.load(tokenizer)
+    exported = Path(model_path) / TOKENIZER_FILE
+    return TokenizerFiles.load(exported if exported.is_file() else cfg_tokenizer_path)

@@ -1,9 +1,18 @@
-"""Sampling from a `CausalLM` with its decoding state (KV cache / recurrent state)."""
+"""Sampling from a `CausalLM` with its decoding state (KV cache / recurrent state).
+
+`decode` yields one token per row per step; `generate` collects a batch of them with stop tokens;
+`stream_text` turns one row into text pieces with stop strings, for chat.
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
-from slmlab.models.transformer import CausalLM
+if TYPE_CHECKING:  # transformer.py imports this module for CausalLM.generate
+    from slmlab.models.transformer import CausalLM
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -23,30 +32,98 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-    """prompt: (batch, prompt_len) ids, same length per row -> (batch, prompt_len + new) ids.
+def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as in Hugging Face: the logit of every token
+    already in the row is divided by `penalty` when positive and multiplied by it when negative, so
+    penalty > 1 always makes a repeat less likely. seen: (batch, vocab) bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
-    Prefills the state with the prompt, then feeds one token at a time; rows that emitted `eos_id`
-    keep emitting it so the batch stays rectangular.
+
+@torch.no_grad()
+def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+           generator: torch.Generator | None = None) -> Iterator[Tensor]:
+    """Yields the next token of each row, (batch,), up to `max_new_tokens` or the context's end.
+
+    Prefills the state with the prompt (batch, prompt_len), then feeds one token at a time: O(1) per
+    token for recurrent mixers. The caller stops early by not asking for more.
     """
     batch, prompt_len = prompt.shape
     if prompt_len >= model.cfg.max_seq_len:
         raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
-    total = min(prompt_len + max_new_tokens, model.cfg.max_seq_len)
-    state = model.init_state(batch, total)
+    steps = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
+    state = model.init_state(batch, prompt_len + steps)
     logits = model(prompt, state)[:, -1]
-    out = [prompt]
-    done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-    for step in range(total - prompt_len):
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=prompt.device).scatter_(1, prompt, True)
+    for step in range(steps):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         token = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
-        out.append(token[:, None])
-        if step == total - prompt_len - 1 or done.all():
-            break
+        yield token
+        if step == steps - 1:
+            return  # no forward for a token that will not be sampled from
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
         logits = model(token[:, None], state)[:, -1]
+
+
+def generate(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, stop_ids: int | Sequence[int] = (),
+             **sampling) -> Tensor:
+    """prompt: (batch, prompt_len) ids, same length per row -> (batch, prompt_len + new) ids.
+
+    A row stops at its first token in `stop_ids` and is padded with `stop_ids[0]` after it, so the
+    batch stays rectangular; generation ends when every row has stopped. `sampling`: the keyword
+    arguments of `decode` (temperature 0 is greedy; a seeded `generator` makes sampling repeatable).
+    """
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
+                         device=prompt.device)
+    out = [prompt]
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for token in decode(model, prompt, max_new_tokens, **sampling):
+        if len(stops):
+            token = token.masked_fill(done, stops[0])
+            done |= torch.isin(token, stops)
+        out.append(token[:, None])
+        if done.all():
+            break
     return torch.cat(out, dim=1)
+
+
+def held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """How many characters at the end of `text` could begin a stop string (or are an incomplete UTF-8
+    character), and so must not be shown yet."""
+    if text.endswith("\ufffd"):  # byte-level BPE: the rest of this character comes with the next token
+        return len(text)
+    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def stream_text(model: "CausalLM", tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), **sampling) -> Iterator[str]:
+    """The continuation of one prompt as text pieces, yielded as the tokens are generated.
+
+    Ends at a token of `stop_ids` or before the first stop string (neither is yielded). Text that
+    might be the start of a stop string is held back until the next tokens decide it.
+    """
+    device = next(model.parameters()).device
+    ids: list[int] = []
+    shown = 0
+    for token in decode(model, torch.tensor([list(prompt_ids)], device=device), max_new_tokens, **sampling):
+        if int(token) in stop_ids:
+            break
+        ids.append(int(token))
+        text = tokenizer.decode(ids)  # whole-sequence decode: merges across token boundaries come out right
+        cut = min((i for s in stop_strings if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            if cut > shown:
+                yield text[shown:cut]
+            return
+        end = len(text) - held_back(text, stop_strings)
+        if end > shown:
+            yield text[shown:end]
+            shown = end
+    text = tokenizer.decode(ids)  # what was held back was not a stop string after all
+    if len(text) > shown:
+        yield text[shown:]

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from slmlab import mixers  # a module reference: mixers import models.config, so no names yet
 from slmlab.models.config import ModelConfig
+from slmlab.models.generate import generate
 from slmlab.models.layers import RMSNorm, SwiGLU
 
 
@@ -80,6 +81,10 @@ class CausalLM(nn.Module):
         """One decoding state per layer (KV cache for attention, fixed-size state for recurrent mixers)."""
         p = self.lm_head.weight
         return [b.mixer.init_state(batch_size, max_len, p.device, p.dtype) for b in self.blocks]
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """Batched sampling with the decoding state: `slmlab.models.generate.generate`."""
+        return generate(self, prompt, max_new_tokens, **kwargs)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once

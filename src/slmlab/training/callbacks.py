@@ -165,6 +165,6 @@ class GenerateSample(Callback):
                 ids = ids[-keep:]
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                           eos_id=trainer.datamodule.eos_id, generator=generator)
+                           stop_ids=trainer.datamodule.eos_id, generator=generator)
             print(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}", flush=True)
         model.train(was_training)

@@ -1,0 +1,96 @@
+"""Evaluation suites run on the model being trained, at validation time, logged with the run's metrics."""
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
+from slmlab.eval.seed import seed_everything
+
+SUITES = ("probes", "lm_eval")
+LM_EVAL_METRICS = ("acc", "acc_norm")  # as lm-eval defines them (acc_norm: per-byte normalised)
+
+
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Restores every random generator on exit: an evaluation re-seeds, but the training run it
+    interrupts must go on drawing exactly what it would have drawn without it."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class EvalSuites(Callback):
+    """After every `every_n_validations`-th validation: contrastive probes (`eval/probes/<lang>/margin`,
+    `.../accuracy`) and lm-evaluation-harness tasks (`eval/<task>/acc`, `.../acc_norm`), each after
+    `seed_everything(seed)`. Rank 0 evaluates and the others receive its numbers, so every rank logs
+    the same values.
+
+        python train.py +callbacks/eval=probes     # or =lm_eval: conf/callbacks/eval/
+    """
+
+    def __init__(self, suites: Sequence[str] = ("probes",), probes: str | None = None, tasks: Sequence[str] = (),
+                 limit: int | float | None = None, num_fewshot: int | None = None, include_path: str | None = None,
+                 batch_size: int = 16, seed: int = 1234, every_n_validations: int = 1) -> None:
+        if unknown := set(suites) - set(SUITES):
+            raise ValueError(f"callbacks.eval.suites: {sorted(unknown)} not among {SUITES}")
+        if "lm_eval" in suites and not tasks:
+            raise ValueError("callbacks.eval.suites has lm_eval: give callbacks.eval.tasks=[<task>, ...]")
+        self.suites, self.tasks, self.limit, self.num_fewshot = list(suites), list(tasks), limit, num_fewshot
+        self.include_path = include_path  # a folder of extra task YAMLs
+        self.probes = load_probes(probes or DEFAULT_PROBES) if "probes" in suites else None
+        self.batch_size, self.seed, self.every = batch_size, seed, every_n_validations
+        self.validations = 0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every:
+            return
+        metrics = self.evaluate(pl_module.model, trainer.datamodule) if trainer.is_global_zero else None
+        metrics = trainer.strategy.broadcast(metrics)
+        pl_module.log_dict(metrics)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, datamodule: L.LightningDataModule) -> dict[str, float]:
+        was_training = model.training
+        metrics = {}
+        with rng_untouched():
+            if "probes" in self.suites:
+                seed_everything(self.seed)
+                report = probe_report(model.eval(), datamodule.tokenizer, self.probes, self.batch_size)
+                metrics |= {f"eval/probes/{group}/{k}": float(row[k]) for group, row in report.items()
+                            for k in ("margin", "accuracy")}
+            if "lm_eval" in self.suites:
+                seed_everything(self.seed)
+                metrics |= self.lm_eval(model, str(datamodule.tokenizer_path))
+        model.train(was_training)
+        return metrics
+
+    def lm_eval(self, model: torch.nn.Module, tokenizer: str) -> dict[str, float]:
+        import lm_eval  # optional: pip install -e ".[eval]"
+        from lm_eval.tasks import TaskManager
+
+        from slmlab.eval.lm_eval_adapter import SlmlabLM
+
+        device = str(next(model.parameters()).device)
+        results = lm_eval.simple_evaluate(
+            model=SlmlabLM(model, tokenizer, self.batch_size, device=device), tasks=self.tasks,
+            num_fewshot=self.num_fewshot, limit=self.limit, log_samples=False,
+            task_manager=TaskManager(include_path=self.include_path),
+            **{f"{kind}_seed": self.seed for kind in ("random", "numpy_random", "torch_random", "fewshot_random")})
+        return {f"eval/{task}/{name}": float(value) for task, row in results["results"].items()
+                for key, value in row.items() if (name := key.split(",")[0]) in LM_EVAL_METRICS}

@@ -1,0 +1,59 @@
+"""chat.py: the ChatML prompt, streamed greedy answers, stop tokens, context-bounded history."""
+
+import pytest
+import torch
+
+from chat import Chat, main, parse_args
+from slmlab.data.chat import encode_chat
+from slmlab.export.load import load_pretrained
+from slmlab.export.tokenizer import TokenizerFiles
+from slmlab.models.generate import generate
+
+pytest_plugins = ["tests.model_fixtures"]  # `tiny_runs`
+
+
+@pytest.fixture(scope="module")
+def run(tiny_runs):
+    return tiny_runs[True]
+
+
+def expected_answer(run, messages: list[dict], max_new_tokens: int) -> str:
+    tokens = TokenizerFiles.load(run.tokenizer)
+    model = load_pretrained(run.ckpt)
+    ids, _ = encode_chat(tokens.tokenizer, messages, add_generation_prompt=True)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0)[0, len(ids):].tolist()
+    stops = {tokens.token_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|pad|>")}
+    end = next((i for i, t in enumerate(out) if t in stops), len(out))
+    return tokens.tokenizer.decode(out[:end])
+
+
+def test_one_shot_prompt_prints_the_greedy_chat_answer(run, capsys):
+    main([f"ckpt={run.ckpt}", f"tokenizer={run.tokenizer}", "temperature=0", "repetition_penalty=1.0",
+          "max_new_tokens=10", "--prompt", "What is apt?"])
+    printed = capsys.readouterr().out
+    assert printed == expected_answer(run, [{"role": "user", "content": "What is apt?"}], 10) + "\n"
+
+
+def test_history_is_kept_and_dropped_oldest_first_to_fit_the_context(run):
+    tokens = TokenizerFiles.load(run.tokenizer)
+    model = load_pretrained(run.ckpt)
+    args, _, _ = parse_args([f"ckpt={run.ckpt}", "temperature=0", "max_new_tokens=2", "system=Be brief."])
+    chat = Chat(model, tokens, args)
+    for question in ("What is apt?", "And dpkg?", "Wie geht das?"):
+        "".join(chat.answer(question))
+    assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 3
+    chat.messages.append({"role": "user", "content": "Und apt?"})  # what answer() does first
+    ids = chat.prompt_ids()
+    assert len(ids) <= model.cfg.max_seq_len - 2  # room left for the answer (the tiny model's context is 32)
+    text = tokens.tokenizer.decode(ids, skip_special_tokens=False)
+    assert "Be brief." in text and "Und apt?" in text and "What is apt?" not in text
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_bad_arguments_are_named(run, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([f"ckpt={run.ckpt}", "temperature=hot"])
+    assert "temperature='hot' is not a float" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="model not found: nowhere.ckpt"):
+        main(["ckpt=nowhere.ckpt", "--prompt", "hi"])

@@ -1,0 +1,115 @@
+"""Generation: cached decoding against full forwards, sampling controls, stop tokens and stop strings."""
+
+import pytest
+import torch
+
+from slmlab.data.tokenizer import train_tokenizer
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.generate import generate, held_back, penalize_repeats, stream_text
+
+TEXT = ["apt installs packages. dpkg unpacks them. The package manager keeps a list of packages."] * 20
+
+
+def tiny_model(vocab_size: int = 97, layout: str | None = None) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                      max_seq_len=64, init_std=0.2, layout=layout)
+    return CausalLM(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(TEXT, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json", min_frequency=1)
+
+
+@pytest.mark.parametrize("layout", [None, "G,M"])  # KV cache, and recurrent states
+def test_greedy_generation_equals_argmax_of_full_forwards(layout):
+    model = tiny_model(layout=layout)
+    prompt = torch.randint(0, 97, (2, 4))
+    out = model.generate(prompt, 8, temperature=0)
+    seq = prompt
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_seeded_sampling_repeats_and_another_seed_differs():
+    model, prompt = tiny_model(), torch.randint(0, 97, (3, 4))
+
+    def sample(seed: int) -> torch.Tensor:
+        return generate(model, prompt, 20, temperature=1.0, top_k=50, top_p=0.95,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_repetition_penalty_matches_hugging_face():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(3, 50)
+    ids = torch.randint(0, 50, (3, 7))
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    theirs = transformers.RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone())
+    torch.testing.assert_close(penalize_repeats(logits, seen, 1.7), theirs)
+
+
+def test_a_strong_repetition_penalty_never_repeats_a_token():
+    model = tiny_model()
+    prompt = torch.tensor([[5, 6, 7]])
+    plain = generate(model, prompt, 40, temperature=0)[0].tolist()
+    assert len(set(plain)) < len(plain)  # this model repeats itself when left alone
+    out = generate(model, prompt, 40, temperature=0, repetition_penalty=1e6)[0].tolist()
+    assert len(set(out)) == len(out)
+
+
+def test_each_row_stops_at_any_stop_token_and_is_padded_after_it():
+    model, prompt = tiny_model(), torch.randint(0, 97, (4, 3))
+    free = generate(model, prompt, 30, temperature=0)
+    stops = sorted({int(free[0, 6]), int(free[1, 9])})  # tokens each of two rows is known to produce
+    out = generate(model, prompt, 30, temperature=0, stop_ids=stops)
+    for row, full in zip(out, free):
+        generated = row[3:].tolist()
+        first = next((i for i, t in enumerate(full[3:].tolist()) if t in stops), None)
+        if first is None:
+            assert generated == full[3 : 3 + len(generated)].tolist()
+        else:
+            assert generated[: first + 1] == full[3 : 3 + first + 1].tolist()
+            assert all(t == stops[0] for t in generated[first + 1 :])
+    # the batch ends as soon as every row has stopped, or at the budget
+    ends = [next((i for i, t in enumerate(f[3:].tolist()) if t in stops), 29) for f in free]
+    assert out.shape[1] == 3 + max(ends) + 1
+
+
+def test_generation_never_runs_past_the_context():
+    model = tiny_model()
+    out = generate(model, torch.zeros(1, 60, dtype=torch.long), 100, temperature=0)
+    assert out.shape == (1, 64)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        generate(model, torch.zeros(1, 64, dtype=torch.long), 1)
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back():
+    assert held_back("the end</", ["</s>"]) == 2
+    assert held_back("the end<", ["</s>", "<|im"]) == 1
+    assert held_back("the end", ["</s>"]) == 0
+    assert held_back("caf\ufffd", []) == 4  # half a UTF-8 character
+
+
+def test_streamed_text_is_the_decoded_generation_cut_before_the_first_stop_string(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    prompt = tokenizer.encode("apt installs").ids
+    full = tokenizer.decode(generate(model, torch.tensor([prompt]), 30, temperature=0)[0, len(prompt):].tolist())
+    assert "".join(stream_text(model, tokenizer, prompt, 30, temperature=0)) == full
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # a string the model is known to produce
+    pieces = list(stream_text(model, tokenizer, prompt, 30, temperature=0, stop_strings=[stop]))
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert len(pieces) > 1  # streamed, not produced at the end
+
+
+def test_streaming_stops_at_a_stop_token(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    prompt = tokenizer.encode("dpkg").ids
+    ids = generate(model, torch.tensor([prompt]), 30, temperature=0)[0, len(prompt):].tolist()
+    stop = ids[5]
+    expected = tokenizer.decode(ids[: ids.index(stop)])
+    assert "".join(stream_text(model, tokenizer, prompt, 30, temperature=0, stop_ids=[stop])) == expected
