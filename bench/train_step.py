@@ -9,13 +9,11 @@ including the loader and Lightning is `perf/tokens_per_s` in any run's metrics.
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from slmlab.config import register_configs
+from slmlab.config import compose_config
 from slmlab.models import CausalLM
 from slmlab.training.callbacks import peak_flops
 from slmlab.training.losses import lm_loss
@@ -26,10 +24,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loss", choices=["chunked", "full"], default="chunked",
+                        help="chunked: CausalLM.loss (what training runs); full: cross-entropy of the whole logits")
     args = parser.parse_args()
-    register_configs()
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = CausalLM(instantiate(cfg.model)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -42,14 +40,17 @@ def main() -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast:
-            loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+            if args.loss == "chunked":
+                loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+            else:
+                loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     tps = args.steps * batch * seq / (time.perf_counter() - start)
-    line = f"model={cfg.model.d_model}d x {cfg.model.n_layers}L ({model.num_params() / 1e6:.1f}M) batch={batch} seq={seq} " \
+    line = f"loss={args.loss} model={cfg.model.d_model}d x {cfg.model.n_layers}L ({model.num_params() / 1e6:.1f}M) batch={batch} seq={seq} " \
            f"device={device.type} threads={torch.get_num_threads()}: {tps:,.0f} tokens/s"
     peak = peak_flops(device)
     if peak:

@@ -5,7 +5,6 @@ import math
 import torch
 
 from lightning_modules.base import LMModule
-from slmlab.training.losses import lm_loss
 
 
 def loss_and_bpb(sums: dict[str, tuple[float, float]], bytes_per_token, prefix: str = "val") -> dict[str, float]:
@@ -29,8 +28,7 @@ class PretrainModule(LMModule):
         self.z_loss = z_loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])
-        loss, ce = lm_loss(logits, batch["labels"], self.z_loss)
+        loss, ce = self.model.loss(batch["input_ids"], batch["labels"], self.z_loss)  # no whole-batch logits
         self.log("train/loss", ce, prog_bar=True)
         return loss
 

@@ -7,7 +7,6 @@ import torch
 
 from lightning_modules.pretrain import loss_and_bpb
 from lightning_modules.base import LMModule
-from slmlab.training.losses import lm_loss
 
 
 class SFTModule(LMModule):
@@ -28,7 +27,7 @@ class SFTModule(LMModule):
         self.trainer.fit_loop.epoch_loop.max_steps = max(1, round(steps))  # what trainer.max_steps reads
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        loss, _ = self.model.loss(batch["input_ids"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         dm = self.trainer.datamodule
         self.log("train/epoch", dm.samples_consumed / dm.train_size)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.training.losses import IGNORE_INDEX, lm_loss
+from slmlab.training.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
 from slmlab.training.optim import weight_decay_groups
 from slmlab.training.schedules import WSD, Constant, Cosine
 
@@ -84,6 +84,37 @@ def test_ignored_positions_get_no_gradient():
     loss.backward()
     assert logits.grad[0, [1, 3]].abs().sum() == 0
     assert logits.grad[0, [0, 2]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("softcap,z_loss,chunk", [(None, 0.0, 5), (30.0, 1e-2, 7), (None, 1e-3, 1000)])
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients(softcap, z_loss, chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = IGNORE_INDEX
+    logits = hidden @ weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss, ce = lm_loss(logits, labels, z_loss)
+    expected = torch.autograd.grad(2 * loss, (hidden, weight))
+    got_loss, got_ce = chunked_lm_loss(hidden, weight, labels, softcap, z_loss, chunk)
+    torch.testing.assert_close((got_loss, got_ce), (loss, ce))
+    torch.testing.assert_close(torch.autograd.grad(2 * got_loss, (hidden, weight)), expected)
+
+
+def test_the_model_loss_is_the_loss_of_its_logits_with_a_tied_head():
+    from slmlab.models import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=16,
+                                 logit_softcap=5.0)).double()
+    ids, labels = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    loss, _ = lm_loss(model(ids), labels, 1e-3)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    chunked, _ = model.loss(ids, labels, 1e-3, chunk_tokens=5)
+    torch.testing.assert_close(chunked, loss)
+    torch.testing.assert_close(torch.autograd.grad(chunked, list(model.parameters())), expected)
 
 
 def test_weight_decay_skips_norms_and_tied_embeddings():

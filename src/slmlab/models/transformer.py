@@ -9,6 +9,7 @@ from slmlab import mixers  # a module reference: mixers import models.config, so
 from slmlab.models.config import ModelConfig
 from slmlab.models.generate import generate
 from slmlab.models.layers import RMSNorm, SwiGLU
+from slmlab.training.losses import chunked_lm_loss
 
 
 RESIDUAL_OUTPUTS = ("mixer.o", "mixer.out_proj", "mlp.down")
@@ -67,15 +68,25 @@ class CausalLM(nn.Module):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
-    def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
-        """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""
+    def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
+        """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state[i])
-        logits = self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
+        """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""
+        logits = self.lm_head(self.hidden(input_ids, state))
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
+
+    def loss(self, input_ids: Tensor, labels: Tensor, z_loss: float = 0.0, chunk_tokens: int = 8192) -> tuple[Tensor, Tensor]:
+        """Training loss without the whole batch's logits: (loss with z-loss, cross-entropy), as
+        `lm_loss(self(input_ids), labels, z_loss)` computes them (`chunked_lm_loss`)."""
+        return chunked_lm_loss(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
+                               z_loss, chunk_tokens)
 
     def init_state(self, batch_size: int, max_len: int) -> list:
         """One decoding state per layer (KV cache for attention, fixed-size state for recurrent mixers)."""

@@ -24,6 +24,51 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> tuple[Tensor
     return ce + z_loss * lse.square().mean(), ce
 
 
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` computed a chunk of rows at a time: forward computes each
+    chunk's logits, loss and gradients at once and frees the logits, so neither the (tokens, vocab)
+    logits nor their float32 copy ever exist for the whole batch (Liger's fused linear cross-entropy,
+    in plain torch). backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, z_loss: float,
+                chunk_rows: int) -> tuple[Tensor, Tensor]:
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        loss_sum = ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        w = weight.detach().requires_grad_()
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].detach().requires_grad_()
+            lab = labels[start : start + chunk_rows]
+            with torch.enable_grad():
+                logits = (h @ w.T).float()
+                if softcap:
+                    logits = softcap * torch.tanh(logits / softcap)
+                ce = F.cross_entropy(logits, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+                total = ce + z_loss * torch.logsumexp(logits[lab != IGNORE_INDEX], dim=-1).square().sum() if z_loss else ce
+                gh, gw = torch.autograd.grad(total, (h, w))
+            grad_hidden[start : start + chunk_rows] = gh
+            grad_weight += gw
+            loss_sum, ce_sum = loss_sum + total.detach(), ce_sum + ce.detach()
+        ctx.save_for_backward(grad_hidden / n_valid, grad_weight / n_valid)
+        ce_mean = ce_sum / n_valid
+        ctx.mark_non_differentiable(ce_mean)
+        return loss_sum / n_valid, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_ce: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None,
+                    z_loss: float = 0.0, chunk_tokens: int = 8192) -> tuple[Tensor, Tensor]:
+    """`lm_loss(softcap(hidden @ weight.T), labels, z_loss)` without materialising the logits of the
+    whole batch: hidden (batch, seq, d), weight (vocab, d) (the LM head), labels (batch, seq).
+    Returns (loss to optimise, cross-entropy alone; the latter carries no gradient)."""
+    return _ChunkedLMLoss.apply(hidden.flatten(0, 1), weight, labels.flatten(), softcap, z_loss, chunk_tokens)
+
+
 def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tensor:
     """log p(label) per position: (batch, seq, vocab), (batch, seq) -> (batch, seq) float32, 0 where
     labels == IGNORE_INDEX. Rows are done a few at a time so the float32 log-softmax of the whole
