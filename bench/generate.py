@@ -1,0 +1,96 @@
+"""Batched decoding speed and memory: our cached generation vs Hugging Face `generate` on the same
+weights (an exported dense model), and the decoding state of every mixer against context length.
+
+    python bench/generate.py                     # helios_nova shape, batch 32, 128-token prompts, 256 new
+    python bench/generate.py --smoke             # tiny shapes on the CPU: checks the script runs
+
+Greedy, bf16 weights on CUDA; tokens/s counts generated tokens of the whole batch.
+"""
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+from hydra.utils import instantiate
+
+from slmlab.config import compose_config
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.generate import generate
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_rate(fn, new_tokens: int, batch: int, device: torch.device) -> float:
+    fn()  # warm-up: kernels, caches, compilation
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def state_bytes(model: CausalLM, context: int) -> int:
+    """Memory of the decoding state for one sequence of `context` tokens (KV cache or recurrent state)."""
+    def size(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        return sum(size(v) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+    return sum(size(s) for s in model.init_state(1, context))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="helios_nova")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg: ModelConfig = instantiate(compose_config([f"model={args.model}"]).model)
+    if args.smoke:
+        cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
+        args.batch, args.prompt, args.new = 4, 16, 16
+    cfg = replace(cfg, max_seq_len=args.prompt + args.new)
+    torch.manual_seed(0)
+    ours = CausalLM(cfg).to(device, dtype).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=device)
+    rows = {"slmlab generate": decode_rate(lambda: generate(ours, prompt, args.new, temperature=0), args.new,
+                                           args.batch, device)}
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from slmlab.export.hf import hf_config, to_hf_state_dict
+
+        class NoTokenizer:
+            @staticmethod
+            def model_token_ids() -> dict[str, int]:
+                return {"bos_token_id": 0, "eos_token_id": None, "pad_token_id": 1}
+
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config(cfg, NoTokenizer(), dtype)),
+                                              attn_implementation="sdpa").to(device, dtype).eval()
+        hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+        run = lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)  # noqa: E731
+        rows["transformers generate"] = decode_rate(run, args.new, args.batch, device)
+    except ImportError:
+        pass
+    base = rows.get("transformers generate")
+    print(f"# {cfg.d_model}d x {cfg.n_layers}L  batch {args.batch}  prompt {args.prompt}  new {args.new}  {device.type}")
+    for name, rate in rows.items():
+        print(f"{name:>22}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
+    print("# decoding state per sequence (MiB) vs context length")
+    for mixer in ("attention", "gla", "hgrn2", "mamba2"):
+        small = replace(cfg, mixer=mixer, layout=None, hgrn2_expand_ratio=cfg.head_dim)
+        model = CausalLM(small).to("meta")
+        sizes = [state_bytes(model, n) / 2**20 for n in (1024, 8192, 32768)]
+        print(f"{mixer:>22}  " + "  ".join(f"{n:>6}: {s:10.2f}" for n, s in zip((1024, 8192, 32768), sizes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Training throughput on one GPU, every row of the table measured in the same run.
+
+    python bench/throughput.py layers     # each mixer layer, fwd+bwd, ours vs the kernel library's own layer
+    python bench/throughput.py models     # helix_hybrid vs the all-attention model of its shape at 2k/8k/32k;
+                                          # helios_nova vs Hugging Face Qwen3 (torch.compile), helium_nano MFU
+    python bench/throughput.py layers models --smoke   # tiny shapes on the CPU: checks the script runs
+
+bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
+`CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
+Triton kernels autotune on first use (minutes for fla's GLA/HGRN2): keep TRITON_CACHE_DIR between runs.
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from hydra.utils import instantiate
+
+from slmlab.config import compose_config
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.training.callbacks import peak_flops
+
+
+def timed(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per call, peak memory in GiB) of `step`, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / iters
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def preset(name: str, **changes) -> ModelConfig:
+    return replace(instantiate(compose_config([f"model={name}"]).model), **changes)
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+def library_layer(kind: str, cfg: ModelConfig) -> torch.nn.Module | None:
+    """The kernel library's own layer of the configuration of our mixer, or None when not installed."""
+    try:
+        if kind == "gla":
+            from fla.layers import GatedLinearAttention
+
+            return GatedLinearAttention(hidden_size=cfg.d_model, num_heads=cfg.n_heads, expand_k=1.0, expand_v=1.0,
+                                        mode="chunk")
+        if kind == "hgrn2":
+            from fla.layers import HGRN2Attention
+
+            return HGRN2Attention(hidden_size=cfg.d_model, num_heads=cfg.d_model // cfg.hgrn2_expand_ratio,
+                                  expand_ratio=cfg.hgrn2_expand_ratio, mode="chunk")
+        if kind == "mamba2":
+            from mamba_ssm.modules.mamba2 import Mamba2
+
+            # the fused path needs the causal_conv1d CUDA extension; this is the SSD kernel path
+            return Mamba2(d_model=cfg.d_model, d_state=cfg.ssm_d_state, d_conv=cfg.ssm_d_conv, expand=cfg.ssm_expand,
+                          headdim=cfg.ssm_headdim, use_mem_eff_path=False)
+    except ImportError:
+        return None
+    return None
+
+
+def layer_rows(args, device: torch.device) -> list[dict]:
+    from slmlab import mixers
+
+    helix, odin = preset("helix_hybrid"), preset("odinnext")
+    shapes = {"attention": helix, "gla": helix, "mamba2": helix, "hgrn2": odin}
+    seqs = [64] if args.smoke else [2048, 8192]
+    rows = []
+    for kind, cfg in shapes.items():
+        if args.smoke:
+            cfg = replace(cfg, d_model=64, n_heads=2, n_kv_heads=2, head_dim=32, hgrn2_expand_ratio=32, ssm_d_state=16,
+                              ssm_headdim=16)
+        for seq in seqs:
+            batch = max(1, args.tokens // seq)
+            x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
+            candidates = {"ours": mixers.mixer_class(kind)(cfg, 0)}
+            if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
+                candidates["library"] = theirs
+            for impl, layer in candidates.items():
+                layer = layer.to(device)
+
+                def step() -> None:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        out = layer(x)
+                    out = out[0] if isinstance(out, tuple) else out  # fla layers return (out, attn, cache)
+                    out.float().sum().backward()
+
+                start = time.perf_counter()
+                step()  # the first call compiles and autotunes the Triton kernels
+                first = time.perf_counter() - start
+                seconds, peak = timed(step, args.warmup, args.iters, device)
+                rows.append({"layer": kind, "impl": impl, "seq": seq, "batch": batch, "ms": seconds * 1e3,
+                             "first_call_s": first, "peak_GiB": peak})
+    return rows
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ids.device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+            if hf:
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside
+            else:
+                loss, _ = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_twin(cfg: ModelConfig) -> torch.nn.Module:
+    """Hugging Face's model of the same configuration (Qwen3 with QK-norm, Llama without)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmlab.export.hf import hf_config
+
+    class NoTokenizer:  # the config only needs the special-token ids
+        @staticmethod
+        def model_token_ids() -> dict[str, int]:
+            return {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+
+    config = hf_config(cfg, NoTokenizer(), torch.float32)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), attn_implementation="sdpa")
+
+
+def model_rows(args, device: torch.device) -> list[dict]:
+    runs = []  # (name, cfg, seq, impl)
+    helix = preset("helix_hybrid")
+    if args.smoke:
+        helix = replace(helix, vocab_size=512, d_model=64, n_layers=6, layout="M*2,G*2,S*2", n_heads=2, n_kv_heads=2, head_dim=32,
+                        ffn_hidden=128, ssm_d_state=16, ssm_headdim=16, sliding_window=16, global_tokens=4)
+    dense_twin = replace(helix, layout=None, mixer="attention")
+    for seq in ([64] if args.smoke else [2048, 8192, 32768]):
+        runs += [("helix_hybrid", replace(helix, max_seq_len=seq), seq, "ours"),
+                 ("all-attention twin", replace(dense_twin, max_seq_len=seq), seq, "ours")]
+    for name in ("helios_nova", "helium_nano"):
+        cfg = preset(name)
+        if args.smoke:
+            cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
+        seq = 64 if args.smoke else 2048
+        runs.append((name, replace(cfg, max_seq_len=seq), seq, "ours"))
+        if name == "helios_nova":
+            runs.append((name, replace(cfg, max_seq_len=seq), seq, "hf+compile"))
+    rows = []
+    peak = peak_flops(device)
+    for name, cfg, seq, impl in runs:
+        batch = max(1, args.tokens // seq)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+        ours = CausalLM(cfg)
+        if impl == "hf+compile":
+            model = torch.compile(hf_twin(cfg).to(device))
+        else:
+            model = ours.to(device)
+            if args.compile:
+                for block in model.blocks:
+                    block.compile()
+        seconds, mem = timed(train_step_fn(model, ids, hf=impl != "ours"), args.warmup, args.iters, device)
+        tps = batch * seq / seconds
+        rows.append({"model": name, "impl": impl, "seq": seq, "batch": batch, "tokens_per_s": tps,
+                     "mfu": tps * ours.flops_per_token(seq) / peak if peak else float("nan"), "peak_GiB": mem,
+                     "MiB_per_token": mem * 1024 / (batch * seq)})
+        del model, ours
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # ratios against the baseline of each comparison, from this run
+    base = {(r["seq"], r["model"], r["impl"]): r["tokens_per_s"] for r in rows}
+    for r in rows:
+        if r["model"] == "helix_hybrid":
+            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "all-attention twin", "ours")]
+        elif r["model"] == "helios_nova" and r["impl"] == "ours":
+            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "helios_nova", "hf+compile")]
+    return rows
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [columns] + [[number(r[c]) if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+                         for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="+", choices=["layers", "models"])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // seq)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.warmup, args.iters = 128, 1, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}  tokens/step {args.tokens}")
+    for what in args.what:
+        print_table(layer_rows(args, device) if what == "layers" else model_rows(args, device))
+
+
+if __name__ == "__main__":
+    main()
