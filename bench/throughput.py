@@ -1,8 +1,10 @@
 """Training throughput on one GPU, every row of the table measured in the same run.
 
-    python bench/throughput.py layers     # each mixer layer, fwd+bwd, ours vs the kernel library's own layer
-    python bench/throughput.py models     # helix_hybrid vs the all-attention model of its shape at 2k/8k/32k;
-                                          # helios_nova vs Hugging Face Qwen3 (torch.compile), helium_nano MFU
+    python bench/throughput.py layers     # each mixer layer, fwd+bwd: ours (kernels), ours (torch reference),
+                                          # the kernel library's own layer
+    python bench/throughput.py models     # helix_hybrid and odinnext vs the all-attention model of their shape
+                                          # at 2k/8k(/32k); helios_nova vs Hugging Face Qwen3 (torch.compile);
+                                          # helium_nano MFU
     python bench/throughput.py layers models --smoke   # tiny shapes on the CPU: checks the script runs
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
@@ -85,6 +87,8 @@ def layer_rows(args, device: torch.device) -> list[dict]:
             batch = max(1, args.tokens // seq)
             x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
             candidates = {"ours": mixers.mixer_class(kind)(cfg, 0)}
+            if kind != "attention":  # the pure-PyTorch reference the CPU runs: the kernels' speed-up
+                candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), 0)
             if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
                 candidates["library"] = theirs
             for impl, layer in candidates.items():
@@ -144,10 +148,15 @@ def model_rows(args, device: torch.device) -> list[dict]:
     if args.smoke:
         helix = replace(helix, vocab_size=512, d_model=64, n_layers=6, layout="M*2,G*2,S*2", n_heads=2, n_kv_heads=2, head_dim=32,
                         ffn_hidden=128, ssm_d_state=16, ssm_headdim=16, sliding_window=16, global_tokens=4)
-    dense_twin = replace(helix, layout=None, mixer="attention")
-    for seq in ([64] if args.smoke else [2048, 8192, 32768]):
-        runs += [("helix_hybrid", replace(helix, max_seq_len=seq), seq, "ours"),
-                 ("all-attention twin", replace(dense_twin, max_seq_len=seq), seq, "ours")]
+    odin = preset("odinnext")
+    if args.smoke:
+        odin = replace(odin, vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=32, hgrn2_expand_ratio=32,
+                       ffn_hidden=128)
+    for name, cfg, seqs in (("helix_hybrid", helix, [2048, 8192, 32768]), ("odinnext", odin, [2048, 8192])):
+        twin = replace(cfg, layout=None, mixer="attention", residual="plain", norm="rms", rope_layers="all")
+        for seq in [64] if args.smoke else seqs:
+            runs += [(name, replace(cfg, max_seq_len=seq), seq, "ours"),
+                     (f"{name}: all-attention twin", replace(twin, max_seq_len=seq), seq, "ours")]
     for name in ("helios_nova", "helium_nano"):
         cfg = preset(name)
         if args.smoke:
@@ -180,8 +189,8 @@ def model_rows(args, device: torch.device) -> list[dict]:
     # ratios against the baseline of each comparison, from this run
     base = {(r["seq"], r["model"], r["impl"]): r["tokens_per_s"] for r in rows}
     for r in rows:
-        if r["model"] == "helix_hybrid":
-            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "all-attention twin", "ours")]
+        if r["model"] in ("helix_hybrid", "odinnext"):
+            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], f"{r['model']}: all-attention twin", "ours")]
         elif r["model"] == "helios_nova" and r["impl"] == "ours":
             r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "helios_nova", "hf+compile")]
     return rows
