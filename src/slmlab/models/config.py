@@ -43,6 +43,9 @@ class ModelConfig:
     # which implementation the recurrent mixers run: auto = the CUDA kernel when on CUDA and
     # importable, else the pure-PyTorch reference; torch | fla | mamba_ssm force one
     kernel: str = "auto"
+    # recompute each block's activations in the backward pass instead of keeping them: memory per
+    # token drops to about one residual stream per layer, for ~1/3 more compute
+    activation_checkpointing: bool = False
     # GLA (mixers/gla.py): heads = n_heads, key/value dim per head = head_dim
     gla_decay_init: float = 0.9  # exp(log-decay) of every key channel at initialisation
     # HGRN2 (mixers/hgrn2.py): per-head state expand_ratio x (d_model / heads)

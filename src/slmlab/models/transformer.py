@@ -4,6 +4,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from slmlab import mixers  # a module reference: mixers import models.config, so no names yet
 from slmlab.models.config import ModelConfig
@@ -72,7 +73,10 @@ class CausalLM(nn.Module):
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if state is None else state[i])
+            if self.cfg.activation_checkpointing and self.training and state is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if state is None else state[i])
         return self.norm(x)
 
     def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
