@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slmlab.checkpoint import resolve_ckpt_path
 from slmlab.config import register_configs
+from slmlab.training.faults import preflight
 
 register_configs()
 
@@ -22,6 +23,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.stage)
+    preflight(cfg.paths.output_dir, module)  # writable, room for a checkpoint: fail now, not at the first save
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -102,14 +102,14 @@ def _num_samples(batch: Any) -> int:
 
 
 def check_at_least(minimum: int, **values: int) -> None:
-    """DataError naming the first argument below `minimum`."""
+    """DataError naming the first argument that is not an integer of at least `minimum`."""
     for key, value in values.items():
-        if value < minimum:
-            raise DataError(f"{key}={value}: must be at least {minimum}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise DataError(f"{key}={value!r}: must be an integer of at least {minimum}")
 
 
 def check_fraction(**values: float) -> None:
-    """DataError naming the first argument outside (0, 1)."""
+    """DataError naming the first argument that is not a number in (0, 1)."""
     for key, value in values.items():
-        if not 0 < value < 1:
-            raise DataError(f"{key}={value}: must be in (0, 1)")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+            raise DataError(f"{key}={value!r}: must be a number in (0, 1)")

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from slmlab.checkpoint import load_weights
+from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import weight_decay_groups
@@ -70,8 +70,9 @@ class LMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        self.log("train/grad_norm", norm)  # before clipping
+        if grads:  # none on a step that NonFiniteGuard skips
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)  # before clipping
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -82,6 +83,10 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = asdict(self.model_config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # before Lightning loads the weights: a changed model=... is named, not a tensor size mismatch
+        check_architecture(checkpoint["model_config"], self.model_config, f"ckpt_path={self.trainer.ckpt_path}")
 
     # -- validation loss per data source (one val dataloader per source) -------------------------
 

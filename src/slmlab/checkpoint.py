@@ -3,6 +3,7 @@
 Exporting to other formats is `slmlab.export`.
 """
 
+import logging
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -11,20 +12,26 @@ import torch
 
 from slmlab.models import CausalLM, ModelConfig
 
+log = logging.getLogger(__name__)
+
 MODEL_PREFIX = "model."  # the LightningModule holds the network as `self.model`
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
-    """Cheap check that a checkpoint exists and is a complete torch zip archive (its directory sits at
-    the end of the file, so a truncated write fails here) without loading any tensor."""
+    """Check, without unpickling anything, that a checkpoint exists and is a complete, intact torch zip
+    archive: its directory sits at the end of the file (a truncated write fails here) and every
+    record matches its CRC-32 (torch.load checks none: damaged weights would load silently). Costs one
+    read of the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
-            archive.namelist()
+            bad_record = archive.testzip()
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"checkpoint {path} is truncated or corrupt ({e})") from e
+    if bad_record is not None:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt (record {bad_record} fails its CRC check)")
     return path
 
 
@@ -41,21 +48,48 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, resume: bool, trainer) -> str | None:
-    """What `trainer.fit` should resume from. `ckpt_path=last` must find a checkpoint (a typo'd run
-    name must not silently start over); `resume=true` takes `last` when there is one."""
-    last = None
-    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-        candidate = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        last = str(candidate) if candidate.is_file() else None
-    if ckpt_path == "last":
-        if last is None:
-            raise FileNotFoundError(f"ckpt_path=last, but there is no last.ckpt in {trainer.checkpoint_callback.dirpath}; "
-                                    "pass the run_name of the run to resume")
-        return last
-    if ckpt_path is not None:
+    """What `trainer.fit` should resume from. `ckpt_path=last` and `resume=true` take the newest intact
+    checkpoint of the run's checkpoint directory (normally last.ckpt; see `newest_checkpoint`).
+    `ckpt_path=last` must find one (a typo'd run name must not silently start over); `resume=true`
+    starts afresh when the directory holds none."""
+    if ckpt_path not in (None, "last"):
         check_checkpoint_file(ckpt_path)  # a clear error before any set-up
         return str(ckpt_path)
-    return last if resume else None
+    if ckpt_path is None and not resume:
+        return None
+    dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None else None
+    newest = newest_checkpoint(dirpath) if dirpath else None
+    if newest is None and ckpt_path == "last":
+        raise FileNotFoundError(f"ckpt_path=last, but there is no last.ckpt (nor any other checkpoint) in {dirpath}; "
+                                "pass the run_name of the run to resume")
+    return newest
+
+
+def newest_checkpoint(dirpath: str | Path) -> str | None:
+    """The newest (by modification time) intact `*.ckpt` of a directory, or None when it holds none.
+
+    A damaged one (truncated by a crash in a non-atomic write, or bit rot) is skipped with a warning
+    naming it, so a run resumes from the one before. When every one is damaged that is an error: starting
+    afresh would overwrite them.
+    """
+    # on equal times last.ckpt first: a validation writes its top-k copy and last.ckpt of one state
+    candidates = sorted(Path(dirpath).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"),
+                        reverse=True)
+    damaged = []
+    for path in candidates:
+        try:
+            check_checkpoint_file(path)
+        except ValueError as e:
+            log.warning("skipping a damaged checkpoint: %s", e)
+            damaged.append(path.name)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint in %s", path.name, dirpath)
+        return str(path)
+    if damaged:
+        raise ValueError(f"every checkpoint in {dirpath} is damaged ({', '.join(damaged)}); "
+                         "move them away to start afresh")
+    return None
 
 
 def _model_state(ckpt: dict) -> dict:
@@ -71,7 +105,7 @@ def load_model(path: str | Path) -> CausalLM:
 
 
 # fields that do not change what the weights mean: a later stage may set them differently
-FREE_FIELDS = {"kernel", "max_seq_len", "init_std"}
+FREE_FIELDS = {"kernel", "max_seq_len", "init_std", "activation_checkpointing"}
 
 
 def load_weights(model: CausalLM, path: str | Path) -> None:
@@ -86,10 +120,15 @@ def load_weights(model: CausalLM, path: str | Path) -> None:
     else:
         ckpt = read_checkpoint(path)
         theirs, state = ckpt["model_config"], _model_state(ckpt)
-    ours = asdict(model.cfg)
-    diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in ours.items()
+    check_architecture(theirs, model.cfg, f"init_from={path}")
+    model.load_state_dict(state)
+
+
+def check_architecture(theirs: dict, ours: ModelConfig, source: str) -> None:
+    """ValueError naming each field (other than FREE_FIELDS) in which a checkpoint's `model_config`
+    differs from the configured model; `source` says which checkpoint."""
+    diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in asdict(ours).items()
             if key not in FREE_FIELDS and theirs.get(key) != value]
     if diff:
-        raise ValueError(f"init_from={path}: the checkpoint holds another architecture than model=... configures "
+        raise ValueError(f"{source}: the checkpoint holds another architecture than model=... configures "
                          f"({'; '.join(diff)})")
-    model.load_state_dict(state)

@@ -14,6 +14,7 @@ sharing a key (a section and its translation) always land in the same split.
 import glob
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -23,6 +24,7 @@ from slmlab.data.errors import DataError
 
 FORMATS = ("txt", "jsonl", "parquet")
 DECODE_ERROR_POLICIES = ("skip", "error")
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz cut short (an interrupted download) or damaged
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -81,9 +83,12 @@ class DocumentReader:
                 raise DataError(f"{path}: raw data file not found")
             read = getattr(self, f"_read_{self.format or _infer_format(path)}")
             found, skipped_before = False, self.skipped
-            for document in read(path):
-                found = True
-                yield document
+            try:
+                for document in read(path):
+                    found = True
+                    yield document
+            except GZIP_ERRORS as e:
+                raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
             if not found and self.skipped == skipped_before:
                 raise DataError(f"{path}: empty file, no documents")
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from slmlab.data.errors import DataError
 from slmlab.data.prepare import is_val_document
+from slmlab.data.readers import GZIP_ERRORS
 
 BAD_ROW_POLICIES = ("error", "skip")
 T = TypeVar("T")
@@ -20,18 +21,25 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                where = f"{path}:{line_no}"
+                try:  # decoded here, not by the file object: its error would name neither file nor line
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, record
+        except GZIP_ERRORS as e:
+            raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
 
 
 def parse_jsonl(path: str | Path, parse: Callable[[dict[str, Any], str], T],

@@ -1,0 +1,120 @@
+"""Faults a run survives or refuses early: a termination signal, non-finite losses or gradients, an
+output directory it could not write to. The callbacks are registered in `conf/callbacks/default.yaml`."""
+
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from slmlab.data.atomic import atomic_write
+
+ADAMW_COPIES = 3  # a trained parameter's bytes in a checkpoint: the weight and AdamW's two moments
+
+
+class PreflightError(RuntimeError):
+    """The run cannot write its outputs; raised before anything is set up."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many consecutive steps with a non-finite loss or gradients."""
+
+
+def preflight(output_dir: str | Path, module: torch.nn.Module) -> None:
+    """Fail before training, not at the first checkpoint: `output_dir` must be creatable and writable,
+    and its file system must have room for one checkpoint of `module` (float32 weights, plus AdamW's
+    two moments of each trained one)."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write_probe.{os.getpid()}"
+        with atomic_write(probe) as f:  # the checkpoint writer's own path: temp file, fsync, rename
+            f.write(b"\0")
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"paths.output_dir={output_dir} cannot be written to: {e}") from None
+    need = sum(p.numel() * 4 * (ADAMW_COPIES if p.requires_grad else 1) for p in module.parameters())
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise PreflightError(f"paths.output_dir={output_dir}: {free / 2**30:.2f} GiB free, but one checkpoint of "
+                             f"this model takes {need / 2**30:.2f} GiB; free some space or choose another directory")
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a scheduler's preemption, `kill`), write `last.ckpt` at the step reached, then exit
+    with status 143 (128 + SIGTERM), as a process the signal killed would: not done, to be resumed.
+
+    Lightning by itself finishes the current batch and stops, saving nothing (it saves only under
+    SLURM with auto-requeue), and exits with status 0. A SIGTERM during a validation stops it part way;
+    the resumed run goes on after it, without its metrics.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        exception.code = 128 + signal.SIGTERM
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or trainer.global_step == 0:
+            return
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        checkpoint.last_model_path = str(path)  # recorded in the checkpoint, as ModelCheckpoint does
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with resume=true")
+
+
+class NonFiniteGuard(Callback):
+    """Skips every optimizer step whose loss or gradients hold a NaN or Inf, and stops the run after
+    `max_bad_steps` such steps in a row with `NonFiniteError` (saving nothing: the checkpoints on disk
+    hold the last good weights).
+
+    A skipped step drops the gradients (`grad = None`): torch optimizers then leave those parameters
+    alone entirely. Zeroing them would not do: AdamW would still decay the weights and move its
+    moments. The step still counts (global step, LR schedule, data position). Logs
+    `train/skipped_steps`, the run's total. The decision is one for all ranks.
+    """
+
+    def __init__(self, max_bad_steps: int = 10) -> None:
+        if not isinstance(max_bad_steps, int) or max_bad_steps < 1:
+            raise ValueError(f"callbacks.nonfinite.max_bad_steps={max_bad_steps!r}: must be an integer of at least 1")
+        self.max_bad_steps = max_bad_steps
+        self.skipped = 0  # steps skipped in the whole run (kept in checkpoints)
+        self.in_a_row = 0
+        self._loss_finite: bool | torch.Tensor = True  # over the micro-batches of the current step
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._loss_finite = torch.isfinite(loss.detach()).all() & self._loss_finite  # no host sync per micro-batch
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # the norm is finite exactly when every gradient is (or it overflows: a divergence as well)
+        finite = self._loss_finite & torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self._loss_finite = True
+        # any rank's fault skips the step everywhere: with sharded gradients (FSDP) a rank sees only its part
+        if trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
+            for p in params:
+                p.grad = None
+            self.skipped += 1
+            self.in_a_row += 1
+            rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradients, update skipped "
+                           f"({self.in_a_row} in a row, {self.skipped} in this run)")
+            if self.in_a_row >= self.max_bad_steps:
+                raise NonFiniteError(
+                    f"{self.in_a_row} steps in a row (up to step {trainer.global_step}) had a non-finite loss or "
+                    f"gradients (callbacks.nonfinite.max_bad_steps={self.max_bad_steps}); stopped without saving, "
+                    "so the run's checkpoints hold the last good weights. Lower optim.lr, or look for bad data")
+        else:
+            self.in_a_row = 0
+        pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped, self.in_a_row = state_dict["skipped"], state_dict["in_a_row"]
