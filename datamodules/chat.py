@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from datamodules.prompts import PromptDataModule
 from datamodules.stream import EpochDataModule, check_at_least, check_fraction
 from datamodules.token_shards import TokenShardDataModule
 from slmlab.data.chat import IM_END, PAD, Message, check_messages, encode_chat, load_chat_tokenizer
@@ -20,6 +21,7 @@ from slmlab.data.tokenizer import tokenizer_hash
 log = logging.getLogger(__name__)
 
 CHAT_SOURCE = "chat"
+CONSTRAINTS_SOURCE = "constraints"
 """The name of the held-out conversations among `val_sources`."""
 
 
@@ -44,18 +46,23 @@ class ChatDataModule(EpochDataModule):
         hence off by default. Validation rows are never packed.
     pretrain_val: a TokenShardDataModule of the same tokenizer; its validation loaders follow the
         chat one (`val_sources = ["chat", *its sources]`) to measure forgetting.
+    constraint_val: a PromptDataModule of the same tokenizer; its held-out constraint prompts come
+        last (source "constraints"), for the constraint-following pass-rate of the SFT model.
     """
 
     def __init__(self, conversations: str, tokenizer: str, seq_len: int, batch_size: int, val_fraction: float = 0.1,
                  seed: int = 1234, num_workers: int = 0, packing: bool = False,
-                 pretrain_val: TokenShardDataModule | None = None, on_bad_row: str = "error", split_key: str = "id"):
+                 pretrain_val: TokenShardDataModule | None = None, constraint_val: PromptDataModule | None = None,
+                 on_bad_row: str = "error", split_key: str = "id"):
         super().__init__(batch_size, seed, num_workers)
         check_at_least(1, seq_len=seq_len)
         check_fraction(val_fraction=val_fraction)
         self.conversations_path, self.tokenizer_path = Path(conversations), Path(tokenizer)
         self.seq_len, self.val_fraction = seq_len, val_fraction
         self.packing, self.pretrain_val, self.on_bad_row, self.split_key = packing, pretrain_val, on_bad_row, split_key
-        self.val_sources = [CHAT_SOURCE] + (pretrain_val.val_sources if pretrain_val is not None else [])
+        self.constraint_val = constraint_val
+        self.val_sources = ([CHAT_SOURCE] + (pretrain_val.val_sources if pretrain_val is not None else [])
+                            + ([CONSTRAINTS_SOURCE] if constraint_val is not None else []))
         # set by setup()
         self.tokenizer = self.vocab_size = self.eos_id = self.chat_template = None
         self.num_train_conversations = 0  # = train_size, the samples per epoch, unless packed into fewer rows
@@ -78,6 +85,9 @@ class ChatDataModule(EpochDataModule):
         if self.pretrain_val is not None:
             self.pretrain_val.setup(stage)
             _check_same_tokenizer(self.pretrain_val.tokenizer_path, self.tokenizer_path)
+        if self.constraint_val is not None:
+            self.constraint_val.setup(stage)
+            _check_same_tokenizer(self.constraint_val.tokenizer_path, self.tokenizer_path)
         conversations, self.skipped = parse_jsonl(self.conversations_path, self._parse, self.on_bad_row)
         splits: dict[bool, list[tuple[list[int], list[bool]]]] = {False: [], True: []}
         val_bytes = val_tokens = 0
@@ -133,11 +143,14 @@ class ChatDataModule(EpochDataModule):
     # -- loaders -------------------------------------------------------------------------------
 
     def val_dataloader(self) -> list[DataLoader]:
-        """The held-out conversations in order, then the pretraining sources' loaders."""
+        """The held-out conversations in order, then the pretraining sources' loaders, then the
+        held-out constraint prompts."""
         loaders = [self.val_loader()]
-        if self.pretrain_val is not None:
-            self.pretrain_val.trainer = self.trainer  # its loaders split over the same ranks
-            loaders += self.pretrain_val.val_dataloader()
+        for other in (self.pretrain_val, self.constraint_val):
+            if other is not None:
+                other.trainer = self.trainer  # its loaders split over the same ranks
+                loader = other.val_dataloader()
+                loaders += loader if isinstance(loader, list) else [loader]
         return loaders
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -148,5 +161,5 @@ class ChatDataModule(EpochDataModule):
 def _check_same_tokenizer(other: Path, ours: Path) -> None:
     """DataError unless two tokenizer files are the same tokenizer (by their fingerprint)."""
     if other != ours and tokenizer_hash(other) != tokenizer_hash(ours):
-        raise DataError(f"pretrain_val tokenizer {other} differs from the chat data's tokenizer {ours}: "
-                        "held-out pretraining loss must be measured with the model's own tokenizer")
+        raise DataError(f"validation tokenizer {other} differs from the chat data's tokenizer {ours}: "
+                        "held-out data must be read with the model's own tokenizer")

@@ -4,8 +4,7 @@ sampling completions of prompts, and the constraint-following pass-rate as valid
 import torch
 
 from lightning_modules.base import LMModule
-from slmlab.rewards import all_pass, score
-from slmlab.training.rollout import completion_labels, completion_texts, rollout
+from slmlab.training.rollout import PassRate, completion_labels, completion_texts, rollout
 
 
 class PolicyModule(LMModule):
@@ -16,24 +15,23 @@ class PolicyModule(LMModule):
     stage = "policy"
 
     def __init__(self, *args, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float | None = 1.0,
-                 reference_dtype: str | None = None, eval_seed: int = 0, **kwargs) -> None:
+                 reference_dtype: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if kwargs.get("init_from") is None:
             raise ValueError(f"stage={self.stage} needs init_from=<checkpoint of the policy to improve (usually the SFT run)>")
-        self.max_new_tokens, self.temperature, self.top_p, self.eval_seed = max_new_tokens, temperature, top_p, eval_seed
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         # kept out of nn.Module's registry: no gradients, not in state_dict, moved by hand
         self.__dict__["reference"] = self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None)
 
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
 
-    def sample(self, item: dict, n: int, temperature: float,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def sample(self, item: dict, n: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """n completions of a prompt: ids (n, T), completion labels (n, T - 1), decoded texts."""
         dm = self.trainer.datamodule
         was_training = self.model.training
         self.model.eval()
-        seq = rollout(self.model, item["prompt_ids"], n, self.max_new_tokens, dm.eos_id, temperature, self.top_p, generator)
+        seq = rollout(self.model, item["prompt_ids"], n, self.max_new_tokens, dm.eos_id, temperature, self.top_p)
         self.model.train(was_training)
         labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
         return seq, labels, completion_texts(dm.tokenizer, seq, labels, dm.eos_id)
@@ -41,22 +39,13 @@ class PolicyModule(LMModule):
     # -- validation: greedy answers to held-out constraint prompts ------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self._val_passed: list[bool] = []
-        self._val_rewards: list[float] = []
-        # the same held-out prompts answered the same way at every validation of the same weights
-        self._val_generator = torch.Generator(device=self.device).manual_seed(self.eval_seed)
+        self._pass_rate = PassRate(self.max_new_tokens)
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        for item in batch:
-            text = self.sample(item, 1, 0.0, self._val_generator)[2][0]
-            self._val_passed.append(all_pass(text, item["constraints"]))
-            self._val_rewards.append(score(text, item["constraints"]))
+        dm = self.trainer.datamodule
+        self._pass_rate.add(self.model, batch, dm.tokenizer, dm.eos_id)
 
     def on_validation_epoch_end(self) -> None:
-        counts = torch.tensor([sum(self._val_passed), sum(self._val_rewards), len(self._val_passed)],
-                              dtype=torch.float64, device=self.device)
-        passed, reward, n = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        if n:
+        if metrics := self._pass_rate.metrics(self.trainer.strategy, self.device):
             # val/loss = 1 - pass-rate, so checkpointing on the lowest val/loss keeps the best policy
-            self.log_metrics({"val/pass_rate": passed / n, "val/reward": reward / n, "val/loss": 1 - passed / n},
-                             prog_bar="val/pass_rate")
+            self.log_metrics(metrics | {"val/loss": 1 - metrics["val/pass_rate"]}, prog_bar="val/pass_rate")

@@ -5,8 +5,10 @@ import math
 
 import torch
 
-from lightning_modules.pretrain import loss_and_bpb
+from datamodules.chat import CONSTRAINTS_SOURCE
 from lightning_modules.base import LMModule
+from lightning_modules.pretrain import loss_and_bpb
+from slmlab.training.rollout import PassRate
 
 
 class SFTModule(LMModule):
@@ -14,11 +16,11 @@ class SFTModule(LMModule):
     whole optimizer steps), the schedule spanning just those steps. The run's `trainer.max_steps` is
     replaced by that count."""
 
-    def __init__(self, *args, epochs: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, epochs: float = 1.0, max_new_tokens: int = 48, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if epochs <= 0:
             raise ValueError(f"stage.epochs={epochs} must be positive")
-        self.epochs = epochs
+        self.epochs, self.max_new_tokens = epochs, max_new_tokens
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -33,15 +35,25 @@ class SFTModule(LMModule):
         self.log("train/epoch", dm.samples_consumed / dm.train_size)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.accumulate_val_loss(batch, dataloader_idx)
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._pass_rate = PassRate(self.max_new_tokens)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        dm = self.trainer.datamodule
+        if dm.val_sources[dataloader_idx] == CONSTRAINTS_SOURCE:  # data.constraint_val: greedy answers
+            self._pass_rate.add(self.model, batch, dm.tokenizer, dm.eos_id)
+        else:
+            self.accumulate_val_loss(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         """val/loss is the instruction loss (held-out conversations, assistant tokens); val/pretrain/...
-        the loss and bits-per-byte on held-out pretraining text, whose rise measures forgetting."""
+        the loss and bits-per-byte on held-out pretraining text, whose rise measures forgetting;
+        val/pass_rate (with data.constraint_val) the held-out constraint-following pass-rate."""
         sums = self.val_loss_sums()
         chat_nats, chat_tokens = sums.pop("chat", (math.nan, 1.0))
         metrics = {"val/loss": chat_nats / chat_tokens}
         if sums:
             metrics.update(loss_and_bpb(sums, self.trainer.datamodule.bytes_per_token, prefix="val/pretrain"))
+        metrics.update(self._pass_rate.metrics(self.trainer.strategy, self.device))
         self.log_metrics(metrics)

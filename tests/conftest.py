@@ -1,4 +1,5 @@
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ def metric(run_dir: Path, key: str) -> list[float]:
     """The values a run logged for `key`, in order (its CSV log)."""
     with open(run_dir / "csv" / "metrics.csv") as f:
         return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def lowercase_prompts(tmp_path: Path) -> Path:
+    """Constraint prompts with a reward a tiny model can learn in a few dozen steps."""
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["what is debian?", "how do i install a package?", "what does apt do?", "wie installiere ich ein paket?"]
+    prompts.write_text("".join(json.dumps({"id": f"q{i}/{split}", "section": str(i), "prompt": q, "language": "en",
+                                           "constraints": [{"kind": "all_lowercase"}], "split": split}) + "\n"
+                               for i, q in enumerate(questions) for split in ("train", "heldout")))
+    return prompts
 
 
 def tiny_run_overrides(tmp_path: Path, steps: int = 8, val_every: int = 4) -> list[str]:

@@ -8,7 +8,10 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from tests.conftest import compose_config, metric, tiny_run_overrides
+from slmlab.checkpoint import load_model
+from slmlab.models.generate import generate
+from slmlab.rewards import score
+from tests.conftest import compose_config, lowercase_prompts, metric, tiny_run_overrides
 from train import train
 
 pytestmark = pytest.mark.slow
@@ -41,6 +44,27 @@ def test_sft_stops_after_exactly_the_asked_fraction_of_an_epoch(pretrained, tmp_
     assert metric(run, "val/loss") and metric(run, "val/pretrain/en/loss") and metric(run, "val/pretrain/de/bpb")
 
 
+def test_sft_logs_the_pass_rate_of_greedy_answers_to_held_out_constraint_prompts(pretrained, tmp_path):
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [
+        "stage=sft", f"init_from={pretrained}", "stage.epochs=0.3", "trainer.val_check_interval=5",
+        "+data/constraint_val=embedded", f"data.constraint_val.prompts={lowercase_prompts(tmp_path)}",
+        "stage.max_new_tokens=6"])
+    train(cfg)
+    rewards = metric(tmp_path / "run", "val/reward")
+    assert len(rewards) == len(metric(tmp_path / "run", "val/loss")) >= 2  # at every validation
+    # the last one is that of the final weights: recompute it from the checkpoint
+    prompts = instantiate(cfg.data.constraint_val)
+    prompts.setup()
+    model = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    expected = []
+    for item in prompts.heldout():
+        ids = item["prompt_ids"]
+        out = generate(model, torch.tensor([ids]), 6, temperature=0, stop_ids=prompts.eos_id)[0, len(ids):].tolist()
+        text = prompts.tokenizer.decode([t for t in out if t != prompts.eos_id])
+        expected.append(score(text, item["constraints"]))
+    assert rewards[-1] == pytest.approx(sum(expected) / len(expected))
+
+
 def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=6, val_every=3) + ["stage=dpo", f"init_from={pretrained}",
                                                                                "optim.lr=1e-3"]))
@@ -50,16 +74,6 @@ def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     assert metric(run, "val/loss")
     weights = checkpoint(run)["state_dict"]
     assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
-
-
-def lowercase_prompts(tmp_path: Path) -> Path:
-    """Constraint prompts with a reward a tiny model can learn in a few dozen steps."""
-    prompts = tmp_path / "prompts.jsonl"
-    questions = ["what is debian?", "how do i install a package?", "what does apt do?", "wie installiere ich ein paket?"]
-    prompts.write_text("".join(json.dumps({"id": f"q{i}/{split}", "section": str(i), "prompt": q, "language": "en",
-                                           "constraints": [{"kind": "all_lowercase"}], "split": split}) + "\n"
-                               for i, q in enumerate(questions) for split in ("train", "heldout")))
-    return prompts
 
 
 def test_grpo_raises_an_easy_reward(pretrained, tmp_path):

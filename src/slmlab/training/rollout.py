@@ -1,11 +1,12 @@
 """Sampling completions of chat prompts from the policy being trained, and reading them back:
-the rollouts of GRPO and of on-policy DPO."""
+the rollouts of GRPO and of on-policy DPO, and the constraint pass-rate of greedy answers."""
 
 import torch
 from tokenizers import Tokenizer
 
 from slmlab.models import CausalLM
 from slmlab.models.generate import generate
+from slmlab.rewards import all_pass, score
 from slmlab.training.losses import IGNORE_INDEX
 
 
@@ -31,3 +32,29 @@ def completion_texts(tokenizer: Tokenizer, seq: torch.Tensor, labels: torch.Tens
     """The decoded completions (without the end-of-turn token)."""
     return [tokenizer.decode([t for t, keep in zip(row.tolist(), mask.tolist()) if keep and t != eos_id])
             for row, mask in zip(seq[:, 1:], labels != IGNORE_INDEX)]
+
+
+class PassRate:
+    """Constraint-following of greedy answers to held-out prompts (`PromptDataModule` items): the
+    fraction whose every constraint passes, and the mean reward, summed over ranks."""
+
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.passed: list[bool] = []
+        self.rewards: list[float] = []
+
+    def add(self, model: CausalLM, items: list[dict], tokenizer: Tokenizer, eos_id: int) -> None:
+        was_training = model.training
+        model.eval()
+        for item in items:
+            seq = rollout(model, item["prompt_ids"], 1, self.max_new_tokens, eos_id, temperature=0.0)
+            text = completion_texts(tokenizer, seq, completion_labels(seq, len(item["prompt_ids"]), eos_id), eos_id)[0]
+            self.passed.append(all_pass(text, item["constraints"]))
+            self.rewards.append(score(text, item["constraints"]))
+        model.train(was_training)
+
+    def metrics(self, strategy, device: torch.device, prefix: str = "val") -> dict[str, float]:
+        """{prefix/pass_rate, prefix/reward} over every rank's answers; {} when there were none."""
+        counts = torch.tensor([sum(self.passed), sum(self.rewards), len(self.passed)], dtype=torch.float64, device=device)
+        passed, reward, n = strategy.reduce(counts, reduce_op="sum").tolist()
+        return {f"{prefix}/pass_rate": passed / n, f"{prefix}/reward": reward / n} if n else {}
