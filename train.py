@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from slmlab.checkpoint import resolve_ckpt_path
-from slmlab.config import register_configs
+from slmlab.config import check_argument_types, register_configs
 from slmlab.training.faults import preflight
 
 register_configs()
@@ -20,6 +20,7 @@ register_configs()
 
 def train(cfg: DictConfig) -> float | None:
     """Runs one configuration; returns the final validation loss (the metric sweeps optimise)."""
+    check_argument_types(cfg)  # stage.* and trainer.* have no schema: a wrong type is named here
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.stage)

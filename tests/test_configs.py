@@ -1,5 +1,7 @@
 """Every preset, experiment and group option composes; typos and wrong types fail at composition."""
 
+import re
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -7,7 +9,9 @@ from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
 from slmlab.config import CONF_DIR as CONF
+from slmlab.config import check_argument_types
 from tests.conftest import compose_config
+from train import train
 
 # parameter counts recomputed from the seed specs (../specs/systems.md)
 PRESET_PARAMS = {"helios_nova": (305_844_224, 0.0), "helium_nano": (47_846_912, 0.0), "helium_2b": (2_141_308_928, 0.0),
@@ -37,6 +41,7 @@ def test_every_experiment_composes_and_instantiates(experiment):
     with torch.device("meta"):
         module = instantiate(cfg.stage)
     assert module.model_config.vocab_size == cfg.model.vocab_size
+    check_argument_types(cfg)  # every recipe's settings fit the constructors' annotations
     assert cfg.data.seq_len <= cfg.model.max_seq_len
     instantiate(cfg.data)  # constructing a datamodule reads nothing yet
 
@@ -80,6 +85,18 @@ def test_a_wrong_type_names_the_key():
     assert isinstance(err.value.__cause__, ValidationError) and "optim.lr" in str(err.value.__cause__)
     with pytest.raises(ConfigCompositionException, match="model.d_model"):
         compose_config(["model.d_model=wide"])
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc'"),
+    (["stage.z_loss=abc"], "stage.z_loss='abc'"),
+    (["stage=sft", "stage.epochs=half"], "stage.epochs='half'"),
+    (["stage=grpo", "stage.group_size=1.5"], "stage.group_size=1.5"),
+])
+def test_a_wrong_type_in_a_group_without_a_schema_names_the_key_before_anything_runs(overrides, named, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train(compose_config([f"paths.output_dir={tmp_path}", *overrides]))
+    assert not any(tmp_path.iterdir())  # nothing was set up or written
 
 
 def test_unknown_keys_are_errors():

@@ -5,8 +5,11 @@ The schemas make a wrong type in an override fail at composition with the key na
 Presets extend them through their defaults list (`defaults: [schema, _self_]`).
 """
 
+import inspect
 import netrc
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from slmlab import CORPUS_DIR
@@ -101,3 +105,59 @@ def training_config(model: ModelConfig, overrides: Sequence[str] = ()) -> DictCo
     tokenizer the model was trained with (checkpoints do not record the tokenizer)."""
     return compose_config([f"model.vocab_size={model.vocab_size}", f"model.max_seq_len={model.max_seq_len}",
                            *overrides])
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _accepts(hint: object, value: object) -> bool:
+    """Whether `value` (a scalar from a config) fits a simple annotation. Annotations other than
+    bool/int/float/str/None and unions of them are not checked."""
+    if hint in _SIMPLE:
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if all(o in _SIMPLE for o in options):
+            return any(_accepts(o, value) for o in options)
+    return True
+
+
+def _init_hints(cls: type) -> dict[str, object]:
+    """The annotated parameters of `cls.__init__` and of the bases its `**kwargs` reach."""
+    hints: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            found = typing.get_type_hints(init)
+        except Exception:  # annotations that do not resolve here are not checked
+            found = {}
+        hints.update({k: v for k, v in found.items() if k in inspect.signature(init).parameters})
+    return hints
+
+
+def check_argument_types(cfg: DictConfig, groups: Sequence[str] = ("stage", "trainer")) -> None:
+    """ValueError naming the key when a scalar setting of a group without a schema (its options are
+    the constructor's arguments) does not fit the constructor's annotation: `trainer.max_steps=abc`
+    or `stage.z_loss=abc` fail here, not deep inside Lightning or torch."""
+    for group in groups:
+        node = cfg.get(group)
+        if node is None or "_target_" not in node:
+            continue
+        hints = _init_hints(get_class(node._target_))
+        for key, hint in hints.items():
+            # interpolations are typed where they point; None is "not set", which each module checks
+            if key not in node or OmegaConf.is_interpolation(node, key) or OmegaConf.is_config(node[key]):
+                continue
+            value = node[key]
+            if value is not None and not _accepts(hint, value):
+                raise ValueError(f"{group}.{key}={value!r}: {node._target_} takes {_name(hint)} for {key}")
+
+
+def _name(hint: object) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
