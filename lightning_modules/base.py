@@ -71,8 +71,7 @@ class LMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:  # none on a step that NonFiniteGuard skips
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)  # before clipping
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping; foreach kernels
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
