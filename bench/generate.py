@@ -33,6 +33,19 @@ def decode_rate(fn, new_tokens: int, batch: int, device: torch.device) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def decode_after(model: CausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Tokens/s of greedy decoding alone (the prompt's prefill is not timed)."""
+    state = model.init_state(prompt.shape[0], prompt.shape[1] + new_tokens)
+    token = model(prompt, state)[:, -1:].argmax(-1)
+    synchronize(prompt.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = model(token, state)[:, -1:].argmax(-1)
+    synchronize(prompt.device)
+    return prompt.shape[0] * new_tokens / (time.perf_counter() - start)
+
+
 def state_bytes(model: CausalLM, context: int) -> int:
     """Memory of the decoding state for one sequence of `context` tokens (KV cache or recurrent state)."""
     def size(obj) -> int:
@@ -56,7 +69,7 @@ def main() -> None:
     cfg: ModelConfig = instantiate(compose_config([f"model={args.model}"]).model)
     if args.smoke:
         cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
-        args.batch, args.prompt, args.new = 4, 16, 16
+        args.batch, args.prompt, args.new = 4, 16, 64
     cfg = replace(cfg, max_seq_len=args.prompt + args.new)
     torch.manual_seed(0)
     ours = CausalLM(cfg).to(device, dtype).eval()
@@ -84,12 +97,15 @@ def main() -> None:
     print(f"# {cfg.d_model}d x {cfg.n_layers}L  batch {args.batch}  prompt {args.prompt}  new {args.new}  {device.type}")
     for name, rate in rows.items():
         print(f"{name:>22}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
-    print("# decoding state per sequence (MiB) vs context length")
+    contexts = (256, 1024, 4096) if args.smoke else (1024, 8192, 32768)
+    print("# decoding state per sequence (MiB) | decode tokens/s after a prompt of that many tokens")
     for mixer in ("attention", "gla", "hgrn2", "mamba2"):
-        small = replace(cfg, mixer=mixer, layout=None, hgrn2_expand_ratio=cfg.head_dim)
-        model = CausalLM(small).to("meta")
-        sizes = [state_bytes(model, n) / 2**20 for n in (1024, 8192, 32768)]
-        print(f"{mixer:>22}  " + "  ".join(f"{n:>6}: {s:10.2f}" for n, s in zip((1024, 8192, 32768), sizes)))
+        shape = replace(cfg, mixer=mixer, layout=None, hgrn2_expand_ratio=cfg.head_dim)
+        sizes = [state_bytes(CausalLM(shape).to("meta"), n) / 2**20 for n in contexts]
+        model = CausalLM(replace(shape, max_seq_len=max(contexts) + args.new)).to(device, dtype).eval()
+        rates = [max(decode_after(model, torch.randint(0, cfg.vocab_size, (args.batch, n), device=device), args.new)
+                     for _ in range(3)) for n in contexts]  # best of three: the least disturbed
+        print(f"{mixer:>22}  " + "  ".join(f"{n:>6}: {s:8.2f} MiB {r:10,.0f}/s" for n, s, r in zip(contexts, sizes, rates)))
 
 
 if __name__ == "__main__":
