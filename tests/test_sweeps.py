@@ -18,7 +18,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from slmlab.config import CONF_DIR, compose_config
+from slmlab.config import CONF_DIR, compose_config, short_dirname
 from slmlab.training.schedules import WSD, Cosine
 from tests.conftest import ROOT, lowercase_prompts, metric, tiny_run_overrides
 from train import train
@@ -322,3 +322,13 @@ def test_a_sampled_configuration_of_each_sweep_trains(path, tmp_path, request):
     assert val_loss is not None and math.isfinite(val_loss) and metric(run, "val/loss")[-1] == pytest.approx(val_loss)
     if params.get("experiment") == "sft_epochs":  # the trade-off's other axes: forgetting, constraint-following
         assert metric(run, "val/pretrain/loss") and metric(run, "val/pretrain/en/loss") and metric(run, "val/pass_rate")
+
+
+def test_multirun_folder_names_stay_short_and_distinct():
+    overrides = ",".join(f"trainer.some_long_setting_{i}=value_{i}" for i in range(15))
+    other = overrides.replace("value_14", "value_15")
+    assert len(overrides) > 255 and short_dirname("optim.lr=0.001") == "optim.lr=0.001"
+    names = {short_dirname(overrides), short_dirname(other)}
+    assert len(names) == 2 and all(len(n) == 120 for n in names)
+    subdir = (CONF_DIR / "hydra" / "default.yaml").read_text()
+    assert "short_dirname:${hydra:job.override_dirname}" in subdir  # what names each multirun job's folder

@@ -5,6 +5,7 @@ The schemas make a wrong type in an override fail at composition with the key na
 Presets extend them through their defaults list (`defaults: [schema, _self_]`).
 """
 
+import hashlib
 import inspect
 import netrc
 import os
@@ -74,6 +75,14 @@ def _wandb_offline() -> bool:
         return True
 
 
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A directory name of at most `limit` characters: a longer one keeps its start and gets a hash of
+    the whole, so the multirun folders of many overrides stay distinct and within file-system limits."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def _auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
@@ -86,6 +95,8 @@ def register_configs() -> None:
         # `${auto_precision:}`: bf16 mixed precision where the GPU has it, float32 elsewhere
         OmegaConf.register_new_resolver("auto_precision", _auto_precision)
         OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
+        # `${short_dirname:${hydra:job.override_dirname}}`: multirun folders within 255 characters
+        OmegaConf.register_new_resolver("short_dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelSchema)
     cs.store(group="optim", name="schema", node=AdamWSchema)
