@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 
 from slmlab.config import compose_config
+from slmlab.export.hf import hf_twin, to_hf_state_dict
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.generate import generate
 
@@ -77,17 +78,7 @@ def main() -> None:
     rows = {"slmlab generate": decode_rate(lambda: generate(ours, prompt, args.new, temperature=0), args.new,
                                            args.batch, device)}
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from slmlab.export.hf import hf_config, to_hf_state_dict
-
-        class NoTokenizer:
-            @staticmethod
-            def model_token_ids() -> dict[str, int]:
-                return {"bos_token_id": 0, "eos_token_id": None, "pad_token_id": 1}
-
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config(cfg, NoTokenizer(), dtype)),
-                                              attn_implementation="sdpa").to(device, dtype).eval()
+        hf = hf_twin(cfg).to(device, dtype).eval()
         hf.load_state_dict(to_hf_state_dict(ours), strict=False)
         run = lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)  # noqa: E731
         rows["transformers generate"] = decode_rate(run, args.new, args.batch, device)

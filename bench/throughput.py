@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 
 from slmlab.config import compose_config
+from slmlab.export.hf import hf_twin
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.training.callbacks import peak_flops
 
@@ -125,21 +126,6 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> Callab
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def hf_twin(cfg: ModelConfig) -> torch.nn.Module:
-    """Hugging Face's model of the same configuration (Qwen3 with QK-norm, Llama without)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from slmlab.export.hf import hf_config
-
-    class NoTokenizer:  # the config only needs the special-token ids
-        @staticmethod
-        def model_token_ids() -> dict[str, int]:
-            return {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
-
-    config = hf_config(cfg, NoTokenizer(), torch.float32)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), attn_implementation="sdpa")
 
 
 def model_rows(args, device: torch.device) -> list[dict]:

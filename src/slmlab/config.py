@@ -147,8 +147,9 @@ def _init_hints(cls: type) -> dict[str, object]:
         try:
             found = typing.get_type_hints(init)
         except Exception:  # annotations that do not resolve here are not checked
-            found = {}
-        hints.update({k: v for k, v in found.items() if k in inspect.signature(init).parameters})
+            continue
+        parameters = inspect.signature(init).parameters
+        hints.update({k: v for k, v in found.items() if k in parameters})
     return hints
 
 

@@ -86,8 +86,9 @@ def _rename(name: str, table: dict[str, str]) -> str:
     return f"{table[key].format(i=layer[1] if layer else '')}.{leaf}"
 
 
-def hf_config(cfg: ModelConfig, tokens: TokenizerFiles, dtype: torch.dtype) -> dict:
-    """config.json of the equivalent `Qwen3ForCausalLM` / `LlamaForCausalLM`.
+def hf_config(cfg: ModelConfig, tokens: TokenizerFiles | None, dtype: torch.dtype) -> dict:
+    """config.json of the equivalent `Qwen3ForCausalLM` / `LlamaForCausalLM` (without special-token
+    ids when there is no tokenizer).
 
     RoPE theta is written both as `rope_theta` (transformers 4) and `rope_parameters` (5).
     """
@@ -113,7 +114,7 @@ def hf_config(cfg: ModelConfig, tokens: TokenizerFiles, dtype: torch.dtype) -> d
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        **tokens.model_token_ids(),
+        **(tokens.model_token_ids() if tokens is not None else {}),
     }
     if model_type == "llama":
         config |= {"mlp_bias": False, "pretraining_tp": 1}
@@ -121,6 +122,15 @@ def hf_config(cfg: ModelConfig, tokens: TokenizerFiles, dtype: torch.dtype) -> d
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
                    "layer_types": ["full_attention"] * cfg.n_layers}
     return config
+
+
+def hf_twin(cfg: ModelConfig) -> torch.nn.Module:
+    """Hugging Face's model of this configuration, freshly initialised, with SDPA attention: the
+    baseline the benchmarks compare against."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # optional: pip install -e ".[export]"
+
+    config = AutoConfig.for_model(**hf_config(cfg, None, torch.float32))
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def to_hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ from slmlab.training.losses import IGNORE_INDEX
 
 
 def rollout(model: CausalLM, prompt_ids: list[int], n: int, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            top_p: float | None = None) -> torch.Tensor:
     """n completions of one prompt with the model's cached generation: (n, prompt_len + new) ids."""
     device = next(model.parameters()).device
     prompt = torch.tensor([prompt_ids] * n, device=device)
-    return generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=eos_id, generator=generator)
+    return generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=eos_id)
 
 
 def completion_labels(seq: torch.Tensor, prompt_len: int, eos_id: int) -> torch.Tensor:
