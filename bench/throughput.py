@@ -9,7 +9,8 @@
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
 `CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
-Triton kernels autotune on first use (minutes for fla's GLA/HGRN2): keep TRITON_CACHE_DIR between runs.
+Triton kernels autotune on first use (minutes for fla's GLA/HGRN2) unless slmlab ships tuned configs for
+the GPU (`python -m slmlab.tune_kernels`); the first_call_s column shows what that costs.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from hydra.utils import instantiate
 from slmlab.config import compose_config
 from slmlab.export.hf import hf_twin
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.ops.backend import seed_tuned_configs
 from slmlab.training.callbacks import peak_flops
 
 
@@ -81,6 +83,8 @@ def layer_rows(args, device: torch.device) -> list[dict]:
     seqs = [64] if args.smoke else [2048, 8192]
     rows = []
     for kind, cfg in shapes.items():
+        if args.only and kind not in args.only:
+            continue
         if args.smoke:
             cfg = replace(cfg, d_model=64, n_heads=2, n_kv_heads=2, head_dim=32, hgrn2_expand_ratio=32, ssm_d_state=16,
                               ssm_headdim=16)
@@ -107,6 +111,7 @@ def layer_rows(args, device: torch.device) -> list[dict]:
                 seconds, peak = timed(step, args.warmup, args.iters, device)
                 rows.append({"layer": kind, "impl": impl, "seq": seq, "batch": batch, "ms": seconds * 1e3,
                              "first_call_s": first, "peak_GiB": peak})
+                progress(rows[-1])
     return rows
 
 
@@ -154,6 +159,8 @@ def model_rows(args, device: torch.device) -> list[dict]:
     rows = []
     peak = peak_flops(device)
     for name, cfg, seq, impl in runs:
+        if args.only and name.split(":")[0] not in args.only:
+            continue
         batch = max(1, args.tokens // seq)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
         ours = CausalLM(cfg)
@@ -169,6 +176,7 @@ def model_rows(args, device: torch.device) -> list[dict]:
         rows.append({"model": name, "impl": impl, "seq": seq, "batch": batch, "tokens_per_s": tps,
                      "mfu": tps * ours.flops_per_token(seq) / peak if peak else float("nan"), "peak_GiB": mem,
                      "MiB_per_token": mem * 1024 / (batch * seq)})
+        progress(rows[-1])
         del model, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -179,7 +187,13 @@ def model_rows(args, device: torch.device) -> list[dict]:
             r["ratio"] = r["tokens_per_s"] / base[(r["seq"], f"{r['model']}: all-attention twin", "ours")]
         elif r["model"] == "helios_nova" and r["impl"] == "ours":
             r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "helios_nova", "hf+compile")]
+
     return rows
+
+
+def progress(row: dict) -> None:
+    """Each row as soon as it is measured (the table comes at the end): a cut-off run keeps its numbers."""
+    print("  # " + "  ".join(f"{k}={number(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
 
 
 def number(value: float) -> str:
@@ -203,10 +217,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")
+    parser.add_argument("--only", nargs="+", help="only these layers (gla, mamba2, ...) or models (helix_hybrid, ...)")
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.warmup, args.iters = 128, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_tuned_configs()  # before the library layers import fla / mamba-ssm
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}  tokens/step {args.tokens}")
     for what in args.what:

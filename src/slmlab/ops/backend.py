@@ -7,14 +7,18 @@
     kernel = "fla" | "mamba_ssm"   that package's kernel; an error if it is missing or the inputs are on the CPU
 
 The kernel packages are imported lazily, here and in the ops: slmlab imports and runs its CPU path
-without them.
+without them. Before the first import, the tuned Triton configs slmlab ships for this GPU are put
+into the Triton cache, so the kernels start without autotuning (`ops/autotune_cache.py`).
 """
 
 import functools
 import importlib
+import os
 import warnings
 
 import torch
+
+from slmlab.ops.autotune_cache import seed_autotune_cache
 
 KERNELS = ("auto", "torch", "fla", "mamba_ssm")
 INSTALL_HINT = 'pip install -e ".[cuda]"'
@@ -30,8 +34,18 @@ _warned: set[str] = set()
 
 
 @functools.cache
+def seed_tuned_configs() -> None:
+    """Seeds the shipped Triton autotune results for this GPU (`ops/autotune_cache.py`), once per process."""
+    # before the first kernel package loads: its autotuners then find the shipped results.
+    # SLMLAB_TUNED_CONFIGS=0 leaves the Triton cache alone (python -m slmlab.tune_kernels does)
+    if torch.cuda.is_available() and os.environ.get("SLMLAB_TUNED_CONFIGS", "1") != "0":
+        seed_autotune_cache(torch.cuda.get_device_name())
+
+
+@functools.cache
 def kernel_available(package: str) -> bool:
     """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports."""
+    seed_tuned_configs()
     try:
         importlib.import_module(_PROBES[package])
     except Exception:  # ImportError, or a broken Triton/CUDA install failing at import time

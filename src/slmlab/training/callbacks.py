@@ -1,7 +1,9 @@
 """Callbacks that make a run report itself: throughput and MFU, a console summary, a text sample."""
 
 import math
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -29,15 +31,27 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def seconds_since_launch() -> float | None:
+    """How long this process has run, from the kernel's records (Linux); None where there are none."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 class ThroughputMonitor(Callback):
     """Logs perf/tokens_per_s, perf/mfu (CUDA, from the model's own FLOPs per token) and
     perf/data_wait (fraction of wall time spent between batches: loading, transfer, hooks).
-    Validation time is excluded."""
+    Validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer step
+    (imports, data, model, compilation, kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.peak = peak_flops_per_device
         self._last_logged_step = -1
+        self._startup_logged = False
         self._reset()
 
     def _reset(self) -> None:
@@ -57,6 +71,8 @@ class ThroughputMonitor(Callback):
         self._tokens += sum(t.numel() for t in tokens) * trainer.world_size
         self._last_end = time.perf_counter()
         step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
+        if step >= 1 and not self._startup_logged:
+            self._log_startup(trainer, pl_module)
         if not tokens or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
@@ -73,6 +89,17 @@ class ThroughputMonitor(Callback):
             metrics["perf/mfu"] = tps * pl_module.model.flops_per_token(seq_len) / (peak * trainer.world_size)
         pl_module.log_dict(metrics)
         self._reset()
+
+    def _log_startup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._startup_logged = True
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # the step has run, not just been queued
+        seconds = seconds_since_launch()
+        if seconds is None:
+            return
+        pl_module.log("perf/startup_s", seconds)
+        if trainer.is_global_zero:
+            print(f"first optimizer step done {seconds:.1f} s after launch", flush=True)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()

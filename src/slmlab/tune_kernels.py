@@ -1,0 +1,109 @@
+"""Autotune the Triton kernels of the presets' recurrent mixers on this GPU and save the results
+where slmlab ships them (`ops/kernel_configs/<GPU model>/`, see `ops/autotune_cache.py`).
+
+    python -m slmlab.tune_kernels                                  # helix_hybrid and odinnext, seq 2048
+    python -m slmlab.tune_kernels --models odinnext --jobs 1       # one preset; sequential, cleanest timings
+    python -m slmlab.tune_kernels --out /tmp/configs                # somewhere else than the package
+
+For each distinct Triton-backed mixer of the presets (gla, hgrn2, mamba2): one layer of the preset's
+shape runs forward + backward under bf16 autocast at `--seq-len`, then a prefill and one decoding step,
+in a Triton cache of its own, so every kernel on the training and generation paths autotunes from
+scratch. The winners replace that GPU's folder and are also copied into this machine's Triton cache.
+Attention mixers use flash SDPA / FlexAttention (compiled by torch, cached by inductor): nothing to tune.
+With `--jobs` > 1 the mixers tune in parallel processes on the one GPU: several times faster, but
+each candidate is timed while the others run, so the choice between close configs is noisier.
+"""
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from slmlab.ops.autotune_cache import PATTERN, SHIPPED, copy_autotune_results, gpu_dirname, triton_cache_dir
+
+TUNED_MIXERS = ("gla", "hgrn2", "mamba2")  # the mixers that run fla / mamba-ssm Triton kernels
+
+
+def tuning_jobs(models: list[str], seq_len: int, tokens: int) -> list[tuple[str, str, int, int]]:
+    """(preset, mixer, batch, seq_len) per distinct Triton-backed mixer of `models`, first preset wins."""
+    from hydra.utils import instantiate
+
+    from slmlab.config import compose_config
+
+    jobs, seen = [], set()
+    for name in models:
+        cfg = instantiate(compose_config([f"model={name}"]).model)
+        for mixer in dict.fromkeys(cfg.layer_mixers):
+            if mixer in TUNED_MIXERS and mixer not in seen:
+                seen.add(mixer)
+                jobs.append((name, mixer, max(1, tokens // seq_len), seq_len))
+    return jobs
+
+
+def run_job(job: tuple[str, str, int, int]) -> tuple[str, str, float]:
+    """Runs one mixer's training and decoding kernels once (autotuning them); returns (preset, mixer, seconds)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from slmlab import mixers
+    from slmlab.config import compose_config
+
+    name, kind, batch, seq_len = job
+    start = time.perf_counter()
+    cfg = replace(instantiate(compose_config([f"model={name}"]).model), kernel="auto")
+    layer_idx = cfg.layer_mixers.index(kind)
+    layer = mixers.mixer_class(kind)(cfg, layer_idx).cuda()
+    x = torch.randn(batch, seq_len, cfg.d_model, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for prompt in (64, seq_len):  # <= 64 steps: fused recurrent kernels; longer: chunked with a state
+            state = layer.init_state(batch, prompt + 1, x.device, torch.bfloat16)
+            layer(x[:, :prompt].detach(), state)
+            layer(x[:, prompt - 1 : prompt].detach(), state)
+    torch.cuda.synchronize()
+    return name, kind, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["helix_hybrid", "odinnext"])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per tuning batch (batch = tokens // seq-len)")
+    parser.add_argument("--jobs", type=int, default=1, help="mixers tuned in parallel processes")
+    parser.add_argument("--out", type=Path, default=SHIPPED, help="folder of per-GPU config folders")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("tuning needs a CUDA GPU")
+    user_cache = triton_cache_dir()
+    scratch = Path(tempfile.mkdtemp(prefix="slmlab-tune-"))
+    # set before any kernel package loads (here and in the spawned workers, which inherit it)
+    os.environ.update(TRITON_CACHE_DIR=str(scratch), TRITON_CACHE_AUTOTUNING="1", SLMLAB_TUNED_CONFIGS="0")
+    jobs = tuning_jobs(args.models, args.seq_len, args.tokens)
+    print(f"tuning {', '.join(f'{m} ({p})' for p, m, _, _ in jobs)} at seq {args.seq_len} in {args.jobs} process(es)",
+          flush=True)
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
+        for name, kind, seconds in pool.imap_unordered(run_job, jobs):
+            print(f"  {kind:<7} ({name}): {seconds:6.1f} s", flush=True)
+
+    dest = args.out / gpu_dirname(torch.cuda.get_device_name())
+    shutil.rmtree(dest, ignore_errors=True)
+    written = copy_autotune_results(scratch, dest, overwrite=True)
+    copy_autotune_results(scratch, user_cache, overwrite=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    kernels = sorted({p.name.removesuffix(".autotune.json") for p in dest.glob(PATTERN)})
+    print(f"{len(written)} autotune results for {len(kernels)} kernels in {time.perf_counter() - start:.0f} s -> {dest}")
+    print("  " + ", ".join(kernels))
+
+
+if __name__ == "__main__":
+    main()
