@@ -25,8 +25,9 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.stage)
     preflight(cfg.paths.output_dir, module)  # writable, room for a checkpoint: fail now, not at the first save
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
+    # `callbacks.sample=null` / `logger.csv=null` switch one off
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

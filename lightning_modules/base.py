@@ -63,8 +63,7 @@ class LMModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
         groups = weight_decay_groups(self.model, weight_decay, self.decay_embeddings)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        optimizer = self.optimizer_factory(groups, **fused)
+        optimizer = self.optimizer_factory(groups, fused=True)  # one kernel per step, on CUDA and CPU alike
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -73,6 +72,21 @@ class LMModule(L.LightningModule):
         if grads:  # none on a step that NonFiniteGuard skips
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping; foreach kernels
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for optimizers that unscale fp16 gradients
+        # themselves (fused AdamW), even under bf16 where nothing is scaled: clip here, unscaling fp16 first
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # stopping on the last step makes Lightning validate (and checkpoint) the final weights,

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
-from slmlab.mixers.sparse_attention import SparseAttention, visible
+from slmlab.mixers.sparse_attention import SparseAttention, sparse_block_mask, visible
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.layers import RMSNorm
 
@@ -29,12 +29,15 @@ def test_sparse_attention_sees_the_window_and_the_global_tokens_only():
     assert (a[:, 13:] - c[:, 13:]).abs().amax(dim=-1).min() > 0
 
 
-def test_flex_attention_block_mask_equals_the_sdpa_reference():
+@pytest.mark.parametrize("offset,q_len", [(0, 70), (30, 40)], ids=["prefill", "continued prefill"])
+def test_flex_attention_block_mask_equals_the_sdpa_reference(offset, q_len):
+    """The block mask the CUDA path builds (compiled, block by block) against the boolean-mask reference."""
     torch.manual_seed(0)
     attn = SparseAttention(cfg(), 0).double()
-    q, k, v = (torch.randn(2, 4, 70, 8, dtype=torch.float64) for _ in range(3))
-    mask = create_block_mask(lambda b, h, qi, ki: visible(qi, ki, 8, 3), B=None, H=None, Q_LEN=70, KV_LEN=70, device="cpu")
-    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), attn.reference_attend(q, k, v, 0))
+    q = torch.randn(2, 4, q_len, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, offset + q_len, 8, dtype=torch.float64) for _ in range(2))
+    mask = sparse_block_mask(8, 3, offset, q_len, offset + q_len, torch.device("cpu"))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), attn.reference_attend(q, k, v, offset))
 
 
 def test_sparse_attention_flops_count_only_visible_keys():

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from slmlab.checkpoint import load_model as load_checkpoint_model, load_weights, resolve_ckpt_path
 from slmlab.export import export_safetensors_folder
 from slmlab.models import CausalLM
@@ -55,6 +57,24 @@ def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     # the resumed run's CSV keeps the rows logged before the stop, and continues them
     assert metric(tmp_path / "a" / "run", "train/loss") == metric(tmp_path / "b" / "run", "train/loss")
+
+
+def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
+    """Fused AdamW (the optimizer on every device) under bf16-mixed, where Lightning's own clipping
+    refuses it: the module clips. A clip far below the gradient norm leaves Adam's updates at
+    lr * g / eps, orders of magnitude below an unclipped run's, so a barely moved model proves it acted."""
+    def moved(clip: float, name: str) -> float:
+        overrides = tiny_run_overrides(tmp_path / name, steps=3, val_every=3) + [
+            "trainer.precision=bf16-mixed", f"trainer.gradient_clip_val={clip}", "callbacks.sample=null"]
+        cfg = compose_config(overrides)
+        L.seed_everything(cfg.seed, workers=True)  # the initial weights, made as train() makes them
+        instantiate(cfg.data)
+        start = instantiate(cfg.stage).model.state_dict()
+        train(cfg)
+        end = final_weights(tmp_path / name / "run")
+        return sum((end[f"model.{k}"] - v).norm().item() for k, v in start.items())
+
+    assert moved(1e-12, "clipped") < 0.01 * moved(1.0, "normal")
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):

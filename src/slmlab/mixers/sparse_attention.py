@@ -26,11 +26,13 @@ def visible(q_pos: Tensor, kv_pos: Tensor, window: int, global_tokens: int) -> T
 
 
 @cache
-def _block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+def sparse_block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
     def mask_mod(b, h, q_idx, kv_idx):
         return visible(q_idx + offset, kv_idx, window, global_tokens)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    # compiled, the mask is evaluated block by block; eagerly it materialises [q_len, kv_len] int64
+    # intermediates (8 GiB at 32k tokens)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, _compile=True)
 
 
 @cache
@@ -48,7 +50,7 @@ class SparseAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
         if q.is_cuda and self.use_flex and q_len > 1:
-            block_mask = _block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
+            block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
             return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.reference_attend(q, k, v, offset)
 
