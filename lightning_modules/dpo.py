@@ -6,7 +6,7 @@ import torch
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import score
 from slmlab.training.batching import cat_right_padded
-from slmlab.training.losses import IGNORE_INDEX, dpo_loss, token_logprobs
+from slmlab.training.losses import IGNORE_INDEX, dpo_loss
 
 
 class DPOModule(PolicyModule):
@@ -24,7 +24,7 @@ class DPOModule(PolicyModule):
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed log-prob of each row's response tokens: (batch,)."""
-        return token_logprobs(model(ids), labels).sum(dim=1)
+        return model.token_logprobs(ids, labels).sum(dim=1)
 
     def step(self, batch: dict, prefix: str) -> torch.Tensor:
         n = batch["chosen_ids"].shape[0]

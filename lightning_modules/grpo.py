@@ -12,7 +12,7 @@ import torch
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import all_pass, score
 from slmlab.training.batching import cat_right_padded
-from slmlab.training.losses import IGNORE_INDEX, group_advantages, grpo_loss, token_logprobs
+from slmlab.training.losses import IGNORE_INDEX, group_advantages, grpo_loss
 
 
 class GRPOModule(PolicyModule):
@@ -35,9 +35,9 @@ class GRPOModule(PolicyModule):
         seq = cat_right_padded(seqs, value=0)
         lab = cat_right_padded(labels, value=IGNORE_INDEX)
         ids, mask = seq[:, :-1], (lab != IGNORE_INDEX).float()
-        logps = token_logprobs(self.model(ids), lab)
+        logps = self.model.token_logprobs(ids, lab)
         with torch.no_grad():
-            ref_logps = token_logprobs(self.reference(ids), lab)
+            ref_logps = self.reference.token_logprobs(ids, lab)
         rewards_t = torch.tensor(rewards, device=self.device, dtype=torch.float32)
         advantages = group_advantages(rewards_t, self.group_size)
         loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, self.clip_eps, self.kl_beta)

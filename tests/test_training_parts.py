@@ -156,6 +156,78 @@ def test_token_logprobs_in_row_chunks_equal_a_full_log_softmax():
     torch.testing.assert_close(token_logprobs(logits, labels, chunk_rows=2), want.float())
 
 
+def full_token_logprobs(hidden, weight, labels, softcap):
+    from slmlab.training.losses import token_logprobs
+
+    logits = hidden @ weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return token_logprobs(logits, labels)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_token_logprobs_and_their_gradients_equal_the_full_computation(softcap):
+    from slmlab.training.losses import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :4] = IGNORE_INDEX
+    upstream = torch.randn(3, 7, dtype=torch.float64)  # per-token weights, as GRPO's advantages give
+    got = chunked_token_logprobs(hidden, weight, labels, softcap, chunk_tokens=5)  # 5 does not divide 21 rows
+    want = full_token_logprobs(hidden, weight, labels, softcap)
+    torch.testing.assert_close(got, want.float())
+    assert (got[0, :4] == 0).all()
+    grads = torch.autograd.grad((got.double() * upstream).sum(), (hidden, weight))
+    want_grads = torch.autograd.grad((want.double() * upstream).sum(), (hidden, weight))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # both take the log-softmax in float32
+
+
+def test_chunked_token_logprobs_under_bf16_autocast_match_the_full_computation():
+    from slmlab.training.losses import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 16, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (4, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_token_logprobs(hidden, weight, labels, chunk_tokens=16)
+        want = full_token_logprobs(hidden, weight, labels, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)  # the same bf16 head, float32 softmax
+    grads = torch.autograd.grad(got.sum(), (hidden, weight))
+    want_grads = torch.autograd.grad(want.sum(), (hidden, weight))
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == w.dtype == torch.float32
+        assert ((g - w).norm() / w.norm()).item() < 1e-2
+
+
+def test_chunked_token_logprobs_keep_no_logits_for_the_backward():
+    """What autograd stores between forward and backward: the full path keeps (tokens, vocab)
+    logits in float32; the chunked one only its inputs."""
+    from slmlab.training.losses import chunked_token_logprobs
+
+    hidden = torch.randn(2, 64, 16, requires_grad=True)
+    weight = torch.randn(1000, 16, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 64))
+
+    def largest_saved(fn) -> int:
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return max(sizes)
+
+    tokens_x_vocab = 2 * 64 * 1000
+    assert largest_saved(lambda: full_token_logprobs(hidden, weight, labels, None)) >= tokens_x_vocab
+    assert largest_saved(lambda: chunked_token_logprobs(hidden, weight, labels, chunk_tokens=32)) == weight.numel()
+
+
 def test_dpo_loss_by_hand():
     from slmlab.training.losses import dpo_loss
 

@@ -10,7 +10,7 @@ from slmlab import mixers  # a module reference: mixers import models.config, so
 from slmlab.models.config import ModelConfig
 from slmlab.models.generate import generate
 from slmlab.models.layers import RMSNorm, SwiGLU
-from slmlab.training.losses import chunked_lm_loss
+from slmlab.training.losses import chunked_lm_loss, chunked_token_logprobs
 
 
 RESIDUAL_OUTPUTS = ("mixer.o", "mixer.out_proj", "mlp.down")
@@ -91,6 +91,12 @@ class CausalLM(nn.Module):
         `lm_loss(self(input_ids), labels, z_loss)` computes them (`chunked_lm_loss`)."""
         return chunked_lm_loss(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
                                z_loss, chunk_tokens)
+
+    def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+        """log p(label) per position, 0 where labels == IGNORE_INDEX: (batch, seq) float32, as
+        `token_logprobs(self(input_ids), labels)` computes it, without the whole batch's logits."""
+        return chunked_token_logprobs(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
+                                      chunk_tokens)
 
     def init_state(self, batch_size: int, max_len: int) -> list:
         """One decoding state per layer (KV cache for attention, fixed-size state for recurrent mixers)."""

@@ -81,6 +81,62 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tenso
     return torch.cat(out)
 
 
+def _head_logits(h: Tensor, weight: Tensor, softcap: float | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """float32 logits of one chunk of rows, with tanh(z / softcap) kept for the softcap's derivative."""
+    with torch.autocast(h.device.type, enabled=False):
+        logits = (h.to(dtype) @ weight.to(dtype).T).float()
+    if not softcap:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return softcap * t, t
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of `softcap(hidden @ weight.T)`, a chunk of rows at a time. Per-row
+    gradients arrive only in backward, which therefore recomputes each chunk's logits instead of
+    autograd keeping them: neither pass ever holds the (tokens, vocab) logits or their float32 copy.
+    The head runs in the autocast dtype of the forward, in both passes."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, chunk_rows: int) -> Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        out = torch.cat([token_logprobs(_head_logits(h, weight, softcap, dtype)[0], lab, chunk_rows=len(h))
+                         for h, lab in zip(hidden.split(chunk_rows), labels.split(chunk_rows))])
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.softcap, ctx.chunk_rows, ctx.dtype = softcap, chunk_rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
+        w = weight.to(ctx.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            h, lab = hidden[start : start + ctx.chunk_rows], labels[start : start + ctx.chunk_rows]
+            logits, t = _head_logits(h, weight, ctx.softcap, ctx.dtype)
+            g = grad_out[start : start + ctx.chunk_rows].float() * (lab != IGNORE_INDEX)
+            # d log p(y) / d logits = onehot(y) - softmax
+            grad_logits = -logits.softmax(-1) * g[:, None]
+            grad_logits.scatter_add_(1, lab.clamp(min=0)[:, None], g[:, None])
+            if t is not None:
+                grad_logits = grad_logits * (1 - t.square())
+            grad_logits = grad_logits.to(ctx.dtype)
+            with torch.autocast(h.device.type, enabled=False):
+                grad_hidden[start : start + ctx.chunk_rows] = grad_logits @ w
+                grad_weight += (grad_logits.T @ h.to(ctx.dtype)).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def chunked_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None,
+                           chunk_tokens: int = 4096) -> Tensor:
+    """`token_logprobs(softcap(hidden @ weight.T), labels)` without the whole batch's logits, in the
+    forward or kept for the backward: hidden (batch, seq, d), weight (vocab, d), labels (batch, seq)
+    -> (batch, seq) float32. DPO's and GRPO's per-token log-probs."""
+    out = _ChunkedTokenLogprobs.apply(hidden.flatten(0, 1), weight, labels.flatten(), softcap, chunk_tokens)
+    return out.view(labels.shape)
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
     """DPO (Rafailov et al. 2023) on summed sequence log-probs, (batch,) each.
