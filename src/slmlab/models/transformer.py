@@ -92,7 +92,7 @@ class CausalLM(nn.Module):
         return chunked_lm_loss(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
                                z_loss, chunk_tokens)
 
-    def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 1024) -> Tensor:
         """log p(label) per position, 0 where labels == IGNORE_INDEX: (batch, seq) float32, as
         `token_logprobs(self(input_ids), labels)` computes it, without the whole batch's logits."""
         return chunked_token_logprobs(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,

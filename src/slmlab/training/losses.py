@@ -116,11 +116,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             h, lab = hidden[start : start + ctx.chunk_rows], labels[start : start + ctx.chunk_rows]
             logits, t = _head_logits(h, weight, ctx.softcap, ctx.dtype)
             g = grad_out[start : start + ctx.chunk_rows].float() * (lab != IGNORE_INDEX)
-            # d log p(y) / d logits = onehot(y) - softmax
-            grad_logits = -logits.softmax(-1) * g[:, None]
-            grad_logits.scatter_add_(1, lab.clamp(min=0)[:, None], g[:, None])
+            # d log p(y) / d logits = onehot(y) - softmax; in place, one (rows, vocab) buffer at a time
+            grad_logits = logits.softmax(-1)
+            del logits
+            grad_logits.mul_(-g[:, None]).scatter_add_(1, lab.clamp(min=0)[:, None], g[:, None])
             if t is not None:
-                grad_logits = grad_logits * (1 - t.square())
+                grad_logits.mul_(1 - t.square())
             grad_logits = grad_logits.to(ctx.dtype)
             with torch.autocast(h.device.type, enabled=False):
                 grad_hidden[start : start + ctx.chunk_rows] = grad_logits @ w
@@ -129,7 +130,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def chunked_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None,
-                           chunk_tokens: int = 4096) -> Tensor:
+                           chunk_tokens: int = 1024) -> Tensor:
     """`token_logprobs(softcap(hidden @ weight.T), labels)` without the whole batch's logits, in the
     forward or kept for the backward: hidden (batch, seq, d), weight (vocab, d), labels (batch, seq)
     -> (batch, seq) float32. DPO's and GRPO's per-token log-probs."""
