@@ -81,10 +81,11 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tenso
     return torch.cat(out)
 
 
-def _head_logits(h: Tensor, weight: Tensor, softcap: float | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """float32 logits of one chunk of rows, with tanh(z / softcap) kept for the softcap's derivative."""
+def _head_logits(h: Tensor, w: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """float32 logits of one chunk of rows through the head `w` (already in the compute dtype), with
+    tanh(z / softcap) kept for the softcap's derivative."""
     with torch.autocast(h.device.type, enabled=False):
-        logits = (h.to(dtype) @ weight.to(dtype).T).float()
+        logits = (h.to(w.dtype) @ w.T).float()
     if not softcap:
         return logits, None
     t = torch.tanh(logits / softcap)
@@ -101,7 +102,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, chunk_rows: int) -> Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        out = torch.cat([token_logprobs(_head_logits(h, weight, softcap, dtype)[0], lab, chunk_rows=len(h))
+        w = weight.to(dtype)  # cast once, not per chunk
+        out = torch.cat([token_logprobs(_head_logits(h, w, softcap)[0], lab, chunk_rows=len(h))
                          for h, lab in zip(hidden.split(chunk_rows), labels.split(chunk_rows))])
         ctx.save_for_backward(hidden, weight, labels)
         ctx.softcap, ctx.chunk_rows, ctx.dtype = softcap, chunk_rows, dtype
@@ -114,7 +116,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         w = weight.to(ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             h, lab = hidden[start : start + ctx.chunk_rows], labels[start : start + ctx.chunk_rows]
-            logits, t = _head_logits(h, weight, ctx.softcap, ctx.dtype)
+            logits, t = _head_logits(h, w, ctx.softcap)
             g = grad_out[start : start + ctx.chunk_rows].float() * (lab != IGNORE_INDEX)
             # d log p(y) / d logits = onehot(y) - softmax; in place, one (rows, vocab) buffer at a time
             grad_logits = logits.softmax(-1)
@@ -125,7 +127,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             grad_logits = grad_logits.to(ctx.dtype)
             with torch.autocast(h.device.type, enabled=False):
                 grad_hidden[start : start + ctx.chunk_rows] = grad_logits @ w
-                grad_weight += (grad_logits.T @ h.to(ctx.dtype)).float()
+                grad_weight += (grad_logits.T @ h.to(w.dtype)).float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
