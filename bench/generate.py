@@ -2,9 +2,11 @@
 weights (an exported dense model), and the decoding state of every mixer against context length.
 
     python bench/generate.py                     # helios_nova shape, batch 32, 128-token prompts, 256 new
+    python bench/generate.py --mixers attention --contexts 1024 8192   # a part of the decoding-state table
     python bench/generate.py --smoke             # tiny shapes on the CPU: checks the script runs
 
-Greedy, bf16 weights on CUDA; tokens/s counts generated tokens of the whole batch.
+Greedy, bf16 weights on CUDA; tokens/s counts generated tokens of the whole batch. On CUDA our decoding
+replays a CUDA graph per step (`models/decode_graph.py`); the "no CUDA graph" row is the same code eager.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from hydra.utils import instantiate
 from slmlab.config import compose_config
 from slmlab.export.hf import hf_twin, to_hf_state_dict
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.models.generate import generate
+from slmlab.models.generate import decode, generate
 
 
 def synchronize(device: torch.device) -> None:
@@ -34,17 +36,22 @@ def decode_rate(fn, new_tokens: int, batch: int, device: torch.device) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-@torch.no_grad()
-def decode_after(model: CausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Tokens/s of greedy decoding alone (the prompt's prefill is not timed)."""
-    state = model.init_state(prompt.shape[0], prompt.shape[1] + new_tokens)
-    token = model(prompt, state)[:, -1:].argmax(-1)
+def decode_after(model: CausalLM, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Tokens/s of greedy decoding alone (the prompt's prefill is not timed), and the GPU memory the
+    decoding steps peaked at beyond the weights (GiB; nan on the CPU)."""
+    tokens = decode(model, prompt, new_tokens + 1, temperature=0)
+    next(tokens)  # the prefill's token
     synchronize(prompt.device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if prompt.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        token = model(token, state)[:, -1:].argmax(-1)
+    for _ in tokens:
+        pass
     synchronize(prompt.device)
-    return prompt.shape[0] * new_tokens / (time.perf_counter() - start)
+    rate = prompt.shape[0] * new_tokens / (time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - weights) / 2**30 if prompt.is_cuda else float("nan")
+    return rate, peak
 
 
 def state_bytes(model: CausalLM, context: int) -> int:
@@ -63,6 +70,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--mixers", nargs="+", default=["attention", "gla", "hgrn2", "mamba2"],
+                        help="mixers of the decoding-state table (each at the model's shape, every layer that mixer)")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
+    parser.add_argument("--state-batch", type=int, default=8, help="batch of the decoding-state table")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,13 +81,16 @@ def main() -> None:
     cfg: ModelConfig = instantiate(compose_config([f"model={args.model}"]).model)
     if args.smoke:
         cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
-        args.batch, args.prompt, args.new = 4, 16, 64
+        args.batch, args.prompt, args.new, args.state_batch = 4, 16, 64, 2
     cfg = replace(cfg, max_seq_len=args.prompt + args.new)
     torch.manual_seed(0)
     ours = CausalLM(cfg).to(device, dtype).eval()
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=device)
     rows = {"slmlab generate": decode_rate(lambda: generate(ours, prompt, args.new, temperature=0), args.new,
                                            args.batch, device)}
+    if device.type == "cuda":
+        rows["slmlab, no CUDA graph"] = decode_rate(
+            lambda: generate(ours, prompt, args.new, temperature=0, cuda_graph=False), args.new, args.batch, device)
     try:
         hf = hf_twin(cfg).to(device, dtype).eval()
         hf.load_state_dict(to_hf_state_dict(ours), strict=False)
@@ -88,15 +102,20 @@ def main() -> None:
     print(f"# {cfg.d_model}d x {cfg.n_layers}L  batch {args.batch}  prompt {args.prompt}  new {args.new}  {device.type}")
     for name, rate in rows.items():
         print(f"{name:>22}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
-    contexts = (256, 1024, 4096) if args.smoke else (1024, 8192, 32768)
-    print("# decoding state per sequence (MiB) | decode tokens/s after a prompt of that many tokens")
-    for mixer in ("attention", "gla", "hgrn2", "mamba2"):
+    contexts = (256, 1024, 4096) if args.smoke else tuple(args.contexts)
+    print("# per context length: decoding state per sequence (MiB) | decode tokens/s after a prompt of that many "
+          f"tokens | GPU memory of the decoding steps beyond the weights (GiB), batch {args.state_batch}")
+    for mixer in args.mixers:
         shape = replace(cfg, mixer=mixer, layout=None, hgrn2_expand_ratio=cfg.head_dim)
         sizes = [state_bytes(CausalLM(shape).to("meta"), n) / 2**20 for n in contexts]
         model = CausalLM(replace(shape, max_seq_len=max(contexts) + args.new)).to(device, dtype).eval()
-        rates = [max(decode_after(model, torch.randint(0, cfg.vocab_size, (args.batch, n), device=device), args.new)
-                     for _ in range(3)) for n in contexts]  # best of three: the least disturbed
-        print(f"{mixer:>22}  " + "  ".join(f"{n:>6}: {s:8.2f} MiB {r:10,.0f}/s" for n, s, r in zip(contexts, sizes, rates)))
+        cells = []
+        for n, size in zip(contexts, sizes):
+            prompt = torch.randint(0, cfg.vocab_size, (args.state_batch, n), device=device)
+            runs = [decode_after(model, prompt, args.new) for _ in range(3)]  # best of three: the least disturbed
+            rate, peak = max(r for r, _ in runs), max(m for _, m in runs)
+            cells.append(f"{n:>6}: {size:8.2f} MiB {rate:9,.0f}/s {peak:6.2f} GiB")
+        print(f"{mixer:>22}  " + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
     python bench/throughput.py models     # helix_hybrid and odinnext vs the all-attention model of their shape
                                           # at 2k/8k(/32k); helios_nova vs Hugging Face Qwen3 (torch.compile);
                                           # helium_nano MFU
+    python bench/throughput.py pipeline   # helios_nova through `python train.py` (Lightning, shard loader,
+                                          # logging; its own perf/* metrics) vs Hugging Face Qwen3 under
+                                          # torch.compile at the same batch, in one run
     python bench/throughput.py layers models --smoke   # tiny shapes on the CPU: checks the script runs
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
@@ -14,9 +17,13 @@ the GPU (`python -m slmlab.tune_kernels`); the first_call_s column shows what th
 """
 
 import argparse
+import csv
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -152,17 +159,19 @@ def model_rows(args, device: torch.device) -> list[dict]:
         cfg = preset(name)
         if args.smoke:
             cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
-        seq = 64 if args.smoke else 2048
+        seq = 64 if args.smoke else cfg.max_seq_len  # each preset's own context: 2048 and 512
         runs.append((name, replace(cfg, max_seq_len=seq), seq, "ours"))
         if name == "helios_nova":
             runs.append((name, replace(cfg, max_seq_len=seq), seq, "hf+compile"))
     rows = []
     peak = peak_flops(device)
     for name, cfg, seq, impl in runs:
-        if args.only and name.split(":")[0] not in args.only:
+        if args.only and name.split(":")[0] not in args.only or args.seqs and seq not in args.seqs:
             continue
         batch = max(1, args.tokens // seq)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+        if impl == "ours" and seq >= args.checkpoint_from:
+            cfg = replace(cfg, activation_checkpointing=True)
         ours = CausalLM(cfg)
         if impl == "hf+compile":
             model = torch.compile(hf_twin(cfg).to(device))
@@ -170,9 +179,15 @@ def model_rows(args, device: torch.device) -> list[dict]:
             model = ours.to(device)
             if args.compile:
                 for block in model.blocks:
-                    block.compile()
-        seconds, mem = timed(train_step_fn(model, ids, hf=impl != "ours"), args.warmup, args.iters, device)
+                    block.compile(mode=args.compile_mode)
+        step = train_step_fn(model, ids, hf=impl == "hf+compile")
+        seconds, mem = timed(step, args.warmup, args.iters, device)
+        if args.profile:
+            print_profile(step, f"{name} {impl} seq {seq}")
         tps = batch * seq / seconds
+        if impl == "ours" and args.compile:
+            impl += f" +compile({args.compile_mode or 'default'})"
+        impl += " +ckpt" if cfg.activation_checkpointing else ""
         rows.append({"model": name, "impl": impl, "seq": seq, "batch": batch, "tokens_per_s": tps,
                      "mfu": tps * ours.flops_per_token(seq) / peak if peak else float("nan"), "peak_GiB": mem,
                      "MiB_per_token": mem * 1024 / (batch * seq)})
@@ -184,11 +199,74 @@ def model_rows(args, device: torch.device) -> list[dict]:
     base = {(r["seq"], r["model"], r["impl"]): r["tokens_per_s"] for r in rows}
     for r in rows:
         if r["model"] in ("helix_hybrid", "odinnext"):
-            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], f"{r['model']}: all-attention twin", "ours")]
-        elif r["model"] == "helios_nova" and r["impl"] == "ours":
-            r["ratio"] = r["tokens_per_s"] / base[(r["seq"], "helios_nova", "hf+compile")]
+            baseline = (r["seq"], f"{r['model']}: all-attention twin", r["impl"])
+        elif r["model"] == "helios_nova" and r["impl"] != "hf+compile":
+            baseline = (r["seq"], "helios_nova", "hf+compile")
+        else:
+            continue
+        if baseline in base:
+            r["ratio"] = r["tokens_per_s"] / base[baseline]
 
     return rows
+
+
+# --- pipeline -------------------------------------------------------------------------------------
+
+def pipeline_rows(args, device: torch.device) -> list[dict]:
+    """A model trained by `train.py` itself (helios_nova unless `--pipeline-model`): its ThroughputMonitor's
+    tokens/s, MFU and data wait, averaged over the logged windows after the first (compilation), and its
+    start-up time; then the compiled Hugging Face twin at the same batch, in this process."""
+    name = "tiny" if args.smoke else args.pipeline_model
+    seq = 64 if args.smoke else 2048
+    batch = max(1, args.tokens // seq)
+    run_name = f"bench-pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"model={name}", f"data.seq_len={seq}", f"data.batch_size={batch}",
+                 f"trainer.max_steps={args.pipeline_steps}", "trainer.val_check_interval=100000",
+                 "trainer.log_every_n_steps=10", "callbacks.sample=null", "callbacks.periodic=null",
+                 "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false", f"run_name={run_name}",
+                 f"stage.compile={str(args.compile).lower()}"]
+    if device.type == "cuda":
+        overrides.append("trainer=gpu")
+    root = Path(__file__).resolve().parents[1]
+    print("  # python train.py " + " ".join(overrides), flush=True)
+    subprocess.run([sys.executable, str(root / "train.py"), *overrides], cwd=root, check=True)
+    with open(root / "outputs" / run_name / "csv" / "metrics.csv", newline="") as f:
+        logged = list(csv.DictReader(f))
+    perf = [r for r in logged if r.get("perf/tokens_per_s")]
+    warm = perf[1:] or perf
+
+    def mean(key: str) -> float:
+        values = [float(r[key]) for r in warm if r.get(key)]
+        return sum(values) / len(values) if values else float("nan")
+
+    startup = next((float(r["perf/startup_s"]) for r in logged if r.get("perf/startup_s")), float("nan"))
+    rows = [{"model": name, "impl": "train.py" + (" +compile" if args.compile else ""), "seq": seq, "batch": batch,
+             "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"), "data_wait": mean("perf/data_wait"),
+             "startup_s": startup}]
+    progress(rows[-1])
+    cfg = preset(name, max_seq_len=seq)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    seconds, _ = timed(train_step_fn(torch.compile(hf_twin(cfg).to(device)), ids, hf=True), args.warmup, args.iters,
+                       device)
+    tps = batch * seq / seconds
+    peak = peak_flops(device)
+    rows.append({"model": name, "impl": "hf+compile", "seq": seq, "batch": batch, "tokens_per_s": tps,
+                 "mfu": tps * CausalLM(cfg).flops_per_token(seq) / peak if peak else float("nan")})
+    progress(rows[-1])
+    rows[0]["ratio"] = rows[0]["tokens_per_s"] / tps
+    return rows
+
+
+def print_profile(step: Callable[[], None], title: str, top: int = 25) -> None:
+    """The GPU kernels of two steps, by total time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(f"# profile: {title}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
 def progress(row: dict) -> None:
@@ -211,11 +289,18 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="+", choices=["layers", "models"])
+    parser.add_argument("what", nargs="+", choices=["layers", "models", "pipeline"])
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // seq)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
+    parser.add_argument("--compile-mode", help="torch.compile mode with --compile (max-autotune-no-cudagraphs, ...)")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of two steps of each model")
+    parser.add_argument("--checkpoint-from", type=int, default=1 << 30, metavar="SEQ",
+                        help="activation checkpointing for our models (and their twins) at this sequence length and up")
+    parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths (models)")
+    parser.add_argument("--pipeline-model", default="helios_nova")
+    parser.add_argument("--pipeline-steps", type=int, default=60, help="optimizer steps of the train.py run")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")
     parser.add_argument("--only", nargs="+", help="only these layers (gla, mamba2, ...) or models (helix_hybrid, ...)")
     args = parser.parse_args()
@@ -226,7 +311,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}  tokens/step {args.tokens}")
     for what in args.what:
-        print_table(layer_rows(args, device) if what == "layers" else model_rows(args, device))
+        rows = {"layers": layer_rows, "models": model_rows, "pipeline": pipeline_rows}[what](args, device)
+        print_table(rows)
 
 
 if __name__ == "__main__":

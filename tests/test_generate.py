@@ -113,3 +113,35 @@ def test_streaming_stops_at_a_stop_token(tokenizer):
     stop = ids[5]
     expected = tokenizer.decode(ids[: ids.index(stop)])
     assert "".join(stream_text(model, tokenizer, prompt, 30, temperature=0, stop_ids=[stop])) == expected
+
+
+@pytest.mark.parametrize("layout", ["A*2", "S*2", "G,H", "M*2"])
+def test_static_decoding_state_gives_the_logits_of_the_growing_cache(layout):
+    """The state CUDA graphs replay (device-side positions, the whole cache attended under a mask),
+    run eagerly, against the ordinary cache: prefill, then steps past the sparse window."""
+    from slmlab.models.decode_graph import static_decoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=300,
+                      init_std=0.2, layout=layout, sliding_window=8, global_tokens=2, hgrn2_expand_ratio=16,
+                      rope_layers="all", ssm_d_state=16, ssm_headdim=16)
+    model = CausalLM(cfg).double().eval()
+    prompt, tokens = torch.randint(0, 97, (3, 5)), torch.randint(0, 97, (12, 3))
+    decoder = static_decoder(model, 3, 20, graph=False)
+    for _ in range(2):  # the second run reuses the decoder: its state must be reset by prefill
+        state = model.init_state(3, 20)
+        with torch.no_grad():
+            torch.testing.assert_close(decoder.prefill(model, prompt), model(prompt, state)[:, -1])
+            for token in tokens:
+                torch.testing.assert_close(decoder.step(model, token), model(token[:, None], state)[:, -1])
+
+
+def test_static_decoders_are_reused_per_shape_and_round_the_cache_up():
+    from slmlab.models.decode_graph import CACHE_BLOCK, static_decoder
+
+    model = tiny_model()  # max_seq_len 64 < CACHE_BLOCK: the cache is capped at the context
+    a = static_decoder(model, 2, 10, graph=False)
+    assert static_decoder(model, 2, 50, graph=False) is a and a.state[0].k.shape[2] == 64
+    assert static_decoder(model, 3, 10, graph=False) is not a
+    big = CausalLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=4096))
+    assert static_decoder(big, 1, CACHE_BLOCK + 1, graph=False).state[0].k.shape[2] == 2 * CACHE_BLOCK

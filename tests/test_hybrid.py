@@ -37,7 +37,7 @@ def test_flex_attention_block_mask_equals_the_sdpa_reference(offset, q_len):
     q = torch.randn(2, 4, q_len, 8, dtype=torch.float64)
     k, v = (torch.randn(2, 4, offset + q_len, 8, dtype=torch.float64) for _ in range(2))
     mask = sparse_block_mask(8, 3, offset, q_len, offset + q_len, torch.device("cpu"))
-    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), attn.reference_attend(q, k, v, offset))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), attn.masked_attend(q, k, v, offset))
 
 
 def test_sparse_attention_flops_count_only_visible_keys():

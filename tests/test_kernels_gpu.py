@@ -162,3 +162,44 @@ def test_kernel_prefill_and_decoding_equal_the_full_forward(mixer, kernel):
         state = m.init_state(2, 77, x.device, x.dtype)
         steps = [m(x[:, :70], state)] + [m(x[:, t : t + 1], state) for t in range(70, 77)]
     check("decoded", torch.cat(steps, dim=1), full, 5e-3)
+
+
+@pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (30.0, 1e-3)])
+def test_compiled_chunked_loss_matches_autograd_through_cross_entropy(softcap, z_loss):
+    """On CUDA the chunked loss's softmax gradient is a torch.compile'd kernel; it must agree with the
+    float32 autograd path on the same bf16 logits."""
+    from slmlab.training.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
+    weight = (0.1 * torch.randn(5000, 64, device="cuda")).requires_grad_()
+    labels = torch.randint(0, 5000, (4, 300), device="cuda")
+    labels[0, :50] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, got_ce = chunked_lm_loss(hidden, weight, labels, softcap, z_loss, chunk_tokens=512)
+        logits = (hidden @ weight.T).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        want, want_ce = lm_loss(logits, labels, z_loss)
+    check("loss", got, want, 1e-5)
+    check("ce", got_ce, want_ce, 1e-5)
+    for name, g, w in zip(("dhidden", "dweight"), torch.autograd.grad(got, (hidden, weight)),
+                          torch.autograd.grad(want, (hidden, weight))):
+        check(name, g, w, 1e-2)  # the compiled path rounds the logits' gradient to bf16 before the matmuls
+
+
+@pytest.mark.parametrize("layout", ["A,S", "G,H"])
+def test_cuda_graph_decoding_equals_eager_decoding(layout):
+    """Greedy generation replayed from a CUDA graph, twice (the second reuses the captured graph with
+    another prompt), against the eager cached path."""
+    from slmlab.models import CausalLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=512,
+                      layout=layout, sliding_window=16, global_tokens=4, hgrn2_expand_ratio=32, init_std=0.1)
+    model = CausalLM(cfg).cuda().eval()
+    for prompt_len in (20, 37):
+        prompt = torch.randint(0, 300, (3, prompt_len), device="cuda")
+        graphed = model.generate(prompt, 40, temperature=0)
+        eager = model.generate(prompt, 40, temperature=0, cuda_graph=False)
+        assert torch.equal(graphed, eager)

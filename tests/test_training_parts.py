@@ -283,3 +283,25 @@ def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
     kl = (p * (p.log() - q.log())).sum(-1)
     want = 4 * (kl[0, 0] + kl[0, 1] + kl[1, 0]) / 3
     assert distill_loss(s, t, labels, temperature=2.0).item() == pytest.approx(want.item())
+
+
+def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_loss_tracks_float32():
+    from slmlab.models import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=97, d_model=64, n_layers=3, n_heads=4, ffn_hidden=128, max_seq_len=32,
+                                 qk_norm=True))
+    ids, labels = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    seen = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    want, _ = model.loss(ids, labels, 1e-3)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = model.loss(ids, labels, 1e-3, chunk_tokens=24)
+    grads = torch.autograd.grad(got, list(model.parameters()))
+    handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert abs(got.item() - want.item()) < 0.02 * want.item()
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32  # parameters stay float32: their gradients too
+        assert ((g - w).norm() / w.norm()).item() < 0.05

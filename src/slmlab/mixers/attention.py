@@ -12,11 +12,15 @@ from slmlab.models.layers import RMSNorm, Rotary
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions seen so far: (batch, kv_heads, max_len, head_dim)."""
+    """Keys and values of the positions seen so far: (batch, kv_heads, max_len, head_dim).
+
+    `pos` is a Python int, or a 0-dim device tensor for CUDA-graph decoding (`models/decode_graph.py`):
+    then every shape is static — keys are written at `pos` on the device and queries attend over the
+    whole cache, positions not yet written masked out."""
 
     k: Tensor
     v: Tensor
-    pos: int = 0
+    pos: int | Tensor = 0
 
 
 class Attention(nn.Module):
@@ -45,7 +49,14 @@ class Attention(nn.Module):
         offset = state.pos if state is not None else 0
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if state is not None:
+        if isinstance(offset, Tensor):  # static shapes: write on the device, attend over the whole cache
+            positions = offset + torch.arange(T, device=x.device)
+            state.k.index_copy_(2, positions, k)
+            state.v.index_copy_(2, positions, v)
+            offset = offset.clone()
+            state.pos += T  # in place: the graph's position buffer
+            k, v = state.k, state.v
+        elif state is not None:
             state.k[:, :, offset : offset + T] = k
             state.v[:, :, offset : offset + T] = v
             state.pos += T
@@ -53,13 +64,28 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, offset)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-        """q: (B, H, T, hd) at positions offset..offset+T; k, v: (B, Hkv, offset+T, hd) -> (B, H, T, hd)."""
-        if offset == 0:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
+        """q: (B, H, T, hd) at positions offset..offset+T; k, v: (B, Hkv, L, hd) with keys at positions
+        0..L (L = offset + T, or the whole cache) -> (B, H, T, hd)."""
+        if isinstance(offset, int) and offset == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        # queries at offset..offset+T see every cached key up to their own position
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.masked_attend(q, k, v, offset)
+
+    def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
+        """Which keys each query sees (broadcast of q_pos against kv_pos): causal."""
+        return kv_pos <= q_pos
+
+    def masked_attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
+        """`attend` with an explicit mask. The G query heads sharing a KV head are stacked along the
+        query axis, so GQA needs no copy of the cache (decoding reads it once per step)."""
+        B, H, T, hd = q.shape
+        kv_heads = k.shape[1]
+        groups = H // kv_heads
+        q_pos = offset + torch.arange(T, device=q.device)
+        mask = self.visible(q_pos[:, None], torch.arange(k.shape[2], device=q.device)[None])  # (T, L)
+        y = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * T, hd), k, v,
+                                           attn_mask=mask.repeat(groups, 1))
+        return y.view(B, H, T, hd)
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -5,14 +5,13 @@ plus the first `global_tokens` positions as attention sinks. Everything else (pr
 GQA, KV cache) is `Attention`'s.
 
 On CUDA the mask is a FlexAttention block mask, so blocks outside the window are never computed;
-elsewhere, and with `kernel: torch`, SDPA with the same boolean mask is the reference. Both paths
-compute the same function (tested).
+elsewhere, and with `kernel: torch`, SDPA with the same boolean mask (`Attention.masked_attend`) is
+the reference. Both paths compute the same function (tested).
 """
 
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -47,17 +46,15 @@ class SparseAttention(Attention):
         self.window, self.global_tokens = cfg.sliding_window, cfg.global_tokens
         self.use_flex = cfg.kernel != "torch"
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
-        if q.is_cuda and self.use_flex and q_len > 1:
+        if q.is_cuda and self.use_flex and q_len > 1 and isinstance(offset, int):
             block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
             return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.reference_attend(q, k, v, offset)
+        return self.masked_attend(q, k, v, offset)  # the reference; decoding; CUDA-graph (tensor) positions
 
-    def reference_attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-        q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)[:, None]
-        mask = visible(q_pos, torch.arange(k.shape[2], device=q.device)[None], self.window, self.global_tokens)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
+        return visible(q_pos, kv_pos, self.window, self.global_tokens)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus QK^T and AV over the keys each position actually sees, averaged over the sequence."""

@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from slmlab.models.decode_graph import static_decoder
+
 if TYPE_CHECKING:  # transformer.py imports this module for CausalLM.generate
     from slmlab.models.transformer import CausalLM
 
@@ -43,18 +45,23 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
 @torch.no_grad()
 def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-           generator: torch.Generator | None = None) -> Iterator[Tensor]:
+           generator: torch.Generator | None = None, cuda_graph: bool = True) -> Iterator[Tensor]:
     """Yields the next token of each row, (batch,), up to `max_new_tokens` or the context's end.
 
     Prefills the state with the prompt (batch, prompt_len), then feeds one token at a time: O(1) per
-    token for recurrent mixers. The caller stops early by not asking for more.
+    token for recurrent mixers. On CUDA each step replays a CUDA graph of the whole model
+    (`models/decode_graph.py`) unless `cuda_graph=False`. The caller stops early by not asking for more.
     """
     batch, prompt_len = prompt.shape
     if prompt_len >= model.cfg.max_seq_len:
         raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
     steps = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
-    state = model.init_state(batch, prompt_len + steps)
-    logits = model(prompt, state)[:, -1]
+    decoder = static_decoder(model, batch, prompt_len + steps, graph=True) if prompt.is_cuda and cuda_graph else None
+    if decoder is not None:
+        logits = decoder.prefill(model, prompt)
+    else:
+        state = model.init_state(batch, prompt_len + steps)
+        logits = model.next_token_logits(prompt, state)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=prompt.device).scatter_(1, prompt, True)
@@ -67,7 +74,7 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
             return  # no forward for a token that will not be sampled from
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = model(token[:, None], state)[:, -1]
+        logits = decoder.step(model, token) if decoder is not None else model.next_token_logits(token[:, None], state)
 
 
 def generate(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, stop_ids: int | Sequence[int] = (),

@@ -47,9 +47,10 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x: (batch, heads, seq, head_dim) -> same shape, rotated by position offset..offset+seq."""
-        pos = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x: (batch, heads, seq, head_dim) -> same shape, rotated by position offset..offset+seq
+        (offset: an int, or a 0-dim device tensor for CUDA-graph decoding)."""
+        pos = offset + torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
         x1, x2 = x.float().chunk(2, dim=-1)

@@ -72,6 +72,10 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = self.embed(input_ids)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the compute dtype, as with bf16 parameters (torchtitan, Megatron):
+            # half the memory traffic of every norm and residual add; norms still compute in float32
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)
@@ -81,7 +85,15 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""
-        logits = self.lm_head(self.hidden(input_ids, state))
+        return self.head(self.hidden(input_ids, state))
+
+    def next_token_logits(self, input_ids: Tensor, state: list) -> Tensor:
+        """Feeds input_ids (batch, seq) into the decoding state -> logits of the last position only,
+        (batch, vocab): a long prompt's prefill never makes its (seq, vocab) logits."""
+        return self.head(self.hidden(input_ids, state)[:, -1])
+
+    def head(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(hidden)
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits

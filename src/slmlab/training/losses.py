@@ -1,5 +1,7 @@
 """Loss functions as pure functions of logits and labels."""
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,33 +26,84 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> tuple[Tensor
     return ce + z_loss * lse.square().mean(), ce
 
 
+def compute_dtype_of(hidden: Tensor) -> torch.dtype:
+    """The dtype the head runs in: autocast's when it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
+                       z_loss: float) -> tuple[Tensor, Tensor, Tensor]:
+    """For one chunk of raw head outputs (rows, vocab): each row's logsumexp and target logit (float32,
+    after the softcap), and the gradient of sum_r row_scale_r (lse_r - z_r[y_r] + z_loss lse_r^2) with
+    respect to the raw outputs, in their dtype. Labels must be valid indices (mask through row_scale).
+
+    Compiled on CUDA this is two passes over the bf16 logits and one bf16 write: no float32 copy of
+    the logits, their log-softmax or its gradient is ever stored (5x less memory traffic than autograd
+    through `cross_entropy`)."""
+    z = raw.float()
+    t = None
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    lse = torch.logsumexp(z, dim=-1)
+    target = z.gather(1, labels[:, None]).squeeze(1)
+    onehot = torch.arange(z.shape[1], device=z.device) == labels[:, None]
+    grad = torch.exp(z - lse[:, None]) * (row_scale * (1 + 2 * z_loss * lse))[:, None] - onehot * row_scale[:, None]
+    if t is not None:
+        grad = grad * (1 - t * t)
+    return lse, target, grad.to(raw.dtype)
+
+
+@cache
+def _compiled_softmax_xent_grad():
+    return torch.compile(_softmax_xent_grad)
+
+
+def softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
+                      z_loss: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """`_softmax_xent_grad`, fused by torch.compile on CUDA."""
+    fn = _compiled_softmax_xent_grad() if raw.is_cuda else _softmax_xent_grad
+    return fn(raw, labels, row_scale, softcap, z_loss)
+
+
+def _head(h: Tensor, w: Tensor) -> Tensor:
+    """Raw logits of a chunk of rows through the head `w`, both in w's dtype (the compute dtype)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return h.to(w.dtype) @ w.T
+
+
+def _accumulate_head_grads(grad_logits: Tensor, h: Tensor, w: Tensor, grad_h: Tensor, grad_w: Tensor) -> None:
+    """Writes d/dh into grad_h (the chunk's rows) and adds d/dw into float32 grad_w."""
+    with torch.autocast(h.device.type, enabled=False):
+        grad_h.copy_(grad_logits @ w)
+        grad_w += (grad_logits.T @ h.to(w.dtype)).float()
+
+
 class _ChunkedLMLoss(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` computed a chunk of rows at a time: forward computes each
-    chunk's logits, loss and gradients at once and frees the logits, so neither the (tokens, vocab)
-    logits nor their float32 copy ever exist for the whole batch (Liger's fused linear cross-entropy,
-    in plain torch). backward scales the stored gradients."""
+    chunk's logits, loss and gradients at once (`softmax_xent_grad`) and frees the logits, so neither
+    the (tokens, vocab) logits nor their float32 copy ever exist for the whole batch (Liger's fused
+    linear cross-entropy). backward scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, z_loss: float,
                 chunk_rows: int) -> tuple[Tensor, Tensor]:
-        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        valid = labels != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        w = weight.to(compute_dtype_of(hidden))  # cast once, not per chunk
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss_sum = ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        w = weight.detach().requires_grad_()
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows].detach().requires_grad_()
-            lab = labels[start : start + chunk_rows]
-            with torch.enable_grad():
-                logits = (h @ w.T).float()
-                if softcap:
-                    logits = softcap * torch.tanh(logits / softcap)
-                ce = F.cross_entropy(logits, lab, ignore_index=IGNORE_INDEX, reduction="sum")
-                total = ce + z_loss * torch.logsumexp(logits[lab != IGNORE_INDEX], dim=-1).square().sum() if z_loss else ce
-                gh, gw = torch.autograd.grad(total, (h, w))
-            grad_hidden[start : start + chunk_rows] = gh
-            grad_weight += gw
-            loss_sum, ce_sum = loss_sum + total.detach(), ce_sum + ce.detach()
-        ctx.save_for_backward(grad_hidden / n_valid, grad_weight / n_valid)
+            rows = slice(start, start + chunk_rows)
+            h, lab, scale = hidden[rows], labels[rows].clamp(min=0), valid[rows].float()
+            lse, target, grad_logits = softmax_xent_grad(_head(h, w), lab, scale, softcap, z_loss)
+            _accumulate_head_grads(grad_logits, h, w, grad_hidden[rows], grad_weight)
+            ce = ((lse - target) * scale).sum()
+            ce_sum = ce_sum + ce
+            loss_sum = loss_sum + ce + (z_loss * (lse.square() * scale).sum() if z_loss else 0)
+        ctx.save_for_backward(grad_hidden / n_valid, (grad_weight / n_valid).to(weight.dtype))
         ce_mean = ce_sum / n_valid
         ctx.mark_non_differentiable(ce_mean)
         return loss_sum / n_valid, ce_mean
@@ -81,15 +134,9 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tenso
     return torch.cat(out)
 
 
-def _head_logits(h: Tensor, w: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    """float32 logits of one chunk of rows through the head `w` (already in the compute dtype), with
-    tanh(z / softcap) kept for the softcap's derivative."""
-    with torch.autocast(h.device.type, enabled=False):
-        logits = (h.to(w.dtype) @ w.T).float()
-    if not softcap:
-        return logits, None
-    t = torch.tanh(logits / softcap)
-    return softcap * t, t
+def _softcapped(raw: Tensor, softcap: float | None) -> Tensor:
+    logits = raw.float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -100,10 +147,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, chunk_rows: int) -> Tensor:
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = compute_dtype_of(hidden)
         w = weight.to(dtype)  # cast once, not per chunk
-        out = torch.cat([token_logprobs(_head_logits(h, w, softcap)[0], lab, chunk_rows=len(h))
+        out = torch.cat([token_logprobs(_softcapped(_head(h, w), softcap), lab, chunk_rows=len(h))
                          for h, lab in zip(hidden.split(chunk_rows), labels.split(chunk_rows))])
         ctx.save_for_backward(hidden, weight, labels)
         ctx.softcap, ctx.chunk_rows, ctx.dtype = softcap, chunk_rows, dtype
@@ -115,19 +161,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
         w = weight.to(ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            h, lab = hidden[start : start + ctx.chunk_rows], labels[start : start + ctx.chunk_rows]
-            logits, t = _head_logits(h, w, ctx.softcap)
-            g = grad_out[start : start + ctx.chunk_rows].float() * (lab != IGNORE_INDEX)
-            # d log p(y) / d logits = onehot(y) - softmax; in place, one (rows, vocab) buffer at a time
-            grad_logits = logits.softmax(-1)
-            del logits
-            grad_logits.mul_(-g[:, None]).scatter_add_(1, lab.clamp(min=0)[:, None], g[:, None])
-            if t is not None:
-                grad_logits.mul_(1 - t.square())
-            grad_logits = grad_logits.to(ctx.dtype)
-            with torch.autocast(h.device.type, enabled=False):
-                grad_hidden[start : start + ctx.chunk_rows] = grad_logits @ w
-                grad_weight += (grad_logits.T @ h.to(w.dtype)).float()
+            rows = slice(start, start + ctx.chunk_rows)
+            h, lab = hidden[rows], labels[rows]
+            # d log p(y) / d logits = onehot(y) - softmax: the cross-entropy gradient scaled by -grad
+            scale = -grad_out[rows].float() * (lab != IGNORE_INDEX)
+            _, _, grad_logits = softmax_xent_grad(_head(h, w), lab.clamp(min=0), scale, ctx.softcap)
+            _accumulate_head_grads(grad_logits, h, w, grad_hidden[rows], grad_weight)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
