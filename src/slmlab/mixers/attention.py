@@ -85,7 +85,7 @@ class Attention(nn.Module):
         mask = self.visible(q_pos[:, None], torch.arange(k.shape[2], device=q.device)[None])  # (T, L)
         y = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * T, hd), k, v,
                                            attn_mask=mask.repeat(groups, 1))
-        return y.view(B, H, T, hd)
+        return y.reshape(B, H, T, hd)
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -17,6 +17,8 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor
 
+from slmlab.ops import autocast_dtype
+
 if TYPE_CHECKING:
     from slmlab.models.transformer import CausalLM
 
@@ -96,9 +98,8 @@ def static_decoder(model: "CausalLM", batch: int, max_len: int, graph: bool) -> 
     the same shapes every step. The few most recent are kept per model, keyed also by the weights'
     dtype and autocast, which a captured graph bakes in."""
     max_len = min(model.cfg.max_seq_len, -(-max_len // CACHE_BLOCK) * CACHE_BLOCK)
-    device = model.lm_head.weight.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    key = (batch, max_len, model.lm_head.weight.dtype, autocast, graph)
+    weight = model.lm_head.weight
+    key = (batch, max_len, weight.dtype, autocast_dtype(weight.device), graph)
     cache = _decoders.setdefault(model, OrderedDict())  # decoders hold no reference to the model
     if key not in cache:
         cache[key] = StaticDecoder(model, batch, max_len, graph)

@@ -10,6 +10,7 @@ from slmlab import mixers  # a module reference: mixers import models.config, so
 from slmlab.models.config import ModelConfig
 from slmlab.models.generate import generate
 from slmlab.models.layers import RMSNorm, SwiGLU
+from slmlab.ops import autocast_dtype
 from slmlab.training.losses import chunked_lm_loss, chunked_token_logprobs
 
 
@@ -72,10 +73,10 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = self.embed(input_ids)
-        if torch.is_autocast_enabled(x.device.type):
+        if (dtype := autocast_dtype(x.device)) is not None:
             # the residual stream in the compute dtype, as with bf16 parameters (torchtitan, Megatron):
             # half the memory traffic of every norm and residual add; norms still compute in float32
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = x.to(dtype)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)

@@ -2,11 +2,12 @@
 and a dispatch to the CUDA kernels (fla, mamba-ssm) for each; `backend.py` chooses among them."""
 
 from slmlab.ops.backend import KERNELS, kernel_available, resolve_backend
-from slmlab.ops.gla import compute_dtype, gla, gla_chunked, gla_flops_per_token, gla_recurrent
+from slmlab.ops.gla import autocast_dtype, compute_dtype, gla, gla_chunked, gla_flops_per_token, gla_recurrent
 from slmlab.ops.ssd import ssd, ssd_chunked, ssd_flops_per_token, ssd_recurrent
 
 __all__ = [
     "KERNELS",
+    "autocast_dtype",
     "compute_dtype",
     "gla",
     "gla_chunked",

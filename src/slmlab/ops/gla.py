@@ -25,6 +25,14 @@ from slmlab.ops.backend import resolve_backend
 KERNEL_CHUNK = 64
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on this device, or None where it is off (or cannot be on: meta)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of recurrent states and of what is summed over the sequence (log-decays): float32
     for half-precision inputs, float64 stays float64."""

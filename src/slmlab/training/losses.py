@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slmlab.ops import autocast_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -28,8 +30,7 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> tuple[Tensor
 
 def compute_dtype_of(hidden: Tensor) -> torch.dtype:
     """The dtype the head runs in: autocast's when it is on, else the hidden states'."""
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return autocast_dtype(hidden.device) or hidden.dtype
 
 
 def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
