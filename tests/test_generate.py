@@ -137,7 +137,7 @@ def test_static_decoding_state_gives_the_logits_of_the_growing_cache(layout):
 
 
 def test_static_decoders_are_reused_per_shape_and_round_the_cache_up():
-    from slmlab.models.decode_graph import CACHE_BLOCK, static_decoder
+    from slmlab.models.decode_graph import CACHE_BLOCK, release_decoders, static_decoder
 
     model = tiny_model()  # max_seq_len 64 < CACHE_BLOCK: the cache is capped at the context
     a = static_decoder(model, 2, 10, graph=False)
@@ -145,3 +145,5 @@ def test_static_decoders_are_reused_per_shape_and_round_the_cache_up():
     assert static_decoder(model, 3, 10, graph=False) is not a
     big = CausalLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=4096))
     assert static_decoder(big, 1, CACHE_BLOCK + 1, graph=False).state[0].k.shape[2] == 2 * CACHE_BLOCK
+    release_decoders(model)
+    assert static_decoder(model, 2, 10, graph=False) is not a

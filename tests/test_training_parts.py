@@ -286,6 +286,8 @@ def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
 
 
 def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_loss_tracks_float32():
+    """bf16 autocast: the blocks pass bf16 between them (fp16: float32), and loss and gradients stay
+    close to the float32 model's."""
     from slmlab.models import CausalLM, ModelConfig
 
     torch.manual_seed(0)
@@ -299,8 +301,10 @@ def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_loss_tracks_flo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = model.loss(ids, labels, 1e-3, chunk_tokens=24)
     grads = torch.autograd.grad(got, list(model.parameters()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        model.hidden(ids)  # fp16's range would overflow a residual stream: it stays float32
     handle.remove()
-    assert seen == [torch.float32, torch.bfloat16]
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
     assert abs(got.item() - want.item()) < 0.02 * want.item()
     for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32  # parameters stay float32: their gradients too

@@ -99,7 +99,7 @@ def static_decoder(model: "CausalLM", batch: int, max_len: int, graph: bool) -> 
     dtype and autocast, which a captured graph bakes in."""
     max_len = min(model.cfg.max_seq_len, -(-max_len // CACHE_BLOCK) * CACHE_BLOCK)
     weight = model.lm_head.weight
-    key = (batch, max_len, weight.dtype, autocast_dtype(weight.device), graph)
+    key = (batch, max_len, weight.device, weight.dtype, autocast_dtype(weight.device), graph)
     cache = _decoders.setdefault(model, OrderedDict())  # decoders hold no reference to the model
     if key not in cache:
         cache[key] = StaticDecoder(model, batch, max_len, graph)
@@ -107,3 +107,8 @@ def static_decoder(model: "CausalLM", batch: int, max_len: int, graph: bool) -> 
             cache.popitem(last=False)
     cache.move_to_end(key)
     return cache[key]
+
+
+def release_decoders(model: "CausalLM") -> None:
+    """Frees the model's kept decoders: their states and CUDA graph memory (after rollouts, between benchmarks)."""
+    _decoders.pop(model, None)

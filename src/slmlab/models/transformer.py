@@ -73,10 +73,11 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = self.embed(input_ids)
-        if (dtype := autocast_dtype(x.device)) is not None:
-            # the residual stream in the compute dtype, as with bf16 parameters (torchtitan, Megatron):
-            # half the memory traffic of every norm and residual add; norms still compute in float32
-            x = x.to(dtype)
+        if autocast_dtype(x.device) == torch.bfloat16:
+            # the residual stream in bf16, as with bf16 parameters (torchtitan, Megatron): half the memory
+            # traffic of every norm and residual add; norms still compute in float32. fp16 keeps a
+            # float32 stream: its range would overflow
+            x = x.to(torch.bfloat16)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)
