@@ -25,10 +25,11 @@ from slmlab.ops import compute_dtype, gla, gla_flops_per_token
 @dataclass
 class RecurrentState:
     """The state of a linear-attention mixer: S (batch, heads, key_dim, value_dim), float32 for
-    half-precision models, and the number of positions it has absorbed (for RoPE)."""
+    half-precision models, and the number of positions it has absorbed (for RoPE; a 0-dim device
+    tensor for CUDA-graph decoding, `models/decode_graph.py`)."""
 
     S: Tensor
-    pos: int = 0
+    pos: int | Tensor = 0
 
 
 class GLA(nn.Module):

@@ -73,7 +73,7 @@ class StaticDecoder:
                 model.next_token_logits(self.token, self.state)
                 self._restore(saved)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # loader threads may use CUDA
             self.logits = model.next_token_logits(self.token, self.state)
         self._restore(saved)
         self.captured = True
