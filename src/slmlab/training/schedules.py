@@ -15,7 +15,8 @@ class WarmupSchedule(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
         if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+            raise ValueError(f"schedule.warmup_steps={warmup_steps} must lie in [0, trainer.max_steps={total_steps}] "
+                             "(the schedule spans the run's optimizer steps): lower schedule.warmup_steps")
         self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
         super().__init__(optimizer)
 
