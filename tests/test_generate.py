@@ -147,3 +147,24 @@ def test_static_decoders_are_reused_per_shape_and_round_the_cache_up():
     assert static_decoder(big, 1, CACHE_BLOCK + 1, graph=False).state[0].k.shape[2] == 2 * CACHE_BLOCK
     release_decoders(model)
     assert static_decoder(model, 2, 10, graph=False) is not a
+
+
+def test_static_decoding_under_bf16_autocast_with_float32_weights():
+    """As GRPO samples inside a bf16-mixed training step: float32 weights and caches, bf16 activations."""
+    from slmlab.models.decode_graph import release_decoders, static_decoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64,
+                      init_std=0.2, layout="A,M", ssm_d_state=16, ssm_headdim=16)
+    model = CausalLM(cfg).eval()
+    prompt, tokens = torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (6, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = static_decoder(model, 2, 11, graph=False)
+        state = model.init_state(2, 11)
+        torch.testing.assert_close(decoder.prefill(model, prompt), model(prompt, state)[:, -1])
+        for token in tokens:
+            # bf16 logits of |z| ~ 2: attention over the 64 cache slots vs the written ones sums in another
+            # order (a few ulps); a wrong position or a lost state would be off by far more
+            torch.testing.assert_close(decoder.step(model, token), model(token[:, None], state)[:, -1],
+                                       rtol=0, atol=0.08)
+    release_decoders(model)

@@ -51,8 +51,8 @@ class Attention(nn.Module):
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         if isinstance(offset, Tensor):  # static shapes: write on the device, attend over the whole cache
             positions = offset + torch.arange(T, device=x.device)
-            state.k.index_copy_(2, positions, k)
-            state.v.index_copy_(2, positions, v)
+            state.k.index_copy_(2, positions, k.to(state.k.dtype))  # float32 caches under autocast
+            state.v.index_copy_(2, positions, v.to(state.v.dtype))
             offset = offset.clone()
             state.pos += T  # in place: the graph's position buffer
             k, v = state.k, state.v
