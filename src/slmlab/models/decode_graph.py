@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from slmlab.models.transformer import CausalLM
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so prompts of similar length share a graph
-GRAPHS_PER_MODEL = 4
+DECODERS_PER_MODEL = 4
 
 
 class StaticDecoder:
@@ -103,7 +103,7 @@ def static_decoder(model: "CausalLM", batch: int, max_len: int, graph: bool) -> 
     cache = _decoders.setdefault(model, OrderedDict())  # decoders hold no reference to the model
     if key not in cache:
         cache[key] = StaticDecoder(model, batch, max_len, graph)
-        while len(cache) > GRAPHS_PER_MODEL:
+        while len(cache) > DECODERS_PER_MODEL:
             cache.popitem(last=False)
     cache.move_to_end(key)
     return cache[key]
