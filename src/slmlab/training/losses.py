@@ -39,9 +39,9 @@ def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: 
     after the softcap), and the gradient of sum_r row_scale_r (lse_r - z_r[y_r] + z_loss lse_r^2) with
     respect to the raw outputs, in their dtype. Labels must be valid indices (mask through row_scale).
 
-    Compiled on CUDA this is two passes over the bf16 logits and one bf16 write: no float32 copy of
-    the logits, their log-softmax or its gradient is ever stored (5x less memory traffic than autograd
-    through `cross_entropy`)."""
+    Compiled on CUDA this is two passes over the bf16 logits and one bf16 write: none of the float32
+    tensors autograd through `cross_entropy` writes and reads back (the logits' copy, their
+    log-softmax, its gradient) is ever stored."""
     z = raw.float()
     t = None
     if softcap:
