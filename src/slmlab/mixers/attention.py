@@ -53,15 +53,14 @@ class Attention(nn.Module):
             positions = offset + torch.arange(T, device=x.device)
             state.k.index_copy_(2, positions, k.to(state.k.dtype))  # float32 caches under autocast
             state.v.index_copy_(2, positions, v.to(state.v.dtype))
-            offset = offset.clone()
-            state.pos += T  # in place: the graph's position buffer
             k, v = state.k, state.v
         elif state is not None:
             state.k[:, :, offset : offset + T] = k
             state.v[:, :, offset : offset + T] = v
-            state.pos += T
             k, v = state.k[:, :, : offset + T], state.v[:, :, : offset + T]
         y = self.attend(q, k, v, offset)
+        if state is not None:
+            state.pos += T  # after attending: a device position is `offset` itself, advanced in place
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
