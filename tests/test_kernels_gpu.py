@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from slmlab.mixers.gla import GLA
 from slmlab.mixers.hgrn2 import HGRN2
-from slmlab.mixers.mamba2 import Mamba2
+from slmlab.mixers.mamba2 import GatedRMSNorm, Mamba2
 from slmlab.models.config import ModelConfig
 from slmlab.ops import gla, gla_chunked, kernel_available, ssd, ssd_chunked
 
@@ -112,6 +112,29 @@ SSD_TOLS = dict(out=0.01, state=0.01, dx=0.01, ddt=0.03, dA=0.03, dB=0.01, dC=0.
 def test_ssd_kernel_matches_reference(kernel, b, T, H, P, G, N):
     """T = 300 spans two of mamba-ssm's 256-step chunks; T = 1 is a decoding step."""
     compare(lambda **kw: ssd(**kw, kernel=kernel), ssd_chunked, ssd_inputs(b, T, H, P, G, N), SSD_TOLS)
+
+
+@needs("mamba_ssm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gated_rmsnorm_matches_reference(dtype):
+    """Mamba-2's output norm: mamba-ssm's Triton kernel against the PyTorch composition, per group,
+    on z given as a strided slice (as the mixer passes it, split from in_proj's output)."""
+    fused, reference = GatedRMSNorm(256, 64, 1e-5), GatedRMSNorm(256, 64, 1e-5, kernel="torch")
+    fused.weight.data = reference.weight.data = torch.rand(256) + 0.5
+    fused, reference = fused.cuda(), reference.cuda()
+    y = torch.randn(3, 50, 256, device="cuda").to(dtype)
+    z = torch.randn(3, 50, 300, device="cuda").to(dtype)[..., 20:276]
+    dout = torch.randn(3, 50, 256, device="cuda")
+    grads = []
+    for norm in (fused, reference):
+        yz = [t.detach().clone().requires_grad_() for t in (y, z)]
+        out = norm(*yz)
+        (out.double() * dout).sum().backward()
+        grads.append((out, *(t.grad for t in yz), norm.weight.grad))
+    tol = 1e-5 if dtype == torch.float32 else 0.01
+    for name, a, e in zip(("out", "dy", "dz", "dweight"), *grads, strict=True):
+        assert a.dtype == e.dtype, name
+        check(name, a, e, tol)
 
 
 # --- the mixers -----------------------------------------------------------------------------------

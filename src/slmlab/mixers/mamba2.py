@@ -33,15 +33,25 @@ class Mamba2State:
 
 class GatedRMSNorm(nn.Module):
     """mamba-ssm's `RMSNormGated(norm_before_gate=False)`: rmsnorm(y * silu(z)) * weight, each group
-    of `group_size` channels normalised on its own, computed in float32 (or float64)."""
+    of `group_size` channels normalised on its own, computed in float32 (or float64).
 
-    def __init__(self, dim: int, group_size: int, eps: float) -> None:
+    On CUDA with `kernel` auto or mamba_ssm, mamba-ssm's fused Triton kernel (one pass over y and z
+    each way, where the PyTorch composition below makes about ten); the composition is its reference.
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float, kernel: str = "auto") -> None:
         super().__init__()
         self.group_size, self.eps = group_size, eps
+        self.use_kernel = kernel in ("auto", "mamba_ssm")
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y, z: (..., dim) -> (..., dim) in y's dtype."""
+        if self.use_kernel and y.is_cuda and y.dtype != torch.float64 and kernel_available("mamba_ssm"):
+            from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+            return rmsnorm_fn(y, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
+                              norm_before_gate=False)
         dtype = compute_dtype(y.dtype)
         h = (y.to(dtype) * F.silu(z.to(dtype))).unflatten(-1, (-1, self.group_size))
         h = F.rms_norm(h, (self.group_size,), eps=self.eps).flatten(-2)
@@ -70,7 +80,7 @@ class Mamba2(nn.Module):
         # decay rates A = -exp(A_log) uniform in [-16, -1] per head
         self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(1, 16).log())
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, cfg.norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, cfg.norm_eps, cfg.kernel)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, u: Tensor, state: Mamba2State | None = None) -> Tensor:
