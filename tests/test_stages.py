@@ -83,7 +83,10 @@ def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
         "stage.group_size=8", "stage.max_new_tokens=6", "stage.kl_beta=0.0", "optim.lr=3e-3"]))
     reward = metric(tmp_path / "run", "train/reward")
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    assert last > first + 0.2, reward
+    # at least 40% of the way from the starting reward to the ceiling of 1 (a fixed margin cannot be
+    # reached from a start near the ceiling); each logged value averages 16 samples, so without
+    # learning the gap closed scatters by about +-0.2 around 0
+    assert last - first >= 0.4 * (1 - first), reward
     assert metric(tmp_path / "run", "val/pass_rate")
 
 
