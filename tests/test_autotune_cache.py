@@ -1,8 +1,10 @@
 """The shipped Triton autotune results: which GPU folder applies, how they reach the Triton cache,
 what `python -m slmlab.tune_kernels` tunes; and the start-up time the throughput monitor reports."""
 
+import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -72,6 +74,110 @@ def test_tuning_covers_each_kernel_backed_mixer_of_the_presets_once():
     assert jobs == [("helix_hybrid", "mamba2", 8, 2048), ("helix_hybrid", "gla", 8, 2048),
                     ("odinnext", "hgrn2", 8, 2048)]
     assert tuning_jobs(["helios_nova"], seq_len=2048, tokens=16384) == []  # attention: nothing to tune
+
+
+# --- winners of kernels with pre_hooks (Triton does not write them) -------------------------------
+
+
+class FakeConfig:
+    """What the code reads of a triton.Config."""
+
+    def __init__(self, block: int, num_warps: int, pre_hook=None) -> None:
+        self.kwargs, self.num_warps, self.pre_hook = {"BLOCK": block}, num_warps, pre_hook
+
+    def all_kwargs(self) -> dict:
+        return {**self.kwargs, "num_warps": self.num_warps}
+
+
+def zero_grad_hook(nargs):  # a kernel zeroing an output before each launch, as mamba-ssm's do
+    pass
+
+
+def fake_bwd_kernel():  # the kernel's source: its hash guards the shipped winners
+    pass
+
+
+class FakeAutotuner:
+    def __init__(self, with_pre_hook: bool = True) -> None:
+        hook = zero_grad_hook if with_pre_hook else None
+        self.configs = [FakeConfig(64, 4, hook), FakeConfig(128, 8, hook)]
+        self.cache, self.base_fn = {}, fake_bwd_kernel
+
+
+class FakeHeuristics:  # triton.heuristics around an autotuner
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+
+KEY = (256, 64, "torch.bfloat16")
+
+
+@pytest.fixture
+def kernels(monkeypatch, tmp_path):
+    """A loaded kernel package `fakekern` with a pre_hook kernel (also reachable through a wrapper and
+    a second module) and one without; Triton 3.6.0; SHIPPED in tmp_path."""
+    tuner, plain = FakeAutotuner(), FakeAutotuner(with_pre_hook=False)
+    ops = types.ModuleType("fakekern.ops")
+    ops.bwd, ops.wrapped, ops.plain = tuner, FakeHeuristics(tuner), plain
+    other = types.ModuleType("fakekern.combined")
+    other.bwd = tuner  # `from fakekern.ops import bwd`
+    stub = types.ModuleType("missing_extension")  # a stub of an extension that is not built: any attribute raises
+    stub.__getattr__ = lambda name: (_ for _ in ()).throw(ImportError("missing_extension is not built"))
+    other.missing_extension = stub
+    monkeypatch.setitem(sys.modules, "fakekern.ops", ops)
+    monkeypatch.setitem(sys.modules, "fakekern.combined", other)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    monkeypatch.setattr(autotune_cache, "SHIPPED", tmp_path / "kernel_configs")
+    return ops
+
+
+def record_and_ship(ops, tmp_path) -> list[dict]:
+    ops.bwd.cache[KEY] = ops.bwd.configs[1]
+    ops.plain.cache[KEY] = ops.plain.configs[0]
+    entries = autotune_cache.prehook_winners(("fakekern",))
+    path = tmp_path / "kernel_configs" / "NVIDIA_H200" / autotune_cache.PREHOOK_FILE
+    autotune_cache.merge_prehook_winners(path, entries)
+    ops.bwd.cache.clear()  # a fresh process
+    return entries
+
+
+def test_pre_hook_winners_are_recorded_once_per_kernel_and_key(kernels, tmp_path):
+    entries = record_and_ship(kernels, tmp_path)
+    assert [(e["kernel"], e["key"], e["config"], e["triton"]) for e in entries] == [
+        (f"{__name__}.fake_bwd_kernel", list(KEY), {"BLOCK": 128, "num_warps": 8}, "3.6.0")]
+
+
+def test_shipped_pre_hook_winners_fill_the_autotune_cache_with_the_packages_own_config(kernels, tmp_path):
+    record_and_ship(kernels, tmp_path)
+    assert autotune_cache.seed_prehook_winners("NVIDIA H200", ("fakekern",)) == 1
+    assert kernels.bwd.cache[KEY] is kernels.bwd.configs[1]  # its pre_hook still runs at each launch
+    assert autotune_cache.seed_prehook_winners("NVIDIA H200", ("fakekern",)) == 0  # already there: kept
+    assert autotune_cache.seed_prehook_winners("NVIDIA H100 80GB HBM3", ("fakekern",)) == 0  # not tuned there
+
+
+@pytest.mark.parametrize("change", ["triton", "source_sha256", "config"])
+def test_pre_hook_winners_of_another_triton_or_kernel_source_are_ignored(kernels, tmp_path, change):
+    record_and_ship(kernels, tmp_path)
+    path = tmp_path / "kernel_configs" / "NVIDIA_H200" / autotune_cache.PREHOOK_FILE
+    entries = json.loads(path.read_text())
+    entries[0][change] = {"triton": "3.7.0", "source_sha256": "0" * 64, "config": {"BLOCK": 32, "num_warps": 2}}[change]
+    path.write_text(json.dumps(entries))
+    assert autotune_cache.seed_prehook_winners("NVIDIA H200", ("fakekern",)) == 0
+    assert kernels.bwd.cache == {}
+
+
+def test_merging_pre_hook_winners_replaces_a_kernels_key_and_keeps_the_others(tmp_path):
+    path = tmp_path / "prehook_configs.json"
+    entry = {"kernel": "k", "source_sha256": "s", "triton": "3.6.0", "config": {"BLOCK": 64}}
+    assert autotune_cache.merge_prehook_winners(path, [entry | {"key": [1]}, entry | {"key": [2]}]) == 2
+    assert autotune_cache.merge_prehook_winners(path, [entry | {"key": [1], "config": {"BLOCK": 128}}]) == 2
+    by_key = {tuple(e["key"]): e["config"] for e in json.loads(path.read_text())}
+    assert by_key == {(1,): {"BLOCK": 128}, (2,): {"BLOCK": 64}}
+
+
+def test_tuning_a_subset_of_mixers():
+    assert tuning_jobs(["helix_hybrid", "odinnext"], seq_len=2048, tokens=16384, mixers=("mamba2",)) == [
+        ("helix_hybrid", "mamba2", 8, 2048)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -3,12 +3,15 @@ where slmlab ships them (`ops/kernel_configs/<GPU model>/`, see `ops/autotune_ca
 
     python -m slmlab.tune_kernels                                  # helix_hybrid and odinnext, seq 2048
     python -m slmlab.tune_kernels --models odinnext --jobs 1       # one preset; sequential, cleanest timings
+    python -m slmlab.tune_kernels --mixers mamba2                   # one mixer; the others' results are kept
     python -m slmlab.tune_kernels --out /tmp/configs                # somewhere else than the package
 
 For each distinct Triton-backed mixer of the presets (gla, hgrn2, mamba2): one layer of the preset's
 shape runs forward + backward under bf16 autocast at `--seq-len`, then a prefill and one decoding step,
 in a Triton cache of its own, so every kernel on the training and generation paths autotunes from
-scratch. The winners replace that GPU's folder and are also copied into this machine's Triton cache.
+scratch. The winners replace that GPU's folder (with `--mixers`, only those mixers' results) and are
+also copied into this machine's Triton cache; the winners of kernels with pre_hooks, which Triton does
+not write, go into the folder's `prehook_configs.json` (see `ops/autotune_cache.py`).
 Attention mixers use flash SDPA / FlexAttention (compiled by torch, cached by inductor): nothing to tune.
 With `--jobs` > 1 the mixers tune in parallel processes on the one GPU: several times faster, but
 each candidate is timed while the others run, so the choice between close configs is noisier.
@@ -23,13 +26,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from slmlab.ops.autotune_cache import PATTERN, SHIPPED, copy_autotune_results, gpu_dirname, triton_cache_dir
+from slmlab.ops.autotune_cache import (PATTERN, PREHOOK_FILE, SHIPPED, copy_autotune_results, gpu_dirname,
+                                       merge_prehook_winners, prehook_winners, triton_cache_dir)
 
 TUNED_MIXERS = ("gla", "hgrn2", "mamba2")  # the mixers that run fla / mamba-ssm Triton kernels
 
 
-def tuning_jobs(models: list[str], seq_len: int, tokens: int) -> list[tuple[str, str, int, int]]:
-    """(preset, mixer, batch, seq_len) per distinct Triton-backed mixer of `models`, first preset wins."""
+def tuning_jobs(models: list[str], seq_len: int, tokens: int,
+                mixers: tuple[str, ...] = TUNED_MIXERS) -> list[tuple[str, str, int, int]]:
+    """(preset, mixer, batch, seq_len) per distinct Triton-backed mixer of `models` among `mixers`,
+    first preset wins."""
     from hydra.utils import instantiate
 
     from slmlab.config import compose_config
@@ -38,14 +44,15 @@ def tuning_jobs(models: list[str], seq_len: int, tokens: int) -> list[tuple[str,
     for name in models:
         cfg = instantiate(compose_config([f"model={name}"]).model)
         for mixer in dict.fromkeys(cfg.layer_mixers):
-            if mixer in TUNED_MIXERS and mixer not in seen:
+            if mixer in mixers and mixer not in seen:
                 seen.add(mixer)
                 jobs.append((name, mixer, max(1, tokens // seq_len), seq_len))
     return jobs
 
 
-def run_job(job: tuple[str, str, int, int]) -> tuple[str, str, float]:
-    """Runs one mixer's training and decoding kernels once (autotuning them); returns (preset, mixer, seconds)."""
+def run_job(job: tuple[str, str, int, int]) -> tuple[str, str, float, list[dict]]:
+    """Runs one mixer's training and decoding kernels once (autotuning them); returns (preset, mixer,
+    seconds, the winners of its pre_hook kernels)."""
     import torch
     from hydra.utils import instantiate
 
@@ -67,7 +74,7 @@ def run_job(job: tuple[str, str, int, int]) -> tuple[str, str, float]:
             layer(x[:, :prompt].detach(), state)
             layer(x[:, prompt - 1 : prompt].detach(), state)
     torch.cuda.synchronize()
-    return name, kind, time.perf_counter() - start
+    return name, kind, time.perf_counter() - start, prehook_winners()
 
 
 def main() -> None:
@@ -75,6 +82,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["helix_hybrid", "odinnext"])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per tuning batch (batch = tokens // seq-len)")
+    parser.add_argument("--mixers", nargs="+", choices=TUNED_MIXERS, default=list(TUNED_MIXERS),
+                        help="only these mixers; the GPU folder keeps the others' results")
     parser.add_argument("--jobs", type=int, default=1, help="mixers tuned in parallel processes")
     parser.add_argument("--out", type=Path, default=SHIPPED, help="folder of per-GPU config folders")
     args = parser.parse_args()
@@ -87,21 +96,26 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="slmlab-tune-"))
     # set before any kernel package loads (here and in the spawned workers, which inherit it)
     os.environ.update(TRITON_CACHE_DIR=str(scratch), TRITON_CACHE_AUTOTUNING="1", SLMLAB_TUNED_CONFIGS="0")
-    jobs = tuning_jobs(args.models, args.seq_len, args.tokens)
+    jobs = tuning_jobs(args.models, args.seq_len, args.tokens, tuple(args.mixers))
     print(f"tuning {', '.join(f'{m} ({p})' for p, m, _, _ in jobs)} at seq {args.seq_len} in {args.jobs} process(es)",
           flush=True)
     start = time.perf_counter()
+    prehook = []
     with multiprocessing.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
-        for name, kind, seconds in pool.imap_unordered(run_job, jobs):
+        for name, kind, seconds, winners in pool.imap_unordered(run_job, jobs):
             print(f"  {kind:<7} ({name}): {seconds:6.1f} s", flush=True)
+            prehook += winners
 
     dest = args.out / gpu_dirname(torch.cuda.get_device_name())
-    shutil.rmtree(dest, ignore_errors=True)
+    if set(args.mixers) == set(TUNED_MIXERS):
+        shutil.rmtree(dest, ignore_errors=True)
     written = copy_autotune_results(scratch, dest, overwrite=True)
+    held = merge_prehook_winners(dest / PREHOOK_FILE, prehook)
     copy_autotune_results(scratch, user_cache, overwrite=True)
     shutil.rmtree(scratch, ignore_errors=True)
     kernels = sorted({p.name.removesuffix(".autotune.json") for p in dest.glob(PATTERN)})
-    print(f"{len(written)} autotune results for {len(kernels)} kernels in {time.perf_counter() - start:.0f} s -> {dest}")
+    print(f"{len(written)} autotune results for {len(kernels)} kernels in {time.perf_counter() - start:.0f} s -> {dest}; "
+          f"{len(prehook)} pre_hook kernel results ({held} in {PREHOOK_FILE})")
     print("  " + ", ".join(kernels))
 
 

@@ -10,15 +10,30 @@ so a result is only found where it applies and anything else autotunes as before
 `kernel_configs/<GPU model>/` holds those files for the presets' shapes; `seed_autotune_cache` copies
 the ones for the current GPU into the Triton cache before the kernel packages load, and
 `python -m slmlab.tune_kernels` regenerates them.
+
+Triton never writes that file for a kernel whose candidate configs carry a `pre_hook` (it cannot
+serialise one): most of mamba-ssm's SSD backward kernels zero an output that way, and they autotuned on
+every fresh machine (about 30 s of helix_hybrid's first step). Their winners go into
+`kernel_configs/<GPU model>/prehook_configs.json` instead, one entry per kernel and tuning key with
+the kernel's source hash and the Triton version; `seed_prehook_winners` puts them into the kernel's
+in-memory autotune cache once its package has loaded (`prehook_winners` records them).
 """
 
+import hashlib
+import inspect
+import json
 import os
 import re
 import shutil
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "kernel_configs"
 PATTERN = "*/*.autotune.json"  # <key hash>/<kernel>.autotune.json, Triton's cache layout
+PREHOOK_FILE = "prehook_configs.json"
+KERNEL_PACKAGES = ("fla", "mamba_ssm")
 
 
 def gpu_dirname(device_name: str) -> str:
@@ -58,3 +73,76 @@ def seed_autotune_cache(device_name: str, cache_dir: Path | None = None) -> int:
     if not shipped.is_dir():
         return 0
     return len(copy_autotune_results(shipped, cache_dir or triton_cache_dir(), overwrite=False))
+
+
+def _prehook_autotuners(packages: tuple[str, ...]) -> Iterator[tuple[str, object]]:
+    """("module.kernel", Triton Autotuner) for each loaded kernel of `packages` whose configs carry a
+    pre_hook, once each (a kernel imported into several modules is one autotuner). An autotuner is
+    recognised by what is read from it: `configs`, `cache` and `base_fn`."""
+    seen = set()
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] not in packages:
+            continue
+        for obj in list(vars(module).values()):
+            if isinstance(obj, types.ModuleType):  # an imported module (stubs of missing extensions raise on any attribute)
+                continue
+            while obj is not None and not all(hasattr(obj, a) for a in ("configs", "cache", "base_fn")):
+                obj = getattr(obj, "fn", None)  # triton.heuristics wraps an autotuner, or is wrapped by one
+            if obj is None or id(obj) in seen or not any(c.pre_hook for c in obj.configs):
+                continue
+            seen.add(id(obj))
+            yield f"{obj.base_fn.__module__}.{obj.base_fn.__name__}", obj
+
+
+def _source_hash(tuner: object) -> str:
+    return hashlib.sha256(inspect.getsource(tuner.base_fn).encode()).hexdigest()
+
+
+def prehook_winners(packages: tuple[str, ...] = KERNEL_PACKAGES) -> list[dict]:
+    """The configs this process's autotuning chose for the pre_hook kernels of `packages`, as entries
+    of `prehook_configs.json`."""
+    import triton
+
+    entries = []
+    for name, tuner in _prehook_autotuners(packages):
+        for key, config in tuner.cache.items():
+            entries.append({"kernel": name, "source_sha256": _source_hash(tuner), "triton": triton.__version__,
+                            "key": list(key), "config": config.all_kwargs()})
+    return entries
+
+
+def merge_prehook_winners(path: Path, entries: list[dict]) -> int:
+    """Adds `entries` to the json file at `path` (an entry of the same kernel and key is replaced);
+    returns how many the file holds."""
+    merged = {(e["kernel"], json.dumps(e["key"])): e for e in _read_entries(path) + entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(sorted(merged.values(), key=lambda e: (e["kernel"], str(e["key"]))), indent=1))
+    partial.replace(path)
+    return len(merged)
+
+
+def _read_entries(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def seed_prehook_winners(device_name: str, packages: tuple[str, ...] = KERNEL_PACKAGES) -> int:
+    """Puts the shipped winners for `device_name` into the autotune caches of the loaded pre_hook
+    kernels of `packages`, where the kernel source and the Triton version match the tuning run's.
+    Returns how many were seeded; a key autotuned in this process already is kept."""
+    import triton
+
+    entries = _read_entries(SHIPPED / gpu_dirname(device_name) / PREHOOK_FILE)
+    if not entries:
+        return 0
+    tuners = dict(_prehook_autotuners(packages))
+    seeded = 0
+    for e in entries:
+        tuner = tuners.get(e["kernel"])
+        if tuner is None or e["triton"] != triton.__version__ or e["source_sha256"] != _source_hash(tuner):
+            continue
+        config = next((c for c in tuner.configs if c.all_kwargs() == e["config"]), None)
+        if config is not None and tuple(e["key"]) not in tuner.cache:
+            tuner.cache[tuple(e["key"])] = config  # the package's own Config object: its pre_hook runs
+            seeded += 1
+    return seeded

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from slmlab.ops.autotune_cache import seed_autotune_cache
+from slmlab.ops.autotune_cache import KERNEL_PACKAGES, seed_autotune_cache, seed_prehook_winners
 
 KERNELS = ("auto", "torch", "fla", "mamba_ssm")
 INSTALL_HINT = 'pip install -e ".[cuda]"'
@@ -33,23 +33,30 @@ _PROBES = {
 _warned: set[str] = set()
 
 
+def _use_tuned_configs() -> bool:
+    # SLMLAB_TUNED_CONFIGS=0 leaves the Triton cache alone (python -m slmlab.tune_kernels does)
+    return torch.cuda.is_available() and os.environ.get("SLMLAB_TUNED_CONFIGS", "1") != "0"
+
+
 @functools.cache
 def seed_tuned_configs() -> None:
     """Seeds the shipped Triton autotune results for this GPU (`ops/autotune_cache.py`), once per process."""
-    # before the first kernel package loads: its autotuners then find the shipped results.
-    # SLMLAB_TUNED_CONFIGS=0 leaves the Triton cache alone (python -m slmlab.tune_kernels does)
-    if torch.cuda.is_available() and os.environ.get("SLMLAB_TUNED_CONFIGS", "1") != "0":
+    # before the first kernel package loads: its autotuners then find the shipped results
+    if _use_tuned_configs():
         seed_autotune_cache(torch.cuda.get_device_name())
 
 
 @functools.cache
 def kernel_available(package: str) -> bool:
-    """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports."""
+    """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports. Once it has, the shipped
+    winners of its pre_hook kernels go into their autotune caches (`ops/autotune_cache.py`)."""
     seed_tuned_configs()
     try:
         importlib.import_module(_PROBES[package])
     except Exception:  # ImportError, or a broken Triton/CUDA install failing at import time
         return False
+    if package in KERNEL_PACKAGES and _use_tuned_configs():
+        seed_prehook_winners(torch.cuda.get_device_name(), (package,))
     return True
 
 
