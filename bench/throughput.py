@@ -14,6 +14,7 @@
     python bench/throughput.py models --compile --only helios_nova helium_nano --tokens 32768
     python bench/throughput.py models --only helix_hybrid --seqs 32768 --tokens 32768 --checkpoint-from 32768
     python bench/throughput.py pipeline --compile --tokens 32768 --pipeline-steps 50
+    python bench/throughput.py models --compile --only helium_nano --tokens 131072 --set ffn_hidden=1344
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
 `CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
@@ -32,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.utils import instantiate
 
 from slmlab.config import compose_config
@@ -104,7 +106,11 @@ def layer_rows(args, device: torch.device) -> list[dict]:
         for seq in seqs:
             batch = max(1, args.tokens // seq)
             x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
-            candidates = {"ours": mixers.mixer_class(kind)(cfg, 0)}
+            # a layer without RoPE: the library layers have none (odinnext rotates in its even HGRN2 layers)
+            plain = next((i for i in range(cfg.n_layers) if not cfg.rope_on(i)), 0) if kind == "hgrn2" else 0
+            candidates = {"ours": mixers.mixer_class(kind)(cfg, plain)}
+            if kind == "hgrn2" and cfg.rope_on(0):
+                candidates["ours +RoPE"] = mixers.mixer_class(kind)(cfg, 0)
             if kind != "attention":  # the pure-PyTorch reference the CPU runs: the kernels' speed-up
                 candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), 0)
             if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
@@ -148,11 +154,12 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> Callab
 
 def model_rows(args, device: torch.device) -> list[dict]:
     runs = []  # (name, cfg, seq, impl)
-    helix = preset("helix_hybrid")
+    changes = dict(args.set)
+    helix = preset("helix_hybrid", **changes)
     if args.smoke:
         helix = replace(helix, vocab_size=512, d_model=64, n_layers=6, layout="M*2,G*2,S*2", n_heads=2, n_kv_heads=2, head_dim=32,
                         ffn_hidden=128, ssm_d_state=16, ssm_headdim=16, sliding_window=16, global_tokens=4)
-    odin = preset("odinnext")
+    odin = preset("odinnext", **changes)
     if args.smoke:
         odin = replace(odin, vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=32, hgrn2_expand_ratio=32,
                        ffn_hidden=128)
@@ -162,7 +169,7 @@ def model_rows(args, device: torch.device) -> list[dict]:
             runs += [(name, replace(cfg, max_seq_len=seq), seq, "ours"),
                      (f"{name}: all-attention twin", replace(twin, max_seq_len=seq), seq, "ours")]
     for name in ("helios_nova", "helium_nano"):
-        cfg = preset(name)
+        cfg = preset(name, **changes)
         if args.smoke:
             cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
         seq = 64 if args.smoke else cfg.max_seq_len  # each preset's own context: 2048 and 512
@@ -293,6 +300,14 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
 
+def model_setting(text: str) -> tuple[str, object]:
+    """"ffn_hidden=1344" -> ("ffn_hidden", 1344): a ModelConfig field and its value, parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in ModelConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a model config field")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="+", choices=["layers", "models", "pipeline"])
@@ -305,6 +320,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-from", type=int, default=1 << 30, metavar="SEQ",
                         help="activation checkpointing for our models (and their twins) at this sequence length and up")
     parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths (models)")
+    parser.add_argument("--set", nargs="+", type=model_setting, default=[], metavar="KEY=VALUE",
+                        help="change the presets (models), e.g. ffn_hidden=1344")
     parser.add_argument("--pipeline-model", default="helios_nova")
     parser.add_argument("--pipeline-steps", type=int, default=60, help="optimizer steps of the train.py run")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")
