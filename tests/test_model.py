@@ -132,3 +132,23 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
     assert saved[1] < saved[0] / 2  # the blocks' activations were not kept for the backward pass
+
+
+def test_initialisation_draws_each_weight_once_and_leaves_nn_defaults_alone():
+    """CausalLM builds its Linear/Embedding layers without their own init (reset_parameters draws them):
+    every weight has the configured std (the residual outputs scaled down), the GLA decay bias its set
+    value, and modules built afterwards get PyTorch's default init again."""
+    cfg = tiny(d_model=128, n_layers=4, layout="A,G,M,H", hgrn2_expand_ratio=32, ssm_d_state=16, ssm_headdim=16,
+               ffn_hidden=256, init_std=0.05, vocab_size=512)
+    model = CausalLM(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() == 2 and "conv" not in name:
+            residual = name.removesuffix(".weight").endswith(("mixer.o", "mixer.out_proj", "mlp.down"))
+            std = 0.05 / math.sqrt(2 * cfg.n_layers) if residual else 0.05
+            assert p.std().item() == pytest.approx(std, rel=0.15), name
+    gla = model.blocks[1].mixer
+    assert torch.allclose(gla.decay.bias, gla.decay.bias[0].expand_as(gla.decay.bias))  # the constant decay init
+    fresh = torch.nn.Linear(1000, 1000)
+    assert fresh.weight.abs().max().item() <= 1 / math.sqrt(1000)  # kaiming-uniform's bound
+    assert fresh.weight.std().item() == pytest.approx(1 / math.sqrt(3000), rel=0.05)
+    assert torch.nn.Embedding(100, 100).weight.std().item() == pytest.approx(1.0, rel=0.05)
