@@ -84,7 +84,8 @@ def _prehook_autotuners(packages: tuple[str, ...]) -> Iterator[tuple[str, object
         if module is None or module_name.split(".")[0] not in packages:
             continue
         for obj in list(vars(module).values()):
-            if isinstance(obj, types.ModuleType):  # an imported module (stubs of missing extensions raise on any attribute)
+            # an imported module is no kernel (and a stub of a missing extension raises on any attribute)
+            if isinstance(obj, types.ModuleType):
                 continue
             while obj is not None and not all(hasattr(obj, a) for a in ("configs", "cache", "base_fn")):
                 obj = getattr(obj, "fn", None)  # triton.heuristics wraps an autotuner, or is wrapped by one
