@@ -9,20 +9,25 @@
 from contextlib import nullcontext
 
 import hydra
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from slmlab.checkpoint import resolve_ckpt_path
 from slmlab.config import check_argument_types, register_configs
-from slmlab.training.faults import preflight
+from slmlab.training.kernel_warmup import KernelWarmup
 
 register_configs()
 
 
 def train(cfg: DictConfig) -> float | None:
     """Runs one configuration; returns the final validation loss (the metric sweeps optimise)."""
+    warmup = instantiate(cfg.kernel_warmup) if cfg.get("kernel_warmup") else KernelWarmup()
+    # imported once the warm-up compiles: Lightning alone takes seconds to import
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from slmlab.training.faults import preflight
+
     check_argument_types(cfg)  # stage.* and trainer.* have no schema: a wrong type is named here
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -37,6 +42,7 @@ def train(cfg: DictConfig) -> float | None:
     preflight(cfg.paths.output_dir, module)  # writable, room for a checkpoint: fail now, not at the first save
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    warmup.wait()  # before the first step, so the step finds every kernel compiled
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
     if cfg.test:
         trainer.test(module, datamodule=datamodule)

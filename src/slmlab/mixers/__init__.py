@@ -4,6 +4,7 @@
     y = mixer(x, state=None)              # training / prefill; with a state, decoding continues it
     state = mixer.init_state(batch_size, max_len, device, dtype)
     mixer.flops_per_token(seq_len)        # forward FLOPs, for an honest MFU
+    MIXERS[name].compiles_kernels         # whether its CUDA path compiles kernels at the first call
 """
 
 from slmlab.mixers.attention import Attention

@@ -26,6 +26,8 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query attention; SDPA dispatches to the flash kernel on CUDA and to a CPU kernel otherwise."""
 
+    compiles_kernels = False  # whether its CUDA path compiles kernels at the first call (kernel warm-up)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

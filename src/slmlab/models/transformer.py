@@ -68,6 +68,13 @@ def _gate(branch: Tensor, gate: Tensor | None) -> Tensor:
     return branch if gate is None else torch.sigmoid(gate).to(branch.dtype) * branch
 
 
+def to_residual_stream(x: Tensor) -> Tensor:
+    """The embeddings in the residual stream's dtype: bf16 under bf16 autocast, as with bf16 parameters
+    (torchtitan, Megatron): half the memory traffic of every norm and residual add; norms still compute
+    in float32. fp16 keeps a float32 stream: its range would overflow."""
+    return x.to(torch.bfloat16) if autocast_dtype(x.device) == torch.bfloat16 else x
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -94,12 +101,7 @@ class CausalLM(nn.Module):
 
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
-        x = self.embed(input_ids)
-        if autocast_dtype(x.device) == torch.bfloat16:
-            # the residual stream in bf16, as with bf16 parameters (torchtitan, Megatron): half the memory
-            # traffic of every norm and residual add; norms still compute in float32. fp16 keeps a
-            # float32 stream: its range would overflow
-            x = x.to(torch.bfloat16)
+        x = to_residual_stream(self.embed(input_ids))
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)
