@@ -37,7 +37,10 @@ def test_no_processes_on_the_cpu_on_later_ranks_or_without_a_batch_shape(monkeyp
     assert start_kernel_warmup(cfg, 2, 32, "bf16-mixed", accelerator="cpu").processes == {}
     assert start_kernel_warmup(cfg, None, 32, "bf16-mixed", device="cpu").processes == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("LOCAL_RANK", "1")  # the node's first rank warms the caches the others read
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # the node's first rank warms the caches the others read
+    assert start_kernel_warmup(cfg, 2, 32, "bf16-mixed", accelerator="gpu").processes == {}
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("SLURM_LOCALID")
     assert start_kernel_warmup(cfg, 2, 32, "bf16-mixed", accelerator="gpu").processes == {}
     with caplog.at_level(logging.WARNING):
         assert start_kernel_warmup(cfg, 2, 32, "bf17-mixed", device="cpu").processes == {}

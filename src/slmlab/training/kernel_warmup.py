@@ -109,16 +109,17 @@ def _reported_seconds(stdout: bytes) -> float | None:
 def start_kernel_warmup(model_config: ModelConfig, batch_size: int | None, seq_len: int | None,
                         precision: str | int, compile_blocks: bool = False, accelerator: str = "gpu",
                         device: str | None = None) -> KernelWarmup:
-    """Starts one warm-up process per mixer kind of `warmup_layers`, on the first
-    visible GPU. Nothing starts on the CPU, without CUDA, on a process other than a node's first rank
-    (the others find the node's caches), without a batch shape, or at a precision Lightning does not
-    name. `device` forces one ("cpu" runs the PyTorch references: what the tests use)."""
+    """Starts one warm-up process per mixer kind of `warmup_layers`, on the first visible GPU. Nothing
+    starts on the CPU, without CUDA, on a process other than a node's first rank (the others find the
+    node's caches), without a batch shape, or at a precision Lightning does not name. `device` forces
+    one ("cpu" runs the PyTorch references: what the tests use)."""
     if batch_size is None or seq_len is None:
         return KernelWarmup()
     if device is None:
         if accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
             return KernelWarmup()
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        # set on every rank but a node's first by Lightning's launcher and torchrun (LOCAL_RANK) or SLURM
+        if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
             return KernelWarmup()
         device = "cuda"
     if str(precision) not in PRECISIONS:
@@ -138,7 +139,8 @@ def start_kernel_warmup(model_config: ModelConfig, batch_size: int | None, seq_l
 
 def run_layers(job: dict) -> float:
     """One warm-up process's work: builds the job's layers and runs each forward and backward once, as
-    a training step runs them; returns the seconds it took (start-up and imports not included)."""
+    a training step runs them; returns the seconds it took (from after torch's import: the kernel
+    packages import at the first forward, as in training)."""
     start = time.perf_counter()
     cfg = ModelConfig(**job["model"])
     param_dtype, autocast = PRECISIONS[job["precision"]]
