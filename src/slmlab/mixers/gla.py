@@ -34,6 +34,7 @@ class RecurrentState:
 
 class GLA(nn.Module):
     compiles_kernels = True  # fla's Triton kernels
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.kernel = cfg.n_heads, cfg.head_dim, cfg.kernel

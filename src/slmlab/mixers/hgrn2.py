@@ -30,6 +30,7 @@ from slmlab.ops import compute_dtype, gla, gla_flops_per_token
 
 class HGRN2(nn.Module):
     compiles_kernels = True  # fla's Triton kernels
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         d, ratio = cfg.d_model, cfg.hgrn2_expand_ratio

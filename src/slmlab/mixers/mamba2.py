@@ -60,6 +60,7 @@ class GatedRMSNorm(nn.Module):
 
 class Mamba2(nn.Module):
     compiles_kernels = True  # mamba-ssm's (or fla's) Triton kernels
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.d_inner = cfg.ssm_expand * cfg.d_model

@@ -42,6 +42,7 @@ def _compiled_flex_attention():
 
 class SparseAttention(Attention):
     compiles_kernels = True  # FlexAttention, compiled by inductor
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         self.window, self.global_tokens = cfg.sliding_window, cfg.global_tokens
