@@ -152,7 +152,7 @@ def run_layers(job: dict) -> float:
             block.compile()
         x = torch.randn(job["batch_size"], job["seq_len"], cfg.d_model, device=device, dtype=param_dtype,
                         requires_grad=True)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             y = block(to_residual_stream(x))
         y.float().sum().backward()
     if device.type == "cuda":
