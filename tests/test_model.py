@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.models.layers import Rotary
+from slmlab.models.layers import Rotary, SwiGLU
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -62,14 +62,36 @@ def test_attention_matches_naive_gqa_rope_reference(model):
     torch.testing.assert_close(attn(x), naive_attention_layer(attn, x))
 
 
+@pytest.mark.parametrize("hidden", [64, 37])
+def test_swiglu_fused_and_padded_matmuls_compute_the_plain_formula(hidden):
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, hidden).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    plain = mlp.down(torch.nn.functional.silu(mlp.gate(x)) * mlp.up(x))
+    fused = mlp(x)
+    torch.testing.assert_close(fused, plain)
+    grads = torch.autograd.grad(fused.square().sum(), [x, *mlp.parameters()])
+    plain_grads = torch.autograd.grad(plain.square().sum(), [x, *mlp.parameters()])
+    for g, p in zip(grads, plain_grads):
+        torch.testing.assert_close(g, p)
+    assert [p.shape for p in mlp.parameters()] == [(hidden, 16), (hidden, 16), (16, hidden)]
+
+
 def test_rotary_preserves_norm_and_is_relative():
-    rot = Rotary(16, theta=10_000.0).double()
+    rot = Rotary(16, theta=10_000.0, max_len=12).double()  # offsets 13 and 10 + 1 > 12: past the table
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
     torch.testing.assert_close(rot(q, offset=7).norm(), q.norm())
     # <rot(q, m), rot(k, n)> depends on m - n only
     dot = lambda m, n: (rot(q, offset=m) * rot(k, offset=n)).sum()  # noqa: E731
-    torch.testing.assert_close(dot(5, 2), dot(13, 10))
+    torch.testing.assert_close(dot(5, 2), dot(13, 10), rtol=1e-6, atol=1e-6)  # RoPE computes in float32
     assert not torch.isclose(dot(5, 2), dot(5, 3))
+
+
+def test_rotary_table_gives_the_angles_computed_per_call():
+    x = torch.randn(2, 3, 6, 16)
+    table, no_table = Rotary(16, 10_000.0, max_len=32), Rotary(16, 10_000.0, max_len=0)
+    for offset in (0, 5, 26, torch.tensor(5)):  # 26 + 6 = 32: the table's last row
+        torch.testing.assert_close(table(x, offset), no_table(x, int(offset)), rtol=0, atol=1e-6)
 
 
 def test_cached_decoding_equals_full_forward(model):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
-from slmlab.models.layers import RMSNorm, Rotary
+from slmlab.models.layers import RMSNorm, Rotary, fused_linear
 
 
 @dataclass
@@ -38,14 +38,15 @@ class Attention(nn.Module):
         # QK-norm: one RMSNorm over head_dim shared by all heads (Qwen3 / Helios Nova)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.rope_on(layer_idx) else None
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_on(layer_idx) else None
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache."""
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear(x, self.q, self.k, self.v)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = state.pos if state is not None else 0

@@ -42,7 +42,7 @@ class HGRN2(nn.Module):
         self.f = nn.Linear(d, d, bias=False)
         self.i = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
-        self.rotary = Rotary(self.key_dim, cfg.rope_theta) if cfg.rope_on(layer_idx) else None
+        self.rotary = Rotary(self.key_dim, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_on(layer_idx) else None
 
     def forward(self, x: Tensor, state: RecurrentState | None = None) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in place."""

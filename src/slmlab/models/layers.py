@@ -22,8 +22,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
 
+def fused_linear(x: Tensor, *linears: nn.Linear) -> tuple[Tensor, ...]:
+    """The outputs of several bias-free linears of one input, from one matmul over their concatenated
+    weights: one larger GEMM (and one input gradient) instead of several. The parameters keep their
+    own names and shapes, so checkpoints, export and per-matrix optimizers see them as before."""
+    y = F.linear(x, torch.cat([m.weight for m in linears]))
+    return y.split([m.out_features for m in linears], dim=-1)
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases.
+
+    gate and up run as one matmul, and inside it the hidden width is zero-padded to a multiple of
+    `PAD_TO`: a width like Helium-Nano's 1365 leaves the rows of the bf16 hidden activations out of
+    16-byte alignment, which keeps cuBLAS off its fast kernels. The zero rows and columns add exact
+    zeros and get no parameters: the computation is the unpadded one."""
+
+    PAD_TO = 64
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -32,26 +47,41 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        pad = -self.down.in_features % self.PAD_TO
+        gate, up, down = self.gate.weight, self.up.weight, self.down.weight
+        if pad:
+            gate, up, down = F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad)), F.pad(down, (0, pad))
+        g, u = F.linear(x, torch.cat([gate, up])).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, down)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (half-split layout, as in Llama/Qwen/HF `rotate_half`).
+    """Rotary position embedding (half-split layout, as in Llama/Qwen/HF `rotate_half`), in float32.
 
-    cos/sin are computed per call from the positions, in float32: no max-length table to outgrow,
-    and cached decoding only needs the offset.
+    cos/sin of positions below max_len come from a table built once: computed inside a compiled
+    kernel they were recomputed for every head, in backward again, and made RoPE compute-bound on
+    the GPU. Positions past the table (a recurrent model decoding on) and device-tensor offsets
+    (CUDA-graph decoding) compute theirs per call.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, max_len: int) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_sin", self.angles(torch.arange(max_len, dtype=torch.float32)), persistent=False)
+
+    def angles(self, pos: Tensor) -> Tensor:
+        """positions (seq,) -> their cos and sin stacked, (2, seq, head_dim / 2)."""
+        freqs = torch.outer(pos, self.inv_freq.float())
+        return torch.stack((freqs.cos(), freqs.sin()))
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         """x: (batch, heads, seq, head_dim) -> same shape, rotated by position offset..offset+seq
         (offset: an int, or a 0-dim device tensor for CUDA-graph decoding)."""
-        pos = offset + torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)
-        cos, sin = freqs.cos(), freqs.sin()
+        T = x.shape[-2]
+        if isinstance(offset, int) and offset + T <= self.cos_sin.shape[1]:
+            cos, sin = self.cos_sin[:, offset : offset + T].float()
+        else:
+            cos, sin = self.angles(offset + torch.arange(T, device=x.device, dtype=torch.float32))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
