@@ -165,11 +165,11 @@ def test_llama_gguf_permutation_turns_our_rope_into_llama_cpps():
     heads, head_dim, d_model, seq = 3, 8, 16, 5
     w, x = torch.randn(heads * head_dim, d_model), torch.randn(seq, d_model)
     per_head = lambda y: y.view(seq, heads, head_dim).transpose(0, 1)  # noqa: E731
-    ours = Rotary(head_dim, 10_000.0, max_len=seq)(per_head(x @ w.T))
+    ours = Rotary(head_dim, 10_000.0, max_len=seq)((x @ w.T).view(1, seq, heads, head_dim))[0]  # (seq, heads, dim)
     theirs = interleaved_rope(per_head(x @ gguf_export.half_split_to_interleaved(w, heads).T), 10_000.0)
     # llama.cpp's rotated q (or k) is ours with each head's coordinates reordered alike, so q.k is unchanged
     order = gguf_export.half_split_to_interleaved(torch.arange(heads * head_dim), heads)
-    torch.testing.assert_close(theirs, per_head(ours.transpose(0, 1).reshape(seq, -1)[:, order]))
+    torch.testing.assert_close(theirs, per_head(ours.reshape(seq, -1)[:, order]))
 
 
 @QK_NORM

@@ -79,7 +79,7 @@ def test_swiglu_fused_and_padded_matmuls_compute_the_plain_formula(hidden):
 
 def test_rotary_preserves_norm_and_is_relative():
     rot = Rotary(16, theta=10_000.0, max_len=12).double()  # offsets 13 and 10 + 1 > 12: past the table
-    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    q, k = torch.randn(1, 1, 2, 16, dtype=torch.float64), torch.randn(1, 1, 2, 16, dtype=torch.float64)
     torch.testing.assert_close(rot(q, offset=7).norm(), q.norm())
     # <rot(q, m), rot(k, n)> depends on m - n only
     dot = lambda m, n: (rot(q, offset=m) * rot(k, offset=n)).sum()  # noqa: E731
@@ -88,7 +88,7 @@ def test_rotary_preserves_norm_and_is_relative():
 
 
 def test_rotary_table_gives_the_angles_computed_per_call():
-    x = torch.randn(2, 3, 6, 16)
+    x = torch.randn(2, 6, 3, 16)  # (batch, seq, heads, head_dim)
     table, no_table = Rotary(16, 10_000.0, max_len=32), Rotary(16, 10_000.0, max_len=0)
     for offset in (0, 5, 26, torch.tensor(5)):  # 26 + 6 = 32: the table's last row
         torch.testing.assert_close(table(x, offset), no_table(x, int(offset)), rtol=0, atol=1e-6)

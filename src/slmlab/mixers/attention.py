@@ -44,14 +44,17 @@ class Attention(nn.Module):
         """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache."""
         B, T, _ = x.shape
         q, k, v = fused_linear(x, self.q, self.k, self.v)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = state.pos if state is not None else 0
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
+        # heads to the front as views: SDPA's flash and cuDNN kernels read (batch, seq, heads, dim) memory
+        # as it is, and their gradients come back in it, with no transposing copies
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(offset, Tensor):  # static shapes: write on the device, attend over the whole cache
             positions = offset + torch.arange(T, device=x.device)
             state.k.index_copy_(2, positions, k.to(state.k.dtype))  # float32 caches under autocast

@@ -53,9 +53,9 @@ class HGRN2(nn.Module):
         g = F.logsigmoid(f).view(keys)
         k = torch.sigmoid(-f).to(q.dtype).view(keys)  # 1 - exp(g), without the cancellation near g = 0
         v = self.i(x).view(B, T, self.n_heads, self.value_dim)
-        if self.rotary is not None:  # Rotary takes (..., seq, dim): rotate with heads in front
+        if self.rotary is not None:
             offset = 0 if state is None else state.pos
-            q, k = (self.rotary(t.transpose(1, 2), offset).transpose(1, 2) for t in (q, k))
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         o, S = gla(q, k, v, g, initial_state=None if state is None else state.S,
                    output_final_state=state is not None, kernel=self.kernel)
         if state is not None:

@@ -76,12 +76,14 @@ class Rotary(nn.Module):
         return torch.stack((freqs.cos(), freqs.sin()))
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
-        """x: (batch, heads, seq, head_dim) -> same shape, rotated by position offset..offset+seq
-        (offset: an int, or a 0-dim device tensor for CUDA-graph decoding)."""
-        T = x.shape[-2]
+        """x: (batch, seq, heads, head_dim), the layout projections give and flash attention reads ->
+        same shape, rotated by position offset..offset+seq (an int, or a 0-dim device tensor for
+        CUDA-graph decoding)."""
+        T = x.shape[1]
         if isinstance(offset, int) and offset + T <= self.cos_sin.shape[1]:
-            cos, sin = self.cos_sin[:, offset : offset + T].float()
+            cos_sin = self.cos_sin[:, offset : offset + T].float()
         else:
-            cos, sin = self.angles(offset + torch.arange(T, device=x.device, dtype=torch.float32))
+            cos_sin = self.angles(offset + torch.arange(T, device=x.device, dtype=torch.float32))
+        cos, sin = cos_sin[:, :, None]  # broadcast over heads
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
