@@ -5,14 +5,18 @@ every kernel at every test shape on first use: on a cold cache the file took 7 m
 `pytest -m gpu -n 8` (pytest-xdist), about 15-20 without."""
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from slmlab.mixers.attention import Attention
 from slmlab.mixers.gla import GLA
 from slmlab.mixers.hgrn2 import HGRN2
 from slmlab.mixers.mamba2 import GatedRMSNorm, Mamba2
+from slmlab.mixers.sparse_attention import SparseAttention
 from slmlab.models.config import ModelConfig
 from slmlab.ops import gla, gla_chunked, kernel_available, ssd, ssd_chunked
 
@@ -153,19 +157,17 @@ MIXER_KERNELS = [
 ]
 
 
-@pytest.mark.parametrize("mixer,kernel", MIXER_KERNELS)
-def test_mixer_under_bf16_autocast_matches_the_float32_reference(mixer, kernel):
-    """Training as Lightning's bf16-mixed runs it: float32 weights, bf16 autocast, kernels."""
-    torch.manual_seed(0)
-    fast = mixer(mixer_config(kernel), 0).cuda()
-    reference = mixer(mixer_config("torch"), 0).cuda()
+def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Training as Lightning's bf16-mixed runs it (float32 weights, bf16 autocast, kernels) against the
+    reference module in float32, with attention on SDPA's math backend: outputs and all gradients."""
     reference.load_state_dict(fast.state_dict())
     x = torch.randn(2, 200, 256, device="cuda")
     dy = torch.randn(2, 200, 256, device="cuda")
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_fast = fast(xs[0])
-    y_ref = reference(xs[1])
+    with sdpa_kernel(SDPBackend.MATH):
+        y_ref = reference(xs[1])
     with skip_on_fla_issue_640():
         (y_fast.float() * dy).sum().backward()
     (y_ref * dy).sum().backward()
@@ -173,6 +175,26 @@ def test_mixer_under_bf16_autocast_matches_the_float32_reference(mixer, kernel):
     check("dx", xs[0].grad, xs[1].grad, 0.03)
     for (name, p), p_ref in zip(fast.named_parameters(), reference.parameters(), strict=True):
         check(f"d{name}", p.grad, p_ref.grad, 0.03)
+
+
+@pytest.mark.parametrize("mixer,kernel", MIXER_KERNELS)
+def test_mixer_under_bf16_autocast_matches_the_float32_reference(mixer, kernel):
+    torch.manual_seed(0)
+    fast = mixer(mixer_config(kernel), 0).cuda()
+    check_bf16_autocast_against_float32(fast, mixer(mixer_config("torch"), 0).cuda())
+
+
+@pytest.mark.parametrize("mixer", [Attention, SparseAttention], ids=["attention-sdpa", "sparse_attention-flex"])
+def test_attention_under_bf16_autocast_matches_float32_math_attention(mixer):
+    """Flash/cuDNN SDPA and FlexAttention, given q and k as strided views of the projections' (batch,
+    seq, heads, dim) layout, against the explicit-mask reference; GQA, QK-norm and RoPE included."""
+    torch.manual_seed(0)
+    attention_config = lambda kernel: replace(  # noqa: E731
+        mixer_config(kernel), n_kv_heads=2, qk_norm=True, sliding_window=64, global_tokens=4)
+    fast = mixer(attention_config("auto"), 0).cuda()
+    reference = mixer(attention_config("torch"), 0).cuda()
+    reference.attend = reference.masked_attend  # the boolean mask through SDPA, for both mixers
+    check_bf16_autocast_against_float32(fast, reference)
 
 
 @pytest.mark.parametrize("mixer,kernel", MIXER_KERNELS)
