@@ -33,7 +33,7 @@ def tiny_run_overrides(tmp_path: Path, steps: int = 8, val_every: int = 4) -> li
         "model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
         "model.ffn_hidden=64", "model.max_seq_len=32", "data.batch_size=4",
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={val_every}", "trainer.log_every_n_steps=2",
-        "trainer.enable_progress_bar=false", "callbacks.sample.max_new_tokens=4", "schedule.warmup_steps=2",
+        "callbacks.progress_bar=null", "callbacks.sample.max_new_tokens=4", "schedule.warmup_steps=2",
     ]
 
 

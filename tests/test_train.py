@@ -87,7 +87,7 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
 def test_ddp_on_cpu_gives_ranks_disjoint_data(tmp_path):
     record = tmp_path / "batches"
     run_train(tiny_run_overrides(tmp_path, steps=4, val_every=2) + [
-        "trainer=ddp", "trainer.devices=2", "trainer.enable_progress_bar=false",
+        "trainer=ddp", "trainer.devices=2",
         "+callbacks.record._target_=tests.helpers.RecordBatches", f"+callbacks.record.out_dir={record}"])
     rank0, rank1 = (json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(rank0) == len(rank1) == 4 * 4  # steps x batch size

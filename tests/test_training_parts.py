@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.training.callbacks import ProgressBar
 from slmlab.training.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
 from slmlab.training.optim import weight_decay_groups
 from slmlab.training.schedules import WSD, Constant, Cosine
@@ -309,3 +310,23 @@ def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_loss_tracks_flo
     for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32  # parameters stay float32: their gradients too
         assert ((g - w).norm() / w.norm()).item() < 0.05
+
+
+def test_progress_bar_reads_training_metrics_back_only_every_n_steps():
+    class Trainer:  # what the bar reads of Lightning's trainer
+        training, loggers, global_step = True, [], 0
+        reads: list[int] = []
+
+        @property
+        def progress_bar_metrics(self) -> dict[str, float]:  # in Lightning: `.item()` of each, a GPU sync
+            self.reads.append(self.global_step)
+            return {"train/loss": float(self.global_step)}
+
+    bar, trainer = ProgressBar(metrics_every_n_steps=3), Trainer()
+    shown = []
+    for step in range(1, 8):
+        trainer.global_step = step
+        shown.append(bar.get_metrics(trainer, None)["train/loss"])
+    assert trainer.reads == [1, 3, 6] and shown == [1, 1, 3, 3, 3, 6, 6]  # the first step's, then every third
+    trainer.training = False  # validation reads them at every call
+    assert [bar.get_metrics(trainer, None)["train/loss"] for _ in range(2)] == [7, 7] and trainer.reads[-2:] == [7, 7]

@@ -1,13 +1,15 @@
-"""Callbacks that make a run report itself: throughput and MFU, a console summary, a text sample."""
+"""Callbacks that make a run report itself: throughput and MFU, a progress bar, a console summary, a
+text sample."""
 
 import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
@@ -103,6 +105,23 @@ class ThroughputMonitor(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the logged metrics back only every `metrics_every_n_steps`
+    optimizer steps while training. Reading a metric (`.item()`) waits for the GPU to finish every queued
+    kernel; done after each step, it leaves the GPU idle while Python prepares the next one."""
+
+    def __init__(self, metrics_every_n_steps: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every_n_steps = metrics_every_n_steps
+        self._shown: dict[str, Any] = {}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if trainer.training and trainer.global_step % self.metrics_every_n_steps and self._shown:
+            return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
 
 
 class ConsoleSummary(Callback):
