@@ -69,7 +69,7 @@ class LMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # none on a step that NonFiniteGuard skips
+        if grads:  # none where NonFiniteGuard skips a step on the host (and non-finite where it does on the device)
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping; foreach kernels
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 

@@ -27,7 +27,7 @@ from slmlab.data.readers import DocumentReader
 from slmlab.data.records import read_jsonl
 from slmlab.data.streams import ValBatches
 from slmlab.training.checkpoint_io import AtomicCheckpointIO
-from slmlab.training.faults import NonFiniteError, PreflightError
+from slmlab.training.faults import NonFiniteError, NonFiniteGuard, PreflightError
 from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
 from train import train
 
@@ -255,13 +255,49 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_leaving_good_check
             "+callbacks.poison.grad_steps=[5]")))
     # a skipped step leaves weights and AdamW moments exactly as they were (weight decay 0.1 included)
     changed = {int(step): c for step, c in json.loads(changes.read_text()).items()}
-    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True, 5: False, 6: False}
+    # (step 7 is skipped too; the host reads its verdict back afterwards and stops the run)
+    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True, 5: False, 6: False, 7: False}
     assert metric(tmp_path / "run", "train/skipped_steps") == [0, 1, 2]  # logged at steps 1, 3, 5
     checkpoints = list(checkpoint_dir(tmp_path).glob("*.ckpt"))
     for path in checkpoints:
         assert all(t.isfinite().all() for t in load(path)["state_dict"].values()), path
     # the newest holds the weights after step 4: steps 5 and 6 were skipped, step 7 stopped the run
     assert load(newest_checkpoint(checkpoint_dir(tmp_path)))["global_step"] == 6
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("fused", [True, False], ids=["verdict-on-device", "verdict-on-host"])
+def test_a_skipped_step_changes_nothing_and_the_host_counts_it(fused, device):
+    """Fused AdamW gets the verdict as `found_inf` and the host reads it a step later; an unfused
+    optimizer (SGD with momentum and weight decay) gets no gradients, decided at once."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, device=device))
+    optimizer = (torch.optim.AdamW([w], lr=0.1, weight_decay=0.1, fused=True) if fused
+                 else torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.1))
+    guard, logged = NonFiniteGuard(max_bad_steps=2), []
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+                              precision_plugin=SimpleNamespace())
+    module = SimpleNamespace(log=lambda name, value: logged.append(float(value)))
+
+    def step(first_grad: float) -> list[torch.Tensor]:
+        w.grad = torch.tensor([first_grad, 1.0, 1.0, 1.0], device=device)
+        guard.on_before_optimizer_step(trainer, module, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.global_step += 1
+        return [w.detach().clone(), *(t.clone() for t in optimizer.state[w].values())]
+
+    before = step(1.0)
+    with pytest.warns(UserWarning, match=r"step 1: non-finite .* \(1 in a row, 1 in this run\)"):
+        after = step(float("nan"))
+        step(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert guard.state_dict() == {"skipped": 1, "in_a_row": 0} and logged == [0, 1, 1]
+    with pytest.raises(NonFiniteError, match=r"2 steps in a row \(up to step 4\)"):
+        step(float("inf"))
+        step(float("nan"))
+        guard.state_dict()  # as a checkpoint is assembled
 
 
 # -- processes that must agree ---------------------------------------------------------------------

@@ -73,47 +73,82 @@ class NonFiniteGuard(Callback):
     `max_bad_steps` such steps in a row with `NonFiniteError` (saving nothing: the checkpoints on disk
     hold the last good weights).
 
-    A skipped step drops the gradients (`grad = None`): torch optimizers then leave those parameters
-    alone entirely. Zeroing them would not do: AdamW would still decay the weights and move its
-    moments. The step still counts (global step, LR schedule, data position). Logs
-    `train/skipped_steps`, the run's total. The decision is one for all ranks.
+    A skipped step leaves the weights and the optimizer's state exactly as they were. Zeroing the
+    gradients would not do that: AdamW would still decay the weights and move its moments. With a fused
+    Adam(W) the verdict stays on the device: it goes to the kernel as `found_inf`, as GradScaler passes
+    it, and the kernel then changes nothing. The host reads it back one step later (or before a
+    checkpoint is written, or when training ends), to count, warn and stop: reading it at once would
+    wait for the backward and leave the GPU idle while Python launches the update. Other optimizers
+    (and fp16, whose GradScaler sets `found_inf` itself) get the verdict on the host and no gradients
+    (`grad = None`: torch optimizers then leave those parameters alone).
+
+    The step still counts (global step, LR schedule, data position). Logs `train/skipped_steps`, the
+    run's total. The verdict is one for all ranks.
     """
 
     def __init__(self, max_bad_steps: int = 10) -> None:
         if not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise ValueError(f"callbacks.nonfinite.max_bad_steps={max_bad_steps!r}: must be an integer of at least 1")
         self.max_bad_steps = max_bad_steps
-        self.skipped = 0  # steps skipped in the whole run (kept in checkpoints)
+        self.skipped = 0  # steps skipped in the whole run (kept in checkpoints), as far as read back
         self.in_a_row = 0
         self._loss_finite: bool | torch.Tensor = True  # over the micro-batches of the current step
+        self._unread: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None  # step, verdict, copy done
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._loss_finite = torch.isfinite(loss.detach()).all() & self._loss_finite  # no host sync per micro-batch
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self._read_back()  # the previous step's verdict, long computed: this step's backward is queued behind it
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # the norm is finite exactly when every gradient is (or it overflows: a divergence as well)
         finite = self._loss_finite & torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
         self._loss_finite = True
         # any rank's fault skips the step everywhere: with sharded gradients (FSDP) a rank sees only its part
-        if trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
-            for p in params:
-                p.grad = None
-            self.skipped += 1
-            self.in_a_row += 1
-            rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradients, update skipped "
-                           f"({self.in_a_row} in a row, {self.skipped} in this run)")
-            if self.in_a_row >= self.max_bad_steps:
-                raise NonFiniteError(
-                    f"{self.in_a_row} steps in a row (up to step {trainer.global_step}) had a non-finite loss or "
-                    f"gradients (callbacks.nonfinite.max_bad_steps={self.max_bad_steps}); stopped without saving, "
-                    "so the run's checkpoints hold the last good weights. Lower optim.lr, or look for bad data")
+        bad = trainer.strategy.reduce((~finite).float(), reduce_op="max")
+        pl_module.log("train/skipped_steps", bad + self.skipped)  # a device value: no sync
+        on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and \
+            getattr(trainer.precision_plugin, "scaler", None) is None
+        if on_device:
+            optimizer.found_inf = bad
+            done = torch.cuda.Event() if bad.is_cuda else None
+            self._unread = (trainer.global_step, bad.to("cpu", non_blocking=True), done)
+            if done is not None:
+                done.record()
         else:
+            self._unread = (trainer.global_step, bad.cpu(), None)
+            if self._unread[1]:
+                for p in params:
+                    p.grad = None
+            self._read_back()
+
+    def _read_back(self) -> None:
+        """Counts, warns about and stops on the verdict not read back yet."""
+        if self._unread is None:
+            return
+        step, bad, done = self._unread
+        self._unread = None
+        if done is not None:
+            done.synchronize()
+        if not bad:
             self.in_a_row = 0
-        pl_module.log("train/skipped_steps", float(self.skipped))
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        rank_zero_warn(f"step {step}: non-finite loss or gradients, update skipped "
+                       f"({self.in_a_row} in a row, {self.skipped} in this run)")
+        if self.in_a_row >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                f"gradients (callbacks.nonfinite.max_bad_steps={self.max_bad_steps}); stopped without saving, "
+                "so the run's checkpoints hold the last good weights. Lower optim.lr, or look for bad data")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_back()
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_back()  # called as a checkpoint is assembled: a step that ends the run raises before the write
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
