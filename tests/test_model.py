@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.models.layers import Rotary, SwiGLU
+from slmlab.models.layers import Rotary, SwiGLU, fused_linear
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -75,6 +77,31 @@ def test_swiglu_fused_and_padded_matmuls_compute_the_plain_formula(hidden):
     for g, p in zip(grads, plain_grads):
         torch.testing.assert_close(g, p)
     assert [p.shape for p in mlp.parameters()] == [(hidden, 16), (hidden, 16), (16, hidden)]
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_without_autograd_the_fused_projections_copy_no_weights():
+    """Decoding runs without autograd: concatenating or padding the weights there would copy all of them
+    at every generated token. The results are those of the fused path."""
+    torch.manual_seed(0)
+    mlp, q, k = SwiGLU(16, 37).double(), nn.Linear(16, 8, bias=False).double(), nn.Linear(16, 4, bias=False).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    fused = (mlp(x), *fused_linear(x, q, k))
+    with torch.no_grad(), RecordOps() as ops:
+        separate = (mlp(x), *fused_linear(x, q, k))
+    for a, b in zip(separate, fused, strict=True):
+        torch.testing.assert_close(a, b)
+    assert "mm" in ops.names, ops.names  # the mode saw the matmuls
+    assert not {"cat", "constant_pad_nd", "pad"} & ops.names, ops.names
 
 
 def test_rotary_preserves_norm_and_is_relative():

@@ -25,7 +25,11 @@ class RMSNorm(nn.Module):
 def fused_linear(x: Tensor, *linears: nn.Linear) -> tuple[Tensor, ...]:
     """The outputs of several bias-free linears of one input, from one matmul over their concatenated
     weights: one larger GEMM (and one input gradient) instead of several. The parameters keep their
-    own names and shapes, so checkpoints, export and per-matrix optimizers see them as before."""
+    own names and shapes, so checkpoints, export and per-matrix optimizers see them as before.
+    Without autograd (decoding, evaluation) each runs on its own: at a decoding step the concatenation
+    would copy every weight, more memory traffic than the matmuls themselves."""
+    if not torch.is_grad_enabled():
+        return tuple(F.linear(x, m.weight) for m in linears)
     y = F.linear(x, torch.cat([m.weight for m in linears]))
     return y.split([m.out_features for m in linears], dim=-1)
 
@@ -36,7 +40,8 @@ class SwiGLU(nn.Module):
     gate and up run as one matmul, and inside it the hidden width is zero-padded to a multiple of
     `PAD_TO`: a width like Helium-Nano's 1365 leaves the rows of the bf16 hidden activations out of
     16-byte alignment, which keeps cuBLAS off its fast kernels. The zero rows and columns add exact
-    zeros and get no parameters: the computation is the unpadded one."""
+    zeros and get no parameters: the computation is the unpadded one. Without autograd the three run
+    as they are (see `fused_linear`)."""
 
     PAD_TO = 64
 
@@ -47,6 +52,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.down(F.silu(self.gate(x)) * self.up(x))
         pad = -self.down.in_features % self.PAD_TO
         gate, up, down = self.gate.weight, self.up.weight, self.down.weight
         if pad:
