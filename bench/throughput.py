@@ -11,10 +11,10 @@
     python bench/throughput.py layers models --smoke   # tiny shapes on the CPU: checks the script runs
 
     # as measured for the README: compiled dense presets; helix_hybrid at 32k with activation checkpointing
-    python bench/throughput.py models --compile --only helios_nova helium_nano --tokens 32768
+    python bench/throughput.py models --compile --only helios_nova --tokens 32768 --warmup 3 --iters 8
+    python bench/throughput.py models --compile --only helium_nano --tokens 131072 --warmup 3 --iters 8
     python bench/throughput.py models --only helix_hybrid --seqs 32768 --tokens 32768 --checkpoint-from 32768
     python bench/throughput.py pipeline --compile --tokens 32768 --pipeline-steps 50
-    python bench/throughput.py models --compile --only helium_nano --tokens 131072 --set ffn_hidden=1344
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
 `CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
