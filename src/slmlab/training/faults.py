@@ -117,10 +117,11 @@ class NonFiniteGuard(Callback):
             if done is not None:
                 done.record()
         else:
-            self._unread = (trainer.global_step, bad.cpu(), None)
-            if self._unread[1]:
+            verdict = bad.cpu()
+            if verdict:
                 for p in params:
                     p.grad = None
+            self._unread = (trainer.global_step, verdict, None)
             self._read_back()
 
     def _read_back(self) -> None:
