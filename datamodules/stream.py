@@ -2,7 +2,8 @@
 checkpoints for an exact resume, and the split of the stream over ranks; and for a finite training
 set visited once per epoch (conversations, pairs, prompts), the epoch stream itself."""
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,28 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from slmlab.data.errors import DataError
 from slmlab.data.streams import EpochBatches, OrderedItems, SampleStream
+
+
+class TimedDataLoader(DataLoader):
+    """A DataLoader that adds up the wall time its iterators spend producing batches: reading, collating,
+    pinning, or waiting for workers (`loading_seconds`). Time between batches measured from outside
+    would also hold the waits for the GPU's queue whenever the host runs ahead of it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loading_seconds = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.loading_seconds += time.perf_counter() - start
+            yield batch
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -27,6 +50,7 @@ class StreamDataModule(L.LightningDataModule):
         self.batches_consumed = 0  # training batches delivered to the model on this rank
         self.samples_consumed = 0  # training samples delivered on all ranks: the stream position
         self._world_size = 1
+        self._train_loader: TimedDataLoader | None = None
 
     def train_stream(self, rank: int, world_size: int, start: int) -> SampleStream:
         """This rank's endless training stream from global sample `start` on."""
@@ -38,12 +62,18 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The endless training stream of this rank, from the sample after the last one consumed."""
         rank, self._world_size = self.rank_and_world_size()
-        return self.loader(self.train_stream(rank, self._world_size, start=self.samples_consumed))
+        self._train_loader = self.loader(self.train_stream(rank, self._world_size, start=self.samples_consumed))
+        return self._train_loader
 
-    def loader(self, dataset: IterableDataset) -> DataLoader:
+    @property
+    def train_loading_seconds(self) -> float:
+        """Wall time this process has spent waiting for training batches (`TimedDataLoader`)."""
+        return self._train_loader.loading_seconds if self._train_loader is not None else 0.0
+
+    def loader(self, dataset: IterableDataset) -> TimedDataLoader:
         # batch_size=None: the datasets yield collated batches
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return TimedDataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=torch.cuda.is_available())
 
     # -- exact resume --------------------------------------------------------------------------
 

@@ -71,7 +71,8 @@ class LMModule(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:  # none where NonFiniteGuard skips a step on the host (and non-finite where it does on the device)
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping; foreach kernels
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # a CPU tensor: Lightning copies a Python float to the GPU, and that copy waits for the backward
+        self.log("train/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -32,7 +32,7 @@ class SFTModule(LMModule):
         loss, _ = self.model.loss(batch["input_ids"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         dm = self.trainer.datamodule
-        self.log("train/epoch", dm.samples_consumed / dm.train_size)
+        self.log("train/epoch", torch.tensor(dm.samples_consumed / dm.train_size))  # on the CPU: no copy to the GPU
         return loss
 
     def on_validation_epoch_start(self) -> None:

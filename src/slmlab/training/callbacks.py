@@ -33,6 +33,11 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def train_loading_seconds(trainer: L.Trainer) -> float | None:
+    """Seconds this process has waited for training batches, from datamodules that count them."""
+    return getattr(trainer.datamodule, "train_loading_seconds", None)
+
+
 def seconds_since_launch() -> float | None:
     """How long this process has run, from the kernel's records (Linux); None where there are none."""
     try:
@@ -45,8 +50,9 @@ def seconds_since_launch() -> float | None:
 
 class ThroughputMonitor(Callback):
     """Logs perf/tokens_per_s, perf/mfu (CUDA, from the model's own FLOPs per token) and
-    perf/data_wait (fraction of wall time spent between batches: loading, transfer, hooks).
-    Validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer step
+    perf/data_wait: the fraction of wall time spent waiting for training batches (the datamodule's
+    `train_loading_seconds`, where it has one). The host runs ahead of the GPU, so that is the most the
+    GPU can have waited for data. Validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer step
     (imports, data, model, compilation, kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
@@ -57,21 +63,18 @@ class ThroughputMonitor(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._t0 = self._last_end = None
+        self._t0 = None
         self._tokens = 0
-        self._wait = 0.0
+        self._loading0: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
         if self._t0 is None:
-            self._t0 = now
-        elif self._last_end is not None:
-            self._wait += now - self._last_end
+            self._t0 = time.perf_counter()
+            self._loading0 = train_loading_seconds(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         tokens = token_tensors(batch)
         self._tokens += sum(t.numel() for t in tokens) * trainer.world_size
-        self._last_end = time.perf_counter()
         step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
         if step >= 1 and not self._startup_logged:
             self._log_startup(trainer, pl_module)
@@ -84,7 +87,9 @@ class ThroughputMonitor(Callback):
         if elapsed <= 0:
             return
         tps = self._tokens / elapsed
-        metrics = {"perf/tokens_per_s": tps, "perf/data_wait": self._wait / elapsed}
+        metrics = {"perf/tokens_per_s": tps}
+        if self._loading0 is not None:
+            metrics["perf/data_wait"] = (train_loading_seconds(trainer) - self._loading0) / elapsed
         peak = self.peak or peak_flops(pl_module.device)
         if peak:
             seq_len = tokens[0].shape[1]
