@@ -209,6 +209,37 @@ def test_kernel_prefill_and_decoding_equal_the_full_forward(mixer, kernel):
     check("decoded", torch.cat(steps, dim=1), full, 5e-3)
 
 
+@pytest.mark.parametrize("hidden", [1408, 1365])  # helium_nano's padded width, and one the blocks do not divide
+def test_triton_silu_mul_backward_matches_the_reference(hidden):
+    from slmlab.ops.swiglu import silu_mul_backward_reference
+    from slmlab.ops.swiglu_triton import silu_mul_backward
+
+    torch.manual_seed(0)
+    gu = (3 * torch.randn(3, 50, 2 * hidden, device="cuda")).bfloat16()
+    grad = torch.randn(3, 50, hidden, device="cuda").bfloat16()
+    want = silu_mul_backward_reference(gu.double(), grad.double())
+    got = silu_mul_backward(gu, grad)
+    assert got.dtype == torch.bfloat16
+    check("dgu", got, want, 5e-3)  # bf16 rounding of the output
+
+
+def test_compiled_swiglu_gradients_match_the_float32_eager_module():
+    from slmlab.models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(256, 1365).cuda()  # padded to 1408 inside the matmuls
+    x = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
+    want = mlp(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *mlp.parameters()])
+    compiled = torch.compile(mlp)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = compiled(x)
+    got_grads = torch.autograd.grad(got.float().square().sum(), [x, *mlp.parameters()])
+    check("out", got, want, 1e-2)
+    for name, g, w in zip(("dx", "dgate", "dup", "ddown"), got_grads, want_grads):
+        check(name, g, w, 2e-2)
+
+
 @pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (30.0, 1e-3)])
 def test_compiled_chunked_loss_matches_autograd_through_cross_entropy(softcap, z_loss):
     """On CUDA the chunked loss's softmax gradient is a torch.compile'd kernel; it must agree with the

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slmlab.ops import backend, gla, gla_chunked, gla_recurrent, resolve_backend, ssd, ssd_chunked, ssd_recurrent
+from slmlab.ops.swiglu import silu_mul, silu_mul_backward_reference
 
 f64 = dict(dtype=torch.float64)
 
@@ -165,3 +166,17 @@ def test_unknown_or_unsupported_kernels_are_errors(kernels):
         resolve_backend("triton", torch.device("cuda"), ("fla",), "GLA")
     with pytest.raises(ValueError, match="GLA has no mamba_ssm kernel"):
         resolve_backend("mamba_ssm", torch.device("cuda"), ("fla",), "GLA")
+
+
+def test_silu_mul_and_its_gradient_equal_autograd_through_chunk_and_silu():
+    torch.manual_seed(0)
+    gu = (3 * torch.randn(2, 7, 2 * 6, **f64)).requires_grad_()
+    grad = torch.randn(2, 7, 6, **f64)
+    gate, up = gu.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    (want_grad,) = torch.autograd.grad(want, gu, grad)
+    got = silu_mul(gu)
+    (got_grad,) = torch.autograd.grad(got, gu, grad)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(silu_mul_backward_reference(gu.detach(), grad), want_grad, rtol=1e-12, atol=1e-12)

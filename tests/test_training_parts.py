@@ -1,12 +1,16 @@
 """Schedules, losses and weight-decay groups against hand-computed values."""
 
 import math
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import IterableDataset
 
+from datamodules.stream import TimedDataLoader
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.training.callbacks import ProgressBar
+from slmlab.training.callbacks import ProgressBar, ThroughputMonitor
 from slmlab.training.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
 from slmlab.training.optim import weight_decay_groups
 from slmlab.training.schedules import WSD, Constant, Cosine
@@ -330,3 +334,44 @@ def test_progress_bar_reads_training_metrics_back_only_every_n_steps():
     assert trainer.reads == [1, 3, 6] and shown == [1, 1, 3, 3, 3, 6, 6]  # the first step's, then every third
     trainer.training = False  # validation reads them at every call
     assert [bar.get_metrics(trainer, None)["train/loss"] for _ in range(2)] == [7, 7] and trainer.reads[-2:] == [7, 7]
+
+
+def test_timed_loader_counts_the_time_spent_producing_batches_not_the_time_between_them():
+    class SlowBatches(IterableDataset):
+        def __iter__(self):
+            for i in range(4):
+                time.sleep(0.02)
+                yield torch.tensor([i])
+
+    loader = TimedDataLoader(SlowBatches(), batch_size=None)
+    start = time.perf_counter()
+    got = []
+    for batch in loader:
+        got.append(int(batch))
+        time.sleep(0.05)  # the consumer's step (or a host blocked on a full GPU queue)
+    total = time.perf_counter() - start
+    assert got == [0, 1, 2, 3]
+    assert 0.08 <= loader.loading_seconds < total - 0.2, (loader.loading_seconds, total)
+
+
+def test_data_wait_is_the_loading_time_share_of_the_window():
+    loading = SimpleNamespace(train_loading_seconds=0.0)
+    trainer = SimpleNamespace(datamodule=loading, world_size=1, global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"), logged=[], log=lambda *a, **k: None)
+    module.log_dict = module.logged.append
+    monitor = ThroughputMonitor(log_every_n_steps=4)
+    monitor._startup_logged = True
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+
+    def window(load_per_batch: float) -> dict:
+        for _ in range(4):
+            monitor.on_train_batch_start(trainer, module, batch, 0)
+            trainer.global_step += 1
+            monitor.on_train_batch_end(trainer, module, None, batch, 0)
+            time.sleep(0.02)  # between batches, not loading: a host blocked on the GPU's full queue
+            loading.train_loading_seconds += load_per_batch
+        return module.logged[-1]
+
+    assert window(0.0)["perf/data_wait"] == 0.0
+    metrics = window(0.005)
+    assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/data_wait"] <= 0.25 + 1e-9, metrics

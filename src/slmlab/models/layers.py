@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slmlab.ops.swiglu import silu_mul
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 for stability under bf16.
@@ -40,8 +42,9 @@ class SwiGLU(nn.Module):
     gate and up run as one matmul, and inside it the hidden width is zero-padded to a multiple of
     `PAD_TO`: a width like Helium-Nano's 1365 leaves the rows of the bf16 hidden activations out of
     16-byte alignment, which keeps cuBLAS off its fast kernels. The zero rows and columns add exact
-    zeros and get no parameters: the computation is the unpadded one. Without autograd the three run
-    as they are (see `fused_linear`)."""
+    zeros and get no parameters: the computation is the unpadded one. The activation's backward is
+    `ops/swiglu.py`'s (one pass over the fused output). Without autograd the three run as they are
+    (see `fused_linear`)."""
 
     PAD_TO = 64
 
@@ -58,8 +61,7 @@ class SwiGLU(nn.Module):
         gate, up, down = self.gate.weight, self.up.weight, self.down.weight
         if pad:
             gate, up, down = F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad)), F.pad(down, (0, pad))
-        g, u = F.linear(x, torch.cat([gate, up])).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, down)
+        return F.linear(silu_mul(F.linear(x, torch.cat([gate, up]))), down)
 
 
 class Rotary(nn.Module):
