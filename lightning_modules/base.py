@@ -32,6 +32,7 @@ class LMModule(L.LightningModule):
             load_weights(self.model, init_from)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
+        self._grad_norm: torch.Tensor | None = None
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""
@@ -69,8 +70,11 @@ class LMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # none where NonFiniteGuard skips a step on the host (and non-finite where it does on the device)
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping; foreach kernels
+        # none where NonFiniteGuard skips a step on the host (and non-finite where it does on the device);
+        # kept for clipping, which Lightning runs right after this hook
+        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None  # foreach kernels
+        if self._grad_norm is not None:
+            self.log("train/grad_norm", self._grad_norm)  # before clipping
         # a CPU tensor: Lightning copies a Python float to the GPU, and that copy waits for the backward
         self.log("train/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
 
@@ -86,7 +90,9 @@ class LMModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
+        elif scaler is None and self._grad_norm is not None:  # the logged norm: one pass less over the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
+        else:  # fp16: the norm of the unscaled gradients
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -375,3 +375,28 @@ def test_data_wait_is_the_loading_time_share_of_the_window():
     assert window(0.0)["perf/data_wait"] == 0.0
     metrics = window(0.005)
     assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/data_wait"] <= 0.25 + 1e-9, metrics
+
+
+def test_norm_clipping_reuses_this_steps_logged_norm_and_matches_clip_grad_norm():
+    from functools import partial
+
+    from lightning_modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
+                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant))
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # bf16 / fp32: no grad scaler
+    logged = {}
+    module.log = lambda name, value, **kw: logged.update({name: value})
+    params = list(module.model.parameters())
+    optimizer = torch.optim.AdamW(params)
+    for step, scale in enumerate((10.0, 0.001)):  # above the clip, then below it: a stale norm would clip wrongly
+        torch.manual_seed(step)
+        grads = [scale * torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        module.on_before_optimizer_step(optimizer)
+        module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        norm = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+        assert logged["train/grad_norm"].item() == pytest.approx(norm, rel=1e-5)
+        for p, g in zip(params, grads):  # scaled by clip / (norm + 1e-6) where the norm exceeds the clip
+            torch.testing.assert_close(p.grad, g * min(1.0, 1.0 / (norm + 1e-6)))

@@ -31,7 +31,12 @@ def sparse_block_mask(window: int, global_tokens: int, offset: int, q_len: int, 
 
     # compiled, the mask is evaluated block by block; eagerly it materialises [q_len, kv_len] int64
     # intermediates (8 GiB at 32k tokens)
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, _compile=True)
+    return _compiled_create_block_mask()(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+@cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)  # what its deprecated `_compile=True` did
 
 
 @cache
