@@ -51,9 +51,9 @@ def seconds_since_launch() -> float | None:
 class ThroughputMonitor(Callback):
     """Logs perf/tokens_per_s, perf/mfu (CUDA, from the model's own FLOPs per token) and
     perf/data_wait: the fraction of wall time spent waiting for training batches (the datamodule's
-    `train_loading_seconds`, where it has one). The host runs ahead of the GPU, so that is the most the
-    GPU can have waited for data. Validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer step
-    (imports, data, model, compilation, kernel autotuning), also printed."""
+    `train_loading_seconds`, where it has one). The host runs ahead of the GPU, so that is the most
+    the GPU can have waited for data. Validation time is excluded. Once, perf/startup_s: launch to the
+    end of the first optimizer step (imports, data, model, compilation, kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
