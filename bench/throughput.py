@@ -20,7 +20,8 @@ bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `
 `CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
 Triton kernels autotune on first use (minutes for fla's GLA/HGRN2) unless slmlab ships tuned configs for
 the GPU (`python -m slmlab.tune_kernels`); the first_call_s column shows what that costs. `--profile`
-prints the GPU kernels of two steps of each model.
+(CUDA) prints where a model's training step spends its GPU time: per kind of kernel (matmul, attention,
+optimizer, the rest) and the busiest kernels.
 """
 
 import argparse
@@ -270,16 +271,41 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
     return rows
 
 
+# GPU kernels by what they do, from their names: cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs
+# nothing else here, flash, FlexAttention), the fused optimizer; the rest is elementwise work (norms,
+# RoPE, activations, casts)
+KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "splitkreduce", "xmma")),
+                ("attention", ("fmha", "sdpa", "flash", "attention", "cudnn")),
+                ("optimizer", ("multi_tensor_apply", "adam")))
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lower for m in marks)), "elementwise, other")
+
+
 def print_profile(step: Callable[[], None], title: str, top: int = 25) -> None:
-    """The GPU kernels of two steps, by total time: where a step's time goes."""
+    """The GPU kernels of two steps: milliseconds per step by kind of kernel, then the `top` kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+    steps = 2
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(f"# profile: {title}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
+    # kernels only: an op's row (aten::mm, ...) repeats the time of the kernels it launched
+    kernels = sorted(((e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
+                      if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "Optimizer.", "Command "))),
+                     key=lambda k: -k[1])
+    total = sum(ms for _, ms, _ in kernels)
+    by_kind: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    print(f"# profile: {title}: {total:.1f} ms of GPU kernels per step")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:20s} {ms:8.2f} ms  {ms / total:6.1%}")
+    for name, ms, calls in kernels[:top]:
+        print(f"  {ms:8.2f} ms  {calls:5.0f}x  {name[:120]}")
 
 
 def progress(row: dict) -> None:
@@ -316,7 +342,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
     parser.add_argument("--compile-mode", help="torch.compile mode with --compile (max-autotune-no-cudagraphs, ...)")
-    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of two steps of each model")
+    parser.add_argument("--profile", action="store_true", help="print each model's GPU time per step by kind of kernel, and the busiest kernels (CUDA)")
     parser.add_argument("--checkpoint-from", type=int, default=1 << 30, metavar="SEQ",
                         help="activation checkpointing for our models (and their twins) at this sequence length and up")
     parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths (models)")
