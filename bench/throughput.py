@@ -29,6 +29,7 @@ import csv
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -298,11 +299,11 @@ def print_profile(step: Callable[[], None], title: str, top: int = 25) -> None:
                       if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "Optimizer.", "Command "))),
                      key=lambda k: -k[1])
     total = sum(ms for _, ms, _ in kernels)
-    by_kind: dict[str, float] = {}
+    by_kind: Counter[str] = Counter()
     for name, ms, _ in kernels:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+        by_kind[kernel_kind(name)] += ms
     print(f"# profile: {title}: {total:.1f} ms of GPU kernels per step")
-    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    for kind, ms in by_kind.most_common():
         print(f"  {kind:20s} {ms:8.2f} ms  {ms / total:6.1%}")
     for name, ms, calls in kernels[:top]:
         print(f"  {ms:8.2f} ms  {calls:5.0f}x  {name[:120]}")

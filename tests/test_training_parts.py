@@ -137,7 +137,6 @@ def test_weight_decay_skips_norms_and_tied_embeddings():
 
 def test_a_tokenizer_larger_than_the_model_vocab_is_a_clear_error():
     from functools import partial
-    from types import SimpleNamespace
 
     from lightning_modules import PretrainModule
 
