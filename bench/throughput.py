@@ -27,6 +27,7 @@ optimizer, the rest) and the busiest kernels.
 import argparse
 import csv
 import subprocess
+import statistics
 import sys
 import time
 from collections import Counter
@@ -117,23 +118,35 @@ def layer_rows(args, device: torch.device) -> list[dict]:
                 candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), 0)
             if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
                 candidates["library"] = theirs
+            steps, first = {}, {}
             for impl, layer in candidates.items():
-                layer = layer.to(device)
-
-                def step() -> None:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        out = layer(x)
-                    out = out[0] if isinstance(out, tuple) else out  # fla layers return (out, attn, cache)
-                    out.float().sum().backward()
-
+                steps[impl] = layer_step(layer.to(device), x)
                 start = time.perf_counter()
-                step()  # the first call compiles and autotunes the Triton kernels
-                first = time.perf_counter() - start
-                seconds, peak = timed(step, args.warmup, args.iters, device)
+                steps[impl]()  # the first call compiles and autotunes the Triton kernels
+                first[impl] = time.perf_counter() - start
+            # the candidates take turns, round after round, and each reports its median round: a drift of
+            # the GPU's clocks or of the host's speed during the run then reaches all of them alike
+            timings = {impl: [] for impl in steps}
+            for _ in range(args.rounds):
+                for impl, step in steps.items():
+                    timings[impl].append(timed(step, args.warmup, args.iters, device))
+            for impl, runs in timings.items():
+                seconds = statistics.median(s for s, _ in runs)
                 rows.append({"layer": kind, "impl": impl, "seq": seq, "batch": batch, "ms": seconds * 1e3,
-                             "first_call_s": first, "peak_GiB": peak})
+                             "first_call_s": first[impl], "peak_GiB": max(p for _, p in runs)})
                 progress(rows[-1])
     return rows
+
+
+def layer_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward and backward of `layer` on x, under bf16 autocast on CUDA."""
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out  # fla layers return (out, attn, cache)
+        out.float().sum().backward()
+
+    return step
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -341,6 +354,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // seq)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="layers: timed rounds, the candidates taking turns; the median is reported")
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
     parser.add_argument("--compile-mode", help="torch.compile mode with --compile (max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--profile", action="store_true", help="print each model's GPU time per step by kind of kernel, and the busiest kernels (CUDA)")

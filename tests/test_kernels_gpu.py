@@ -223,6 +223,31 @@ def test_triton_silu_mul_backward_matches_the_reference(hidden):
     check("dgu", got, want, 5e-3)  # bf16 rounding of the output
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,C,width", [(2048, 2816, 4), (37, 200, 4), (70, 130, 3)])  # helix_hybrid's, ragged tiles
+def test_triton_causal_conv_matches_the_reference(dtype, T, C, width):
+    """Forward and all three gradients, the input a strided slice of a wider tensor as the
+    in-projection's split gives it."""
+    from slmlab.ops.causal_conv import causal_conv1d_silu, causal_conv1d_silu_reference
+
+    torch.manual_seed(0)
+    wide = torch.randn(2, T, C + 50, device="cuda")
+    w = (0.5 * torch.randn(C, width, device="cuda")).requires_grad_()
+    b = torch.randn(C, device="cuda", requires_grad=True)
+    x = wide.to(dtype)[..., 10 : 10 + C].requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    want = causal_conv1d_silu_reference(x64, w.double(), b.double())
+    got = causal_conv1d_silu(x, w, b)
+    grad = torch.randn(want.shape, device="cuda").to(dtype)
+    want_grads = torch.autograd.grad(want, [x64, w, b], grad.double())
+    got_grads = torch.autograd.grad(got, [x, w, b], grad)
+    assert got.dtype == dtype and got_grads[0].dtype == dtype
+    tol = 5e-3 if dtype == torch.bfloat16 else 1e-5
+    check("y", got, want, tol)
+    for name, g, ref in zip(("dx", "dweight", "dbias"), got_grads, want_grads):
+        check(name, g, ref, tol)
+
+
 def test_compiled_swiglu_gradients_match_the_float32_eager_module():
     from slmlab.models.layers import SwiGLU
 

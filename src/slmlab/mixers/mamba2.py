@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
 from slmlab.ops import compute_dtype, kernel_available, ssd, ssd_flops_per_token
+from slmlab.ops.causal_conv import causal_conv1d_silu, causal_conv1d_silu_reference
 
 
 @dataclass
@@ -104,20 +105,14 @@ class Mamba2(nn.Module):
 
     def _conv(self, xBC: Tensor, state: Mamba2State | None) -> Tensor:
         """silu(causal depthwise conv): (batch, seq, conv_dim) -> same; continues and updates `state.conv`."""
-        xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seq)
-        weight, bias = self.conv1d.weight, self.conv1d.bias
-        if state is None and self.kernel != "torch" and xBC.is_cuda and kernel_available("causal_conv1d"):
-            from causal_conv1d import causal_conv1d_fn
-
-            return causal_conv1d_fn(xBC, weight.squeeze(1), bias, activation="silu").transpose(1, 2)
-        if state is None:
-            history = xBC.new_zeros(xBC.shape[0], self.conv_dim, self.d_conv - 1)
-        else:
-            history = state.conv.to(xBC.dtype)
-        xBC = torch.cat([history, xBC], dim=-1)  # causal: output t sees inputs t - d_conv + 1 .. t
-        if state is not None:
-            state.conv.copy_(xBC[..., xBC.shape[-1] - (self.d_conv - 1) :])
-        return F.silu(F.conv1d(xBC, weight, bias, groups=self.conv_dim)).transpose(1, 2)
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if state is None:  # the kernel on CUDA, unless the reference is asked for
+            conv = causal_conv1d_silu_reference if self.kernel == "torch" else causal_conv1d_silu
+            return conv(xBC, weight, bias)
+        out = causal_conv1d_silu_reference(xBC, weight, bias, history=state.conv)
+        inputs = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
+        state.conv.copy_(inputs[..., inputs.shape[-1] - (self.d_conv - 1) :])  # the last d_conv - 1 inputs
+        return out
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:
         """Zero states; their size does not depend on `max_len`."""

@@ -13,6 +13,7 @@ into the Triton cache, so the kernels start without autotuning (`ops/autotune_ca
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -31,6 +32,7 @@ _PROBES = {
     "causal_conv1d": "causal_conv1d",
 }
 _warned: set[str] = set()
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch on Linux bring it
 
 
 def _use_tuned_configs() -> bool:

@@ -12,15 +12,12 @@ once and writes both halves (0.24 ms).
                                   (`ops/swiglu_triton.py`), else plain autograd
 """
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slmlab.ops.backend import HAS_TRITON
 from slmlab.ops.gla import compute_dtype
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch on Linux bring it
 
 
 def silu_mul_forward(gu: Tensor) -> Tensor:
