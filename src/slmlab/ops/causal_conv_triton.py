@@ -33,7 +33,7 @@ def _preactivation(x_ptr, w_ptr, bias, t, c, c_mask, T, sxt, K: tl.constexpr):
 def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, C, sxb, sxt, syb, syt,
                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     batch = tl.program_id(2).to(tl.int64)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)  # positions x strides can pass 2**31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_mask = c < C
     bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -49,7 +49,7 @@ def _preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, g_ptr, da_ptr, dwb_ptr, T, C
     """da = grad * silu'(a), the pre-activation recomputed; this tile's sums for the weight and bias
     gradients into its row of dwb."""
     batch = tl.program_id(2).to(tl.int64)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)  # positions x strides can pass 2**31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_mask = c < C
     x_ptr += batch * sxb
@@ -73,7 +73,7 @@ def _preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, g_ptr, da_ptr, dwb_ptr, T, C
 def _input_grad_kernel(da_ptr, w_ptr, dx_ptr, T, C, sdb, sdt, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dx[t] = sum_j w[K-1-j] * da[t+j]: each input reaches the K outputs after it."""
     batch = tl.program_id(2).to(tl.int64)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)  # positions x strides can pass 2**31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_mask = c < C
     dx = tl.zeros((BT, BC), tl.float32)
