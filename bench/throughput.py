@@ -1,7 +1,7 @@
 """Training throughput on one GPU, every row of the table measured in the same run.
 
     python bench/throughput.py layers     # each mixer layer, fwd+bwd: ours (kernels), ours (torch reference),
-                                          # the kernel library's own layer
+                                          # the kernel library's own layer, taking turns (--rounds)
     python bench/throughput.py models     # helix_hybrid and odinnext vs the all-attention model of their shape
                                           # at 2k/8k(/32k); helios_nova vs Hugging Face Qwen3 (torch.compile);
                                           # helium_nano MFU
