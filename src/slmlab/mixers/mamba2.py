@@ -110,8 +110,9 @@ class Mamba2(nn.Module):
             conv = causal_conv1d_silu_reference if self.kernel == "torch" else causal_conv1d_silu
             return conv(xBC, weight, bias)
         out = causal_conv1d_silu_reference(xBC, weight, bias, history=state.conv)
-        inputs = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
-        state.conv.copy_(inputs[..., inputs.shape[-1] - (self.d_conv - 1) :])  # the last d_conv - 1 inputs
+        # the last d_conv - 1 inputs, from the history where x is shorter than that
+        recent = torch.cat([state.conv.to(xBC.dtype), xBC[:, -(self.d_conv - 1) :].transpose(1, 2)], dim=-1)
+        state.conv.copy_(recent[..., -(self.d_conv - 1) :])
         return out
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:

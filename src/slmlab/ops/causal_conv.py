@@ -3,8 +3,9 @@
 Run as `F.conv1d` on a copy of the input transposed to (batch, channels, seq) and zero-padded in
 front, it took 2.8 of helix_hybrid's 7 ms per Mamba-2 layer forward+backward on an H200 (the copies,
 cuDNN's depthwise kernels and the weight gradient). The CUDA path here reads the input where the
-in-projection wrote it, in one Triton kernel each way (`ops/causal_conv_triton.py`); mamba-ssm's own
-layer uses the `causal_conv1d` CUDA extension for this, which is used instead where it is installed.
+in-projection wrote it, in Triton kernels (`ops/causal_conv_triton.py`: one forward, two backward);
+mamba-ssm's own layer uses the `causal_conv1d` CUDA extension for this, which is used instead where
+it is installed.
 
     causal_conv1d_silu_reference   F.conv1d, optionally continuing from earlier inputs (decoding):
                                    the oracle the kernel is tested against, and the CPU path
