@@ -248,6 +248,56 @@ def test_triton_causal_conv_matches_the_reference(dtype, T, C, width):
         check(name, g, ref, tol)
 
 
+@pytest.mark.parametrize("norm", [True, False], ids=["qk_norm", "rope_only"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,T,H,Hkv,hd", [(2, 2048, 16, 4, 64), (3, 37, 5, 1, 128)])  # helios_nova's; ragged tiles
+def test_triton_qk_norm_rope_matches_the_reference(norm, dtype, B, T, H, Hkv, hd):
+    """q, k, v and the gradients of qkv and both norm weights; the gradients of q come in attention's
+    (batch, heads, seq, dim) memory layout, as cuDNN returns them."""
+    from slmlab.models.layers import Rotary
+    from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+
+    torch.manual_seed(0)
+    cos_sin = Rotary(hd, 10_000.0, max_len=T + 5).cuda().cos_sin
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, device="cuda").to(dtype).requires_grad_()
+    weights = [(1 + 0.3 * torch.randn(hd, device="cuda")).requires_grad_() for _ in range(2)] if norm else [None, None]
+    got = qk_norm_rope(qkv, H, Hkv, *weights, cos_sin, 1e-6)
+    x64 = qkv.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in weights] if norm else [None, None]
+    q64, k64, v64 = x64.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    want = (qk_norm_rope_reference(q64.unflatten(-1, (H, hd)), w64[0], cos_sin, 1e-6),
+            qk_norm_rope_reference(k64.unflatten(-1, (Hkv, hd)), w64[1], cos_sin, 1e-6), v64.unflatten(-1, (Hkv, hd)))
+    grads = [torch.randn(w.shape, device="cuda").to(dtype) for w in want]
+    grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)
+    inputs, inputs64 = [qkv, *weights] if norm else [qkv], [x64, *w64] if norm else [x64]
+    got_grads = torch.autograd.grad(got, inputs, grads)
+    want_grads = torch.autograd.grad(want, inputs64, [g.double() for g in grads])
+    assert [t.dtype for t in (*got, got_grads[0])] == [dtype] * 4
+    tol = 5e-3 if dtype == torch.bfloat16 else 1e-5
+    for name, g, w in zip(("q", "k", "v", "dqkv", "dq_weight", "dk_weight"), (*got, *got_grads), (*want, *want_grads)):
+        check(name, g, w, tol)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_compiled_attention_gradients_match_the_float32_eager_module(qk_norm):
+    """Compiled as the blocks are, QK-norm and RoPE go through the Triton custom ops."""
+    torch.manual_seed(0)
+    attention = Attention(replace(mixer_config("auto"), n_kv_heads=2, qk_norm=qk_norm), 0).cuda()
+    reference = Attention(replace(mixer_config("torch"), n_kv_heads=2, qk_norm=qk_norm), 0).cuda()
+    reference.load_state_dict(attention.state_dict())
+    assert attention.one_pass_qk and not reference.one_pass_qk
+    x = torch.randn(2, 200, 256, device="cuda", requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = reference(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *reference.parameters()])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = torch.compile(attention)(x)
+    got_grads = torch.autograd.grad(got.float().square().sum(), [x, *attention.parameters()])
+    check("out", got, want, 2e-2)
+    for (name, _), g, w in zip([("x", None), *attention.named_parameters()], got_grads, want_grads, strict=True):
+        check(f"d{name}", g, w, 3e-2)
+
+
 def test_compiled_swiglu_gradients_match_the_float32_eager_module():
     from slmlab.models.layers import SwiGLU
 

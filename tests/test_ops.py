@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slmlab.ops import backend, gla, gla_chunked, gla_recurrent, resolve_backend, ssd, ssd_chunked, ssd_recurrent
+from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from slmlab.ops.swiglu import silu_mul, silu_mul_backward_reference
 
 f64 = dict(dtype=torch.float64)
@@ -177,3 +178,23 @@ def test_silu_mul_backward_reference_equals_autograd_through_chunk_and_silu():
     (want,) = torch.autograd.grad(F.silu(gate) * up, gu, grad)
     torch.testing.assert_close(silu_mul_backward_reference(gu.detach(), grad), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(silu_mul(gu), F.silu(gate) * up, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["qk_norm", "rope_only"])
+def test_qk_norm_rope_reference_equals_the_attention_modules(norm):
+    """The oracle of the Triton kernels' test (complex rotation) against QK-norm then `Rotary` (the
+    modules attention runs on the CPU and while decoding); `Rotary` rotates in float32."""
+    from slmlab.models.layers import RMSNorm, Rotary
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 3, 16, **f64)
+    rotary, rms = Rotary(16, 10_000.0, max_len=12).double(), RMSNorm(16, eps=1e-6).double()
+    rms.weight.data = 1 + 0.3 * torch.randn(16, **f64)
+    want = rotary(rms(x) if norm else x)
+    got = qk_norm_rope_reference(x, rms.weight if norm else None, rotary.cos_sin, 1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_qk_norm_rope_wants_both_norm_weights_or_neither():
+    with pytest.raises(ValueError, match="both QK-norm weights or neither"):
+        qk_norm_rope(torch.zeros(1, 2, 48), 1, 1, torch.ones(16), None, torch.zeros(2, 2, 8), 1e-6)

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, Rotary, fused_linear
+from slmlab.ops.backend import HAS_TRITON
+from slmlab.ops.qk_norm_rope import qk_norm_rope
 
 
 @dataclass
@@ -24,7 +26,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; SDPA dispatches to the flash kernel on CUDA and to a CPU kernel otherwise."""
+    """Grouped-query attention; SDPA dispatches to the flash kernel on CUDA and to a CPU kernel otherwise.
+    On CUDA, QK-norm and RoPE of a sequence from position 0 run as one Triton pass over the fused QKV
+    projection (`ops/qk_norm_rope.py`); the modules are the reference, the CPU path and the decoding path."""
 
     compiles_kernels = False  # whether its CUDA path compiles kernels at the first call (kernel warm-up)
 
@@ -39,22 +43,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_on(layer_idx) else None
+        self.use_kernels = cfg.kernel != "torch"
+        half = self.head_dim // 2
+        self.one_pass_qk = self.use_kernels and HAS_TRITON and self.rotary is not None and half & (half - 1) == 0
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache."""
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, self.q, self.k, self.v)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         offset = state.pos if state is not None else 0
-        if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        q, k, v = self.heads(x, offset)
         # heads to the front as views: SDPA's flash and cuDNN kernels read (batch, seq, heads, dim) memory
         # as it is, and their gradients come back in it, with no transposing copies
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(offset, Tensor):  # static shapes: write on the device, attend over the whole cache
             positions = offset + torch.arange(T, device=x.device)
             state.k.index_copy_(2, positions, k.to(state.k.dtype))  # float32 caches under autocast
@@ -68,6 +68,25 @@ class Attention(nn.Module):
         if state is not None:
             state.pos += T  # after attending: a device position is `offset` itself, advanced in place
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def heads(self, x: Tensor, offset: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (batch, seq, d_model) at positions offset.. -> q, k, v as (batch, seq, heads, head_dim),
+        q and k normalised (QK-norm) and rotated (RoPE)."""
+        B, T, _ = x.shape
+        from_start = isinstance(offset, int) and offset == 0
+        if self.one_pass_qk and x.is_cuda and from_start and T <= self.rotary.cos_sin.shape[1]:
+            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+            norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+            eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            return qk_norm_rope(qkv, self.n_heads, self.n_kv_heads, *norms, self.rotary.cos_sin, eps)
+        q, k, v = fused_linear(x, self.q, self.k, self.v)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
         """q: (B, H, T, hd) at positions offset..offset+T; k, v: (B, Hkv, L, hd) with keys at positions

@@ -51,11 +51,10 @@ class SparseAttention(Attention):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         self.window, self.global_tokens = cfg.sliding_window, cfg.global_tokens
-        self.use_flex = cfg.kernel != "torch"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
-        if q.is_cuda and self.use_flex and q_len > 1 and isinstance(offset, int):
+        if q.is_cuda and self.use_kernels and q_len > 1 and isinstance(offset, int):
             block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
             return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.masked_attend(q, k, v, offset)  # the reference; decoding; CUDA-graph (tensor) positions
