@@ -30,7 +30,9 @@ class Attention(nn.Module):
     On CUDA, QK-norm and RoPE of a sequence from position 0 run as one Triton pass over the fused QKV
     projection (`ops/qk_norm_rope.py`); the modules are the reference, the CPU path and the decoding path."""
 
-    compiles_kernels = False  # whether its CUDA path compiles kernels at the first call (kernel warm-up)
+    # whether its CUDA path compiles kernels at the first call (kernel warm-up); the QK-norm/RoPE kernels
+    # are small enough to compile in the training process
+    compiles_kernels = False
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
