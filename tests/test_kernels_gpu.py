@@ -145,7 +145,7 @@ def test_fused_gated_rmsnorm_matches_reference(dtype):
 
 
 def mixer_config(kernel: str) -> ModelConfig:
-    return ModelConfig(vocab_size=11, d_model=256, n_layers=1, n_heads=4, ffn_hidden=8, kernel=kernel,
+    return ModelConfig(vocab_size=11, d_model=256, n_layers=1, n_heads=4, ffn_hidden=8, kernel=kernel, qk_norm=True,
                        hgrn2_expand_ratio=64, ssm_d_state=64, ssm_headdim=32, ssm_ngroups=2)
 
 
@@ -197,7 +197,8 @@ def test_attention_under_bf16_autocast_matches_float32_math_attention(mixer):
     check_bf16_autocast_against_float32(fast, reference)
 
 
-@pytest.mark.parametrize("mixer,kernel", MIXER_KERNELS)
+# attention: the whole sequence and the prefill through the Triton QK-norm/RoPE op, decoding through the modules
+@pytest.mark.parametrize("mixer,kernel", [*MIXER_KERNELS, pytest.param(Attention, "auto", id="attention-qk_norm_rope")])
 def test_kernel_prefill_and_decoding_equal_the_full_forward(mixer, kernel):
     torch.manual_seed(0)
     m = mixer(mixer_config(kernel), 0).cuda()

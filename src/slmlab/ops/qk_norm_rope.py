@@ -5,7 +5,7 @@ Compiled by inductor from the modules (`RMSNorm`, `Rotary`), the backward of thi
 per layer for helios_nova on an H200 (0.28 ms): RoPE's gradient went out to memory in float32, QK-norm
 read it twice (once for its row sums, once for the input gradient), and the three gradients were then
 copied into the QKV gradient. The Triton kernels here (`ops/qk_norm_rope_triton.py`) read each input
-once and write q, k, v forward, and the QKV gradient backward, in place.
+once and write q, k, v forward, and the QKV gradient backward, with nothing in between.
 
     qk_norm_rope_reference   one head tensor in PyTorch, RoPE as a complex rotation: the oracle the
                              kernels are tested against (the modules stay the CPU and decoding path)
