@@ -87,9 +87,8 @@ def _backward_kernel(x_ptr, w_ptr, cs_ptr, dy_ptr, dx_ptr, dw_ptr, column, n_row
     tl.store(dx_ptr + row + HALF, d2.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _parts(qkv: Tensor, n_heads: int, n_kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None) -> list:
+def _parts(head_dim: int, n_heads: int, n_kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None) -> list:
     """For q, k and v: (column where its heads start in qkv, number of heads, norm weight, rotated)."""
-    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     return [(0, n_heads, q_weight, True), (n_heads * head_dim, n_kv_heads, k_weight, True),
             ((n_heads + n_kv_heads) * head_dim, n_kv_heads, None, False)]
 
@@ -103,7 +102,7 @@ def qk_norm_rope_forward(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor 
     batch, seq, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
     outs = []
-    for column, heads, weight, rotate in _parts(qkv, n_heads, n_kv_heads, q_weight, k_weight):
+    for column, heads, weight, rotate in _parts(head_dim, n_heads, n_kv_heads, q_weight, k_weight):
         y = qkv.new_empty(batch, seq, heads, head_dim)
         n_rows = batch * seq * heads
         wrap_triton(_forward_kernel)[(triton.cdiv(n_rows, ROWS),)](
@@ -122,7 +121,8 @@ def qk_norm_rope_backward(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor
     n_heads, n_kv_heads, head_dim = dq.shape[2], dk.shape[2], dq.shape[3]
     dqkv = torch.empty_like(qkv)
     dweights = []
-    for (column, heads, weight, rotate), dy in zip(_parts(qkv, n_heads, n_kv_heads, q_weight, k_weight), (dq, dk, dv)):
+    for (column, heads, weight, rotate), dy in zip(_parts(head_dim, n_heads, n_kv_heads, q_weight, k_weight),
+                                                   (dq, dk, dv)):
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         n_rows = batch * seq * heads
         programs = triton.cdiv(n_rows, ROWS)
