@@ -32,7 +32,7 @@ class LMModule(L.LightningModule):
             load_weights(self.model, init_from)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
-        self._grad_norm: torch.Tensor | None = None
+        self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""
@@ -68,13 +68,20 @@ class LMModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def gradient_norm(self) -> torch.Tensor | None:
+        """The total norm of the model's gradients at this optimizer step, before clipping; None when no
+        parameter has one. Computed once per step (foreach kernels, one pass over the gradients): the
+        non-finite guard, `train/grad_norm` and clipping share it."""
+        step = self.trainer.global_step
+        if self._grad_norm is None or self._grad_norm[0] != step:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = (step, torch.nn.utils.get_total_norm(grads) if grads else None)
+        return self._grad_norm[1]
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # none where NonFiniteGuard skips a step on the host (and non-finite where it does on the device);
-        # kept for clipping, which Lightning runs right after this hook
-        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None  # foreach kernels
-        if self._grad_norm is not None:
-            self.log("train/grad_norm", self._grad_norm)  # before clipping
+        norm = self.gradient_norm()  # non-finite where NonFiniteGuard skips the step
+        if norm is not None:
+            self.log("train/grad_norm", norm)  # before clipping
         # a CPU tensor: Lightning copies a Python float to the GPU, and that copy waits for the backward
         self.log("train/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
 
@@ -88,11 +95,16 @@ class LMModule(L.LightningModule):
         if scaler is not None:
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = self.gradient_norm() if scaler is None else None  # fp16: the norm of the unscaled gradients
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        elif scaler is None and self._grad_norm is not None:  # the logged norm: one pass less over the gradients
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
-        else:  # fp16: the norm of the unscaled gradients
+        elif norm is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # a fused Adam(W) divides each gradient by `grad_scale` as it reads it (GradScaler's unscaling):
+            # clip_grad_norm_'s factor without a pass of its own over the gradients
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / gradient_clip_val, min=1.0)
+        elif norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
+        else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

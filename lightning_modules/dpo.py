@@ -56,7 +56,7 @@ class DPOModule(PolicyModule):
             for side, row in (("chosen", best), ("rejected", worst)):
                 rows[f"{side}_ids"].append(seq[row : row + 1, :-1])
                 rows[f"{side}_labels"].append(labels[row : row + 1])
-        self.log("train/reward", torch.cat(sampled).mean(), prog_bar=True)
+        self.log("train/reward", torch.cat(sampled).mean())
         if not rows["chosen_ids"]:
             return None
         return {k: cat_right_padded(v, value=IGNORE_INDEX if k.endswith("labels") else 0) for k, v in rows.items()}

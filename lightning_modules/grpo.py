@@ -41,7 +41,7 @@ class GRPOModule(PolicyModule):
         rewards_t = torch.tensor(rewards, device=self.device, dtype=torch.float32)
         advantages = group_advantages(rewards_t, self.group_size)
         loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, self.clip_eps, self.kl_beta)
-        self.log("train/reward", rewards_t.mean(), prog_bar=True)
+        self.log("train/reward", rewards_t.mean())
         self.log_dict({"train/loss": loss, "train/pass_rate": sum(passed) / len(passed), "train/kl": stats["kl"],
                        "train/clip_fraction": stats["clip_fraction"], "train/completion_len": mask.sum(dim=1).mean()})
         return loss

@@ -29,7 +29,7 @@ class PretrainModule(LMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, ce = self.model.loss(batch["input_ids"], batch["labels"], self.z_loss)  # no whole-batch logits
-        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -30,7 +30,7 @@ class SFTModule(LMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.model.loss(batch["input_ids"], batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         dm = self.trainer.datamodule
         self.log("train/epoch", torch.tensor(dm.samples_consumed / dm.train_size))  # on the CPU: no copy to the GPU
         return loss

@@ -32,3 +32,17 @@ class RecordBatches(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.hashes))
+
+
+class RecordProgressBarKeys(Callback):
+    """Writes the progress-bar metric names Lightning held after each training batch to `path` (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.keys: list[list[str]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.keys.append(sorted(trainer.progress_bar_metrics))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.write_text(json.dumps(self.keys))

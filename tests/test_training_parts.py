@@ -1,5 +1,6 @@
 """Schedules, losses and weight-decay groups against hand-computed values."""
 
+import json
 import math
 import time
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from slmlab.models import CausalLM, ModelConfig
 from slmlab.training.callbacks import ProgressBar, ThroughputMonitor
 from slmlab.training.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
 from slmlab.training.optim import weight_decay_groups
+from tests.conftest import compose_config, tiny_run_overrides
 from slmlab.training.schedules import WSD, Constant, Cosine
 
 
@@ -322,17 +324,35 @@ def test_progress_bar_reads_training_metrics_back_only_every_n_steps():
 
         @property
         def progress_bar_metrics(self) -> dict[str, float]:  # in Lightning: `.item()` of each, a GPU sync
-            self.reads.append(self.global_step)
-            return {"train/loss": float(self.global_step)}
+            return {"val/loss": 2.5}
 
-    bar, trainer = ProgressBar(metrics_every_n_steps=3), Trainer()
+        @property
+        def callback_metrics(self) -> dict[str, torch.Tensor]:  # device tensors: the bar's float() syncs
+            self.reads.append(self.global_step)
+            return {"train/loss": torch.tensor(float(self.global_step)), "train/kl": torch.tensor(0.0)}
+
+    bar, trainer = ProgressBar(metrics_every_n_steps=3, train_keys=["train/loss", "train/reward"]), Trainer()
     shown = []
     for step in range(1, 8):
         trainer.global_step = step
-        shown.append(bar.get_metrics(trainer, None)["train/loss"])
-    assert trainer.reads == [1, 3, 6] and shown == [1, 1, 3, 3, 3, 6, 6]  # the first step's, then every third
+        shown.append(bar.get_metrics(trainer, None))
+    assert trainer.reads == [1, 3, 6] and [m["train/loss"] for m in shown] == [1, 1, 3, 3, 3, 6, 6]
+    assert shown[-1]["val/loss"] == 2.5 and "train/kl" not in shown[-1] and "train/reward" not in shown[-1]
     trainer.training = False  # validation reads them at every call
     assert [bar.get_metrics(trainer, None)["train/loss"] for _ in range(2)] == [7, 7] and trainer.reads[-2:] == [7, 7]
+
+
+def test_training_logs_no_metric_lightning_would_read_back_every_step(tmp_path):
+    """Lightning turns each metric logged with `prog_bar=True` into a number after every batch: on a GPU,
+    a wait for the whole queued step each time. Pretraining logs none; the bar reads its keys every n steps."""
+    from train import train
+
+    record = tmp_path / "keys.json"
+    train(compose_config(tiny_run_overrides(tmp_path, steps=3, val_every=3) + [
+        "callbacks.sample=null", "+callbacks.record._target_=tests.helpers.RecordProgressBarKeys",
+        f"+callbacks.record.path={record}"]))
+    seen = json.loads(record.read_text())
+    assert len(seen) == 3 and seen == [[], [], []], seen
 
 
 def test_timed_loader_counts_the_time_spent_producing_batches_not_the_time_between_them():
@@ -376,26 +396,49 @@ def test_data_wait_is_the_loading_time_share_of_the_window():
     assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/data_wait"] <= 0.25 + 1e-9, metrics
 
 
-def test_norm_clipping_reuses_this_steps_logged_norm_and_matches_clip_grad_norm():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("fused", [False, True], ids=["clipped-in-place", "clipped-by-fused-adamw"])
+def test_norm_clipping_reuses_this_steps_norm_and_matches_clip_grad_norm(fused, device, monkeypatch):
+    """One gradient norm per step, shared by the non-finite guard, `train/grad_norm` and clipping. An
+    unfused optimizer gets its gradients scaled in place; fused AdamW divides them by `grad_scale` as it
+    reads them. Either way the update is AdamW's on clip_grad_norm_'s gradients."""
     from functools import partial
 
     from lightning_modules import PretrainModule
+    from slmlab.training.faults import NonFiniteGuard
 
     module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
-                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant))
-    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # bf16 / fp32: no grad scaler
+                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant)).to(device)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=0,  # bf16 / fp32: no grad scaler
+                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module.trainer = trainer
     logged = {}
     module.log = lambda name, value, **kw: logged.update({name: value})
+    norms = []
+    total_norm = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: norms.append(1) or total_norm(grads))
     params = list(module.model.parameters())
-    optimizer = torch.optim.AdamW(params)
-    for step, scale in enumerate((10.0, 0.001)):  # above the clip, then below it: a stale norm would clip wrongly
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=fused)
+    expected = torch.optim.AdamW(reference, lr=0.1)
+    guard = NonFiniteGuard()
+    for step, scale in enumerate((10.0, 0.001, 5.0)):  # above the clip, below, above: a stale norm or factor fails
+        trainer.global_step = step
         torch.manual_seed(step)
         grads = [scale * torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
+        for p, r, g in zip(params, reference, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        guard.on_before_optimizer_step(trainer, module, optimizer)
         module.on_before_optimizer_step(optimizer)
         module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        optimizer.step()
         norm = math.sqrt(sum(g.double().square().sum().item() for g in grads))
         assert logged["train/grad_norm"].item() == pytest.approx(norm, rel=1e-5)
-        for p, g in zip(params, grads):  # scaled by clip / (norm + 1e-6) where the norm exceeds the clip
-            torch.testing.assert_close(p.grad, g * min(1.0, 1.0 / (norm + 1e-6)))
+        assert len(norms) == step + 1  # computed once, for the guard; logging and clipping reuse it
+        torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        expected.step()
+        for p, r in zip(params, reference):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    guard.on_train_end(trainer, module)
+    assert guard.skipped == 0

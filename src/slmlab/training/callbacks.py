@@ -113,20 +113,30 @@ class ThroughputMonitor(Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, reading the logged metrics back only every `metrics_every_n_steps`
-    optimizer steps while training. Reading a metric (`.item()`) waits for the GPU to finish every queued
-    kernel; done after each step, it leaves the GPU idle while Python prepares the next one."""
+    """Lightning's rich progress bar, reading training metrics back only every `metrics_every_n_steps`
+    optimizer steps. Reading a metric (`.item()`) waits for the GPU to finish every queued kernel; done
+    after each step, it leaves the GPU idle while Python fetches the next batch and launches its kernels.
 
-    def __init__(self, metrics_every_n_steps: int = 10, **kwargs: Any) -> None:
+    Lightning converts every metric logged with `prog_bar=True` to a number after every batch, whether or
+    not a bar shows it, so the stages log their training metrics without it: the bar shows `train_keys`
+    from the trainer's callback metrics (device tensors until read), and what is logged with `prog_bar`.
+    """
+
+    def __init__(self, metrics_every_n_steps: int = 10, train_keys: tuple[str, ...] = ("train/loss", "train/reward"),
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metrics_every_n_steps = metrics_every_n_steps
+        self.train_keys = tuple(train_keys)
         self._shown: dict[str, Any] = {}
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if trainer.training and trainer.global_step % self.metrics_every_n_steps and self._shown:
             return self._shown
-        self._shown = super().get_metrics(trainer, pl_module)
-        return self._shown
+        metrics = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics
+        metrics.update({key: float(logged[key]) for key in self.train_keys if key in logged})
+        self._shown = metrics
+        return metrics
 
 
 class ConsoleSummary(Callback):

@@ -102,8 +102,11 @@ class NonFiniteGuard(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         self._read_back()  # the previous step's verdict, long computed: this step's backward is queued behind it
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # the norm is finite exactly when every gradient is (or it overflows: a divergence as well)
-        finite = self._loss_finite & torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        # the norm is finite exactly when every gradient is (or it overflows: a divergence as well);
+        # slmlab's modules compute it once per step for logging and clipping too
+        shared = getattr(pl_module, "gradient_norm", None)
+        norm = shared() if shared is not None else torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = self._loss_finite if norm is None else self._loss_finite & torch.isfinite(norm)
         self._loss_finite = True
         # any rank's fault skips the step everywhere: with sharded gradients (FSDP) a rank sees only its part
         bad = trainer.strategy.reduce((~finite).float(), reduce_op="max")
