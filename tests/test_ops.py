@@ -1,6 +1,7 @@
 """The recurrent ops on the CPU: chunked references against step-by-step oracles (float64), state
 carrying, and the choice of backend."""
 
+import sys
 import warnings
 
 import pytest
@@ -140,6 +141,20 @@ def test_asking_for_a_kernel_on_cpu_tensors_is_an_error(kernels):
     q, k, v, g, _ = (t.detach() for t in gla_inputs(T=4).values())
     with pytest.raises(ValueError, match="CUDA tensors only"):
         gla(q, k, v, g, kernel="fla")
+
+
+def test_kernel_availability_is_checked_in_python_even_inside_a_compiled_block(tmp_path, monkeypatch):
+    """Inside torch.compile the check once came out False although the package imported, and a compiled
+    hybrid ran GLA's PyTorch reference: the import must run as plain Python, not be traced."""
+    (tmp_path / "probe_kernels.py").write_text("import torch\nCOMPILING = torch.compiler.is_compiling()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backend._PROBES, "probe", "probe_kernels")
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if backend.kernel_available("probe") else x - 1
+
+    assert torch.equal(torch.compile(pick, backend="eager")(torch.zeros(2)), torch.ones(2))
+    assert sys.modules["probe_kernels"].COMPILING is False
 
 
 def test_auto_picks_the_first_installed_kernel_on_cuda_and_the_reference_on_cpu(kernels):

@@ -48,6 +48,10 @@ def seed_tuned_configs() -> None:
         seed_autotune_cache(torch.cuda.get_device_name())
 
 
+# never traced: inside a compiled block torch.compile (2.11) traced through it, the check came out False and
+# GLA ran its PyTorch reference. Run as plain Python, at a graph break; torch's lazy form of
+# torch.compiler.disable imports dynamo (1.5 s) at the first call, not when slmlab is imported
+@torch._disable_dynamo
 @functools.cache
 def kernel_available(package: str) -> bool:
     """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports. Once it has, the shipped
