@@ -106,7 +106,8 @@ class NonFiniteGuard(Callback):
         # slmlab's modules compute it once per step for logging and clipping too
         shared = getattr(pl_module, "gradient_norm", None)
         norm = shared() if shared is not None else torch.nn.utils.get_total_norm([p.grad for p in params])
-        finite = self._loss_finite if norm is None else self._loss_finite & torch.isfinite(norm)
+        finite = self._loss_finite & (torch.isfinite(norm) if norm is not None  # None: no gradients at all
+                                      else torch.ones((), dtype=torch.bool, device=pl_module.device))
         self._loss_finite = True
         # any rank's fault skips the step everywhere: with sharded gradients (FSDP) a rank sees only its part
         bad = trainer.strategy.reduce((~finite).float(), reduce_op="max")
