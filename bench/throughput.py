@@ -30,7 +30,6 @@ import subprocess
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +43,7 @@ from slmlab.export.hf import hf_twin
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.ops.backend import seed_tuned_configs
 from slmlab.training.callbacks import peak_flops
+from slmlab.training.profiling import kernel_summary
 
 
 def timed(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
@@ -285,19 +285,6 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
     return rows
 
 
-# GPU kernels by what they do, from their names: cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs
-# nothing else here, flash, FlexAttention), the fused optimizer; the rest is elementwise work (norms,
-# RoPE, activations, casts)
-KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "splitkreduce", "xmma")),
-                ("attention", ("fmha", "sdpa", "flash", "attention", "cudnn")),
-                ("optimizer", ("multi_tensor_apply", "adam")))
-
-
-def kernel_kind(name: str) -> str:
-    lower = name.lower()
-    return next((kind for kind, marks in KERNEL_KINDS if any(m in lower for m in marks)), "elementwise, other")
-
-
 def print_profile(step: Callable[[], None], title: str, top: int = 25) -> None:
     """The GPU kernels of two steps: milliseconds per step by kind of kernel, then the `top` kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -307,19 +294,9 @@ def print_profile(step: Callable[[], None], title: str, top: int = 25) -> None:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    # kernels only: an op's row (aten::mm, ...) repeats the time of the kernels it launched
-    kernels = sorted(((e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
-                      if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "Optimizer.", "Command "))),
-                     key=lambda k: -k[1])
-    total = sum(ms for _, ms, _ in kernels)
-    by_kind: Counter[str] = Counter()
-    for name, ms, _ in kernels:
-        by_kind[kernel_kind(name)] += ms
-    print(f"# profile: {title}: {total:.1f} ms of GPU kernels per step")
-    for kind, ms in by_kind.most_common():
-        print(f"  {kind:20s} {ms:8.2f} ms  {ms / total:6.1%}")
-    for name, ms, calls in kernels[:top]:
-        print(f"  {ms:8.2f} ms  {calls:5.0f}x  {name[:120]}")
+    lines = kernel_summary(prof, steps, top)
+    print(f"# profile: {title}: {lines[0]}")
+    print("\n".join(lines[1:]))
 
 
 def progress(row: dict) -> None:

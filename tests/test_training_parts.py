@@ -442,3 +442,31 @@ def test_norm_clipping_reuses_this_steps_norm_and_matches_clip_grad_norm(fused, 
             torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
     guard.on_train_end(trainer, module)
     assert guard.skipped == 0
+
+
+def test_idle_gaps_between_overlapping_gpu_intervals():
+    from slmlab.training.profiling import idle_gaps, is_kernel, kernel_kind
+
+    # two streams overlap (b inside a's span, c starting before a ends); then a gap; then e after d ends
+    activity = [(0, 10, "a"), (2, 5, "b"), (8, 12, "c"), (20, 30, "d"), (35, 36, "e"), (30, 31, "f")]
+    gaps = idle_gaps(activity)
+    assert [(g.start, g.length, g.after, g.before) for g in gaps] == [(12, 8, "c", "d"), (31, 4, "f", "e")]
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kernel_kind("triton_per_fused__fused_rms_norm_0") == "elementwise, other"
+    # Lightning's optimizer step runs forward and backward inside it: as GPU activity it would hide every gap
+    assert not is_kernel("Optimizer.step#AdamW.step") and not is_kernel("aten::mm")
+    assert is_kernel("Memcpy HtoD (Pinned -> Device)") and is_kernel("_silu_mul_backward_kernel")
+
+
+def test_step_profiler_profiles_the_asked_optimizer_steps_of_a_run(tmp_path, capsys):
+    """`callbacks.profile.steps=2` from step 3: one report over exactly those two steps, and its trace."""
+    from train import train
+
+    train(compose_config(tiny_run_overrides(tmp_path, steps=6, val_every=6) + [
+        "callbacks.sample=null", "callbacks.profile.start=3", "callbacks.profile.steps=2", "callbacks.profile.trace=true"]))
+    out = capsys.readouterr().out
+    assert out.count("== profile of optimizer steps") == 1 and "== profile of optimizer steps 3-4:" in out
+    trace = json.loads((tmp_path / "run" / "profile" / "trace.json").read_text())
+    # the window ran two optimizer steps' forward passes: the model's embedding lookups, one per step
+    assert sum(e.get("name") == "aten::embedding" for e in trace["traceEvents"]) == 2
