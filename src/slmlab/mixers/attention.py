@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
-from slmlab.models.layers import RMSNorm, Rotary, fused_linear
+from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear
 from slmlab.ops.backend import HAS_TRITON
 from slmlab.ops.qk_norm_rope import qk_norm_rope
 
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         from_start = isinstance(offset, int) and offset == 0
         if self.one_pass_qk and x.is_cuda and from_start and T <= self.rotary.cos_sin.shape[1]:
-            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+            qkv = concat_linear(x, self.q, self.k, self.v)  # the op splits it
             norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
             eps = self.q_norm.eps if self.q_norm is not None else 0.0
             return qk_norm_rope(qkv, self.n_heads, self.n_kv_heads, *norms, self.rotary.cos_sin, eps)

@@ -24,16 +24,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
 
+def concat_linear(x: Tensor, *linears: nn.Linear) -> Tensor:
+    """Several bias-free linears of one input as one matmul over their concatenated weights: one larger
+    GEMM (and one input gradient) instead of several, their outputs side by side in the last dim. The
+    parameters keep their own names and shapes, so checkpoints, export and per-matrix optimizers see
+    them as before."""
+    return F.linear(x, torch.cat([m.weight for m in linears]))
+
+
 def fused_linear(x: Tensor, *linears: nn.Linear) -> tuple[Tensor, ...]:
-    """The outputs of several bias-free linears of one input, from one matmul over their concatenated
-    weights: one larger GEMM (and one input gradient) instead of several. The parameters keep their
-    own names and shapes, so checkpoints, export and per-matrix optimizers see them as before.
-    Without autograd (decoding, evaluation) each runs on its own: at a decoding step the concatenation
-    would copy every weight, more memory traffic than the matmuls themselves."""
+    """The outputs of several bias-free linears of one input, from `concat_linear`. Without autograd
+    (decoding, evaluation) each runs on its own: at a decoding step the concatenation would copy every
+    weight, more memory traffic than the matmuls themselves."""
     if not torch.is_grad_enabled():
         return tuple(F.linear(x, m.weight) for m in linears)
-    y = F.linear(x, torch.cat([m.weight for m in linears]))
-    return y.split([m.out_features for m in linears], dim=-1)
+    return concat_linear(x, *linears).split([m.out_features for m in linears], dim=-1)
 
 
 class SwiGLU(nn.Module):

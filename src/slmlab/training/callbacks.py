@@ -26,6 +26,13 @@ def token_tensors(batch) -> list[torch.Tensor]:
     return [v for k, v in batch.items() if k.endswith("ids") and isinstance(v, torch.Tensor)]
 
 
+def console_print(trainer: L.Trainer, text: str) -> None:
+    """Prints on rank 0, above the progress bar where there is one."""
+    if trainer.is_global_zero:
+        bar = trainer.progress_bar_callback
+        bar.print(text) if bar is not None else print(text, flush=True)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -149,11 +156,6 @@ class ConsoleSummary(Callback):
         self.last: dict[str, tuple[int, float]] = {}
         self.tokens_per_s: list[float] = []
 
-    def _print(self, trainer: L.Trainer, text: str) -> None:
-        if trainer.is_global_zero:
-            bar = trainer.progress_bar_callback
-            bar.print(text) if bar is not None else print(text, flush=True)
-
     def _record(self, trainer: L.Trainer) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         for key in self.KEYS:
@@ -183,7 +185,7 @@ class ConsoleSummary(Callback):
             parts.append(f"val pass-rate {metrics['val/pass_rate']:.3f}")
         if "perf/tokens_per_s" in metrics:
             parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tokens/s")
-        self._print(trainer, " | ".join(parts))
+        console_print(trainer, " | ".join(parts))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         lines = [f"== summary after {trainer.global_step} steps"]
@@ -193,7 +195,7 @@ class ConsoleSummary(Callback):
                 lines.append(f"{key:<12} {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
         if self.tokens_per_s:
             lines.append(f"{'tokens/s':<12} {sum(self.tokens_per_s) / len(self.tokens_per_s):,.0f} (mean)")
-        self._print(trainer, "\n".join(lines))
+        console_print(trainer, "\n".join(lines))
 
 
 class GenerateSample(Callback):

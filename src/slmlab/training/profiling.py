@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.profiler import ProfilerActivity, profile
 
+from slmlab.training.callbacks import console_print
+
 # GPU kernels by what they do, from their names: cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs
 # nothing else here, flash, FlexAttention), the fused optimizer; the rest is elementwise work (norms,
 # RoPE, activations, casts)
@@ -105,8 +107,7 @@ class StepProfiler(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._prof.export_chrome_trace(str(path))
             lines.append(f"  trace: {path}")
-        bar = trainer.progress_bar_callback
-        bar.print("\n".join(lines)) if bar is not None else print("\n".join(lines), flush=True)
+        console_print(trainer, "\n".join(lines))
         self._prof, self._done = None, True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
