@@ -158,15 +158,16 @@ MIXER_KERNELS = [
 ]
 
 
-def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module) -> None:
+def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module, compiled: bool = False) -> None:
     """Training as Lightning's bf16-mixed runs it (float32 weights, bf16 autocast, kernels) against the
-    reference module in float32, with attention on SDPA's math backend: outputs and all gradients."""
+    reference module in float32, with attention on SDPA's math backend: outputs and all gradients.
+    `compiled`: `fast` runs under torch.compile as one graph (fullgraph: a graph break is an error)."""
     reference.load_state_dict(fast.state_dict())
     x = torch.randn(2, 200, 256, device="cuda")
     dy = torch.randn(2, 200, 256, device="cuda")
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_fast = fast(xs[0])
+        y_fast = (torch.compile(fast, fullgraph=True) if compiled else fast)(xs[0])
     with sdpa_kernel(SDPBackend.MATH):
         y_ref = reference(xs[1])
     with skip_on_fla_issue_640():
@@ -185,20 +186,21 @@ def test_mixer_under_bf16_autocast_matches_the_float32_reference(mixer, kernel):
     check_bf16_autocast_against_float32(fast, mixer(mixer_config("torch"), 0).cuda())
 
 
-@needs("fla")
-def test_a_compiled_gla_layer_runs_the_fla_kernel(monkeypatch):
-    """Compiled as `stage.compile=true` compiles the blocks, the mixer picks its kernel as it does eagerly.
-    Under torch.compile the package check once came out False: GLA ran its PyTorch reference, with a
-    warning, and a compiled helix_hybrid trained at 4,547 tokens/s."""
+@pytest.mark.parametrize("mixer,kernel", [
+    *MIXER_KERNELS[:3],  # Mamba-2 through fla's simple GLA is not: fla marks that kernel as not to be compiled
+    pytest.param(SparseAttention, "auto", id="sparse_attention-flex"),
+])
+def test_a_compiled_mixer_is_one_graph_running_its_kernels(mixer, kernel, monkeypatch):
+    """`stage.compile=true` compiles each block. Under torch.compile the package check once came out
+    False, and GLA ran its PyTorch reference (a compiled helix_hybrid trained at 4,547 tokens/s); then
+    each kernel call broke the block's graph, and the host work of the pieces left the GPU idle for a
+    fifth of a compiled helix_hybrid step. The kernel packages' ops are custom ops now."""
     monkeypatch.setattr(backend, "_warned", set())
     torch.manual_seed(0)
-    layer = GLA(mixer_config("auto"), 0).cuda()
-    x = torch.randn(2, 200, 256, device="cuda")
-    with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16):
+    fast = mixer(mixer_config(kernel), 0).cuda()
+    with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "GLA: no kernel package imports ..."
-        got = torch.compile(layer)(x)
-        want = layer(x)
-    check("out", got, want, 1e-2)
+        check_bf16_autocast_against_float32(fast, mixer(mixer_config("torch"), 0).cuda(), compiled=True)
 
 
 @pytest.mark.parametrize("mixer", [Attention, SparseAttention], ids=["attention-sdpa", "sparse_attention-flex"])

@@ -143,18 +143,20 @@ def test_asking_for_a_kernel_on_cpu_tensors_is_an_error(kernels):
         gla(q, k, v, g, kernel="fla")
 
 
-def test_kernel_availability_is_checked_in_python_even_inside_a_compiled_block(tmp_path, monkeypatch):
+def test_kernel_availability_is_decided_in_python_and_compiles_without_a_graph_break(tmp_path, monkeypatch):
     """Inside torch.compile the check once came out False although the package imported, and a compiled
-    hybrid ran GLA's PyTorch reference: the import must run as plain Python, not be traced."""
-    (tmp_path / "probe_kernels.py").write_text("import torch\nCOMPILING = torch.compiler.is_compiling()\n")
+    hybrid ran GLA's PyTorch reference: the import must run as plain Python, not be traced. Run at a
+    graph break instead, it split every compiled recurrent block: the answer is a trace-time constant."""
+    (tmp_path / "probe_kernels.py").write_text("IMPORTED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(backend._PROBES, "probe", "probe_kernels")
+    monkeypatch.setattr(backend, "_available", {})
 
     def pick(x: torch.Tensor) -> torch.Tensor:
         return x + 1 if backend.kernel_available("probe") else x - 1
 
-    assert torch.equal(torch.compile(pick, backend="eager")(torch.zeros(2)), torch.ones(2))
-    assert sys.modules["probe_kernels"].COMPILING is False
+    assert torch.equal(torch.compile(pick, backend="eager", fullgraph=True)(torch.zeros(2)), torch.ones(2))
+    assert sys.modules["probe_kernels"].IMPORTED
 
 
 def test_auto_picks_the_first_installed_kernel_on_cuda_and_the_reference_on_cpu(kernels):

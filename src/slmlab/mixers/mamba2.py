@@ -48,7 +48,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y, z: (..., dim) -> (..., dim) in y's dtype."""
-        if self.use_kernel and y.is_cuda and y.dtype != torch.float64 and kernel_available("mamba_ssm"):
+        # compiled, inductor fuses the composition below into one kernel each way, as mamba-ssm's does
+        fused = self.use_kernel and y.is_cuda and y.dtype != torch.float64 and not torch.compiler.is_compiling()
+        if fused and kernel_available("mamba_ssm"):
             from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
 
             return rmsnorm_fn(y, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,

@@ -9,6 +9,7 @@ elsewhere, and with `kernel: torch`, SDPA with the same boolean mask (`Attention
 the reference. Both paths compute the same function (tested).
 """
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -24,14 +25,20 @@ def visible(q_pos: Tensor, kv_pos: Tensor, window: int, global_tokens: int) -> T
     return (kv_pos <= q_pos) & ((q_pos - kv_pos < window) | (kv_pos < global_tokens))
 
 
-@cache
-def sparse_block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+def sparse_mask_mod(window: int, global_tokens: int, offset: int) -> Callable:
+    """FlexAttention's mask_mod of `visible` for queries starting at position `offset`."""
     def mask_mod(b, h, q_idx, kv_idx):
         return visible(q_idx + offset, kv_idx, window, global_tokens)
 
+    return mask_mod
+
+
+@cache
+def sparse_block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
     # compiled, the mask is evaluated block by block; eagerly it materialises [q_len, kv_len] int64
     # intermediates (8 GiB at 32k tokens)
-    return _compiled_create_block_mask()(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    return _compiled_create_block_mask()(sparse_mask_mod(window, global_tokens, offset), B=None, H=None,
+                                         Q_LEN=q_len, KV_LEN=kv_len, device=device)
 
 
 @cache
@@ -55,8 +62,15 @@ class SparseAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
         if q.is_cuda and self.use_kernels and q_len > 1 and isinstance(offset, int):
+            gqa = self.n_heads != self.n_kv_heads
+            if torch.compiler.is_compiling():
+                # inside a compiled block: traced into its graph, where calling the separately compiled
+                # functions below broke it; inductor fuses the mask's construction
+                mask_mod = sparse_mask_mod(self.window, self.global_tokens, offset)
+                block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=q.device)
+                return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
             block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
-            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         return self.masked_attend(q, k, v, offset)  # the reference; decoding; CUDA-graph (tensor) positions
 
     def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:

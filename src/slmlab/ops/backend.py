@@ -48,14 +48,25 @@ def seed_tuned_configs() -> None:
         seed_autotune_cache(torch.cuda.get_device_name())
 
 
-# never traced: inside a compiled block torch.compile (2.11) traced through it, the check came out False and
-# GLA ran its PyTorch reference. Run as plain Python, at a graph break; torch's lazy form of
-# torch.compiler.disable imports dynamo (1.5 s) at the first call, not when slmlab is imported
-@torch._disable_dynamo
-@functools.cache
+_available: dict[str, bool] = {}
+
+
 def kernel_available(package: str) -> bool:
     """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports. Once it has, the shipped
     winners of its pre_hook kernels go into their autotune caches (`ops/autotune_cache.py`)."""
+    if package not in _available:
+        _available[package] = _import_kernels(package)
+    return _available[package]
+
+
+# torch.compile calls it at trace time and keeps the answer as a constant: traced through, the check
+# came out False under torch 2.11 (GLA ran its PyTorch reference), and run at a graph break it split
+# every compiled recurrent block. This is what torch.compiler.assume_constant_result sets, without
+# importing dynamo (1.5 s) when slmlab is imported.
+kernel_available._dynamo_marked_constant = True
+
+
+def _import_kernels(package: str) -> bool:
     seed_tuned_configs()
     try:
         importlib.import_module(_PROBES[package])

@@ -133,14 +133,19 @@ def gla(
     """GLA on the backend `kernel` selects (see `ops/backend.py`); arguments as `gla_recurrent`.
 
     fla: `chunk_gla` / `chunk_simple_gla` (per-channel / per-head decay), or their fused recurrent
-    kernels for inputs of at most 64 steps, as fla's own layers do (decoding, short prompts).
+    kernels for inputs of at most 64 steps, as fla's own layers do (decoding, short prompts). Without
+    states (training), per-channel decay runs as the custom op `fla_chunk_gla`, which torch.compile
+    keeps inside a block's graph.
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
     if resolve_backend(kernel, q.device, ("fla",), "GLA") == "torch":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
+    short = q.shape[1] <= 64
+    if g.dim() == 4 and not short and initial_state is None and not output_final_state:  # training
+        o, _, _ = fla_chunk_gla(q, k, v, g.float(), q.shape[-1] ** -0.5 if scale is None else scale)
+        return o, None
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()  # fla keeps states in float32
-    short = q.shape[1] <= 64
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if g.dim() == 4:
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
@@ -149,6 +154,61 @@ def gla(
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     return (fused_recurrent_simple_gla if short else chunk_simple_gla)(q, k, v, g=g, **kwargs)
+
+
+# fla's chunked GLA as custom ops: a compiled block calls them as one opaque op each way. fla marks its
+# `chunk_gla` as not to be compiled, which broke the graph around every GLA and HGRN2 layer; the host
+# work of the broken-up graphs left the GPU idle for a fifth of a compiled helix_hybrid step.
+@torch.library.custom_op("slmlab::fla_chunk_gla", mutates_args=())
+def fla_chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """fla's `chunk_gla` forward from a zero state (g float32): o [B, T, H, V] in v's dtype and, for the
+    backward, g's chunk-local cumulative sum and the intra-chunk scores, as `ChunkGLAFunction` keeps them."""
+    from fla.ops.gla.chunk import chunk_gla_fwd
+
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    with torch.cuda.device(q.device):
+        g_cumsum, A, _, _, o = chunk_gla_fwd(q, k, v, g, g_cumsum=None, scale=scale, initial_state=None,
+                                             output_final_state=False, chunk_size=KERNEL_CHUNK)
+    return o, g_cumsum, A
+
+
+@fla_chunk_gla.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return torch.empty_like(v), torch.empty_like(g), q.new_empty(B, T, H, KERNEL_CHUNK, dtype=torch.float32)
+
+
+@torch.library.custom_op("slmlab::fla_chunk_gla_backward", mutates_args=())
+def fla_chunk_gla_backward(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, do: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, dg of `fla_chunk_gla`, each in its input's dtype."""
+    from fla.ops.gla.chunk import chunk_gla_bwd
+
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    with torch.cuda.device(q.device):
+        dq, dk, dv, dg, _ = chunk_gla_bwd(q, k, v, g=None, g_cumsum=g_cumsum, scale=scale, initial_state=None,
+                                          h=None, A=A, do=do, dht=None, chunk_size=KERNEL_CHUNK)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_cumsum.dtype)
+
+
+@fla_chunk_gla_backward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, do: Tensor,
+      scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cumsum)
+
+
+def _save_for_gla_backward(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, _, ctx.scale = inputs
+    _, g_cumsum, A = output
+    ctx.mark_non_differentiable(g_cumsum, A)
+    ctx.save_for_backward(q, k, v, g_cumsum, A)
+
+
+def _gla_backward(ctx, do: Tensor, _g_cumsum: Tensor, _A: Tensor) -> tuple[Tensor | None, ...]:
+    return *fla_chunk_gla_backward(*ctx.saved_tensors, do, ctx.scale), None
+
+
+fla_chunk_gla.register_autograd(_gla_backward, setup_context=_save_for_gla_backward)
 
 
 def gla_flops_per_token(n_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk: int = KERNEL_CHUNK) -> float:

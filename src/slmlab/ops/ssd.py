@@ -102,6 +102,9 @@ def ssd(
 ) -> tuple[Tensor, Tensor | None]:
     """SSD on the backend `kernel` selects (`auto` tries mamba_ssm, then fla); arguments as `ssd_recurrent`.
 
+    mamba_ssm without states (training) runs as the custom op `mamba_chunk_scan`, which torch.compile
+    keeps inside a block's graph.
+
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
     backend = resolve_backend(kernel, x.device, ("mamba_ssm", "fla"), "SSD")
@@ -109,6 +112,8 @@ def ssd(
         return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state)
     if backend == "fla":
         return _ssd_as_gla(partial(gla, kernel="fla"), x, dt, A, B, C, D, initial_state, output_final_state)
+    if initial_state is None and not output_final_state:  # training
+        return mamba_chunk_scan(x, dt, A, B, C, x.new_zeros(A.shape) if D is None else D), None
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     out = mamba_chunk_scan_combined(
@@ -120,6 +125,51 @@ def ssd(
         return out, None
     y, S = out
     return y, S.float()  # mamba-ssm returns it in C's dtype
+
+
+# mamba-ssm's chunked scan as custom ops, for the reason `ops/gla.py` gives for fla's: traced into,
+# `mamba_chunk_scan_combined` broke a compiled block's graph
+@torch.library.custom_op("slmlab::mamba_chunk_scan", mutates_args=())
+def mamba_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """mamba-ssm's `mamba_chunk_scan_combined` from a zero state: y [b, T, H, P] in x's dtype."""
+    from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
+
+    with torch.cuda.device(x.device):
+        out, *_ = _mamba_chunk_scan_combined_fwd(x, dt, A, B, C, MAMBA_CHUNK, D=D)
+    return out.to(x.dtype)
+
+
+@mamba_chunk_scan.register_fake
+def _(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("slmlab::mamba_chunk_scan_backward", mutates_args=())
+def mamba_chunk_scan_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                              y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of `mamba_chunk_scan`'s inputs, each in its input's dtype."""
+    from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
+
+    with torch.cuda.device(x.device):
+        grads = _mamba_chunk_scan_combined_bwd(dy, x, dt, A, B, C, y, MAMBA_CHUNK, D=D)[:6]
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (x, dt, A, B, C, D)))
+
+
+@mamba_chunk_scan_backward.register_fake
+def _(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+      y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D))
+
+
+def _save_for_scan_backward(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs, output)
+
+
+def _scan_backward(ctx, dy: Tensor) -> tuple[Tensor, ...]:
+    return mamba_chunk_scan_backward(dy, *ctx.saved_tensors)
+
+
+mamba_chunk_scan.register_autograd(_scan_backward, setup_context=_save_for_scan_backward)
 
 
 def ssd_flops_per_token(
