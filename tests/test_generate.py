@@ -10,9 +10,9 @@ from slmlab.models.generate import generate, held_back, penalize_repeats, stream
 TEXT = ["apt installs packages. dpkg unpacks them. The package manager keeps a list of packages."] * 20
 
 
-def tiny_model(vocab_size: int = 97, layout: str | None = None) -> CausalLM:
+def tiny_model(vocab_size: int = 97, layout: str | None = None, n_layers: int = 2) -> CausalLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_hidden=96,
                       max_seq_len=64, init_std=0.2, layout=layout)
     return CausalLM(cfg).double().eval()
 
@@ -31,6 +31,22 @@ def test_greedy_generation_equals_argmax_of_full_forwards(layout):
     for _ in range(8):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_decoding_runs_compiled_blocks_eagerly():
+    """With `stage.compile=true` the sample callback, pass-rate evaluation and GRPO rollouts decode through
+    the compiled blocks. The prompt, the state and the one-token steps each recompiled every kind of block,
+    until dynamo's recompile limit left later blocks uncompiled; decoding has CUDA graphs for speed."""
+    model, reference = (tiny_model(layout="M,G,S,A", n_layers=4) for _ in range(2))
+    for block in model.blocks:
+        block.compile(backend="eager")  # dynamo's tracing and guards, without inductor's compile time
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model(ids)  # what validation compiles
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    prompt = torch.randint(0, 97, (2, 5))
+    assert torch.equal(model.generate(prompt, 6, temperature=0), reference.generate(prompt, 6, temperature=0))
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames
 
 
 def test_seeded_sampling_repeats_and_another_seed_differs():

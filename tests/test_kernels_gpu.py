@@ -158,7 +158,8 @@ MIXER_KERNELS = [
 ]
 
 
-def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module, compiled: bool = False) -> None:
+def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module,
+                                        compiled: bool = False) -> None:
     """Training as Lightning's bf16-mixed runs it (float32 weights, bf16 autocast, kernels) against the
     reference module in float32, with attention on SDPA's math backend: outputs and all gradients.
     `compiled`: `fast` runs under torch.compile as one graph (fullgraph: a graph break is an error)."""

@@ -4,7 +4,9 @@
 `stream_text` turns one row into text pieces with stop strings, for chat.
 """
 
+import sys
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +44,15 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     return torch.where(seen, penalized, logits)
 
 
+def eager_blocks() -> AbstractContextManager:
+    """Inside, blocks compiled for training (`stage.compile=true`) run eagerly. Decoding through them
+    recompiled every kind of block for the prompt, the state and the one-token steps, until dynamo's
+    recompile limit; decoding's own speed-up is its CUDA graphs."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled; the stance would import dynamo (1.5 s)
+        return nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
 @torch.no_grad()
 def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
@@ -56,12 +67,14 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
     if prompt_len >= model.cfg.max_seq_len:
         raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
     steps = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
-    decoder = static_decoder(model, batch, prompt_len + steps, graph=True) if prompt.is_cuda and cuda_graph else None
-    if decoder is not None:
-        logits = decoder.prefill(model, prompt)
-    else:
-        state = model.init_state(batch, prompt_len + steps)
-        logits = model.next_token_logits(prompt, state)
+    graphed = prompt.is_cuda and cuda_graph
+    with eager_blocks():
+        decoder = static_decoder(model, batch, prompt_len + steps, graph=True) if graphed else None
+        if decoder is not None:
+            logits = decoder.prefill(model, prompt)
+        else:
+            state = model.init_state(batch, prompt_len + steps)
+            logits = model.next_token_logits(prompt, state)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=prompt.device).scatter_(1, prompt, True)
@@ -74,7 +87,11 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
             return  # no forward for a token that will not be sampled from
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = decoder.step(model, token) if decoder is not None else model.next_token_logits(token[:, None], state)
+        with eager_blocks():  # not across the yield: the caller's code keeps its compiled functions
+            if decoder is not None:
+                logits = decoder.step(model, token)
+            else:
+                logits = model.next_token_logits(token[:, None], state)
 
 
 def generate(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, stop_ids: int | Sequence[int] = (),
