@@ -59,6 +59,21 @@ def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
     assert metric(tmp_path / "a" / "run", "train/loss") == metric(tmp_path / "b" / "run", "train/loss")
 
 
+def test_a_run_with_compiled_blocks_trains_as_the_eager_run_does(tmp_path):
+    """`stage.compile=true` (the GPU recipes' setting) on the CPU: the same losses as the eager run, the
+    sample callback decoding through the compiled blocks, and a checkpoint with the eager model's names."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["stage.compile=true"])):
+        torch._dynamo.utils.counters.clear()
+        train(compose_config(tiny_run_overrides(tmp_path / name, steps=6, val_every=6) + extra))
+        runs[name] = tmp_path / name / "run"
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # the blocks were compiled
+    for key in ("train/loss", "val/loss"):
+        torch.testing.assert_close(metric(runs["compiled"], key), metric(runs["eager"], key), rtol=1e-4, atol=0)
+    eager_weights = final_weights(runs["eager"])
+    assert final_weights(runs["compiled"]).keys() == eager_weights.keys()
+
+
 def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
     """Fused AdamW (the optimizer on every device) under bf16-mixed, where Lightning's own clipping
     refuses it: the module clips. A clip far below the gradient norm leaves Adam's updates at
