@@ -69,8 +69,10 @@ class SparseAttention(Attention):
                 mask_mod = sparse_mask_mod(self.window, self.global_tokens, offset)
                 block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=q.device)
                 return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-            block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
-            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+            # compiled even where decoding runs compiled blocks eagerly (`models/generate.py: eager_blocks`)
+            with torch.compiler.set_stance("default"):
+                block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
+                return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         return self.masked_attend(q, k, v, offset)  # the reference; decoding; CUDA-graph (tensor) positions
 
     def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:

@@ -47,7 +47,8 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
 def eager_blocks() -> AbstractContextManager:
     """Inside, blocks compiled for training (`stage.compile=true`) run eagerly. Decoding through them
     recompiled every kind of block for the prompt, the state and the one-token steps, until dynamo's
-    recompile limit; decoding's own speed-up is its CUDA graphs."""
+    recompile limit; decoding's own speed-up is its CUDA graphs. FlexAttention, only fast compiled,
+    stays compiled (`mixers/sparse_attention.py`)."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled; the stance would import dynamo (1.5 s)
         return nullcontext()
     return torch.compiler.set_stance("force_eager")
