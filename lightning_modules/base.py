@@ -52,6 +52,10 @@ class LMModule(L.LightningModule):
     def configure_model(self) -> None:
         # compile block by block: parameter names stay unchanged, so checkpoints load either way
         if self.compile_blocks:
+            # the blocks share one compiled forward, and each kind of mixer needs its own variants of it
+            # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
+            kinds = len({type(block.mixer) for block in self.model.blocks})
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
             for block in self.model.blocks:
                 block.compile()
 

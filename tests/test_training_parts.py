@@ -470,3 +470,32 @@ def test_step_profiler_profiles_the_asked_optimizer_steps_of_a_run(tmp_path, cap
     trace = json.loads((tmp_path / "run" / "profile" / "trace.json").read_text())
     # the window ran two optimizer steps' forward passes: the model's embedding lookups, one per step
     assert sum(e.get("name") == "aten::embedding" for e in trace["traceEvents"]) == 2
+
+
+def test_compiled_blocks_keep_a_compiled_variant_for_every_mixer_kind_and_use(monkeypatch):
+    """All blocks share one compiled forward, whose variants dynamo caps (8 by default). Each kind of
+    mixer needs its own for training, evaluation, training-mode forwards without gradients (GRPO's and
+    DPO's reference log-probs) and the dynamic batch a partial last batch brings: with helix's three
+    kinds the ninth variant ran eagerly, with dynamo's warning."""
+    from hydra.utils import instantiate
+
+    compile_eagerly = torch.nn.Module.compile  # dynamo's tracing and guards, without inductor's compile time
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_eagerly(self, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    module = instantiate(compose_config(["model=tiny_hybrid", "model.layout='M,G,S,A'", "model.n_layers=4",
+                                         "stage.compile=true"]).stage)
+    module.configure_model()
+    model = module.model
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 16))
+    model.train()
+    model(ids).sum().backward()
+    with torch.no_grad():
+        model(ids)
+        model.eval()
+        for batch in (4, 3, 2):
+            model(ids[:batch])
+        model.train()
+        model(ids[:3])
+    model(ids[:3]).sum().backward()
