@@ -15,17 +15,26 @@ from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import weight_decay_groups
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 class LMModule(L.LightningModule):
     """Base LightningModule of all stages; a stage adds its `training_step` / `validation_step`.
 
     `optimizer` and `scheduler` are partials from `conf/optim` and `conf/schedule`; the schedule's
-    length is the trainer's `max_steps`. `init_from` loads the weights (only) of a checkpoint of
-    another run, typically the previous stage, and refuses one of another architecture.
+    length is the trainer's `max_steps`. `compile`: false, true (torch.compile each block) or a
+    torch.compile mode for the blocks ("reduce-overhead": CUDA graphs). `init_from` loads the weights
+    (only) of a checkpoint of another run, typically the previous stage, and refuses one of another
+    architecture.
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: partial, scheduler: partial,
-                 decay_embeddings: bool = False, compile: bool = False, init_from: str | None = None) -> None:
+                 decay_embeddings: bool = False, compile: bool | str = False, init_from: str | None = None) -> None:
         super().__init__()
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(f"stage.compile={compile!r}: expected true, false or a torch.compile mode "
+                             f"({', '.join(COMPILE_MODES)})")
         self.model_config = model_config
         self.model = CausalLM(model_config)
         if init_from is not None:
@@ -40,6 +49,17 @@ class LMModule(L.LightningModule):
         return ref.to(dtype) if dtype is not None else ref
 
     def setup(self, stage: str) -> None:
+        if self.compile_blocks in CUDA_GRAPH_MODES:
+            # a replay reuses the memory of the last one's outputs, gradients included: PyTorch sums the
+            # micro-batches' gradients wrongly or fails (pytorch/pytorch#169545), and recomputing a block
+            # inside the backward (activation checkpointing) has not been tried with CUDA graphs
+            if self.trainer.accumulate_grad_batches > 1:
+                raise ValueError(f"stage.compile={self.compile_blocks} (CUDA graphs) needs "
+                                 f"trainer.accumulate_grad_batches=1, not {self.trainer.accumulate_grad_batches}: "
+                                 "raise data.batch_size, or use stage.compile=true")
+            if self.model_config.activation_checkpointing:
+                raise ValueError(f"stage.compile={self.compile_blocks} (CUDA graphs) does not go with "
+                                 "model.activation_checkpointing=true: use stage.compile=true")
         dm = self.trainer.datamodule
         if dm is None:
             return
@@ -50,14 +70,19 @@ class LMModule(L.LightningModule):
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds model.max_seq_len={self.model_config.max_seq_len}")
 
     def configure_model(self) -> None:
-        # compile block by block: parameter names stay unchanged, so checkpoints load either way
         if self.compile_blocks:
-            # the blocks share one compiled forward, and each kind of mixer needs its own variants of it
-            # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
-            kinds = len({type(block.mixer) for block in self.model.blocks})
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
-            for block in self.model.blocks:
-                block.compile()
+            self.model.compile_blocks(None if self.compile_blocks is True else self.compile_blocks)
+
+    # CUDA graphs of compiled blocks reuse their output memory from one step to the next; marking each
+    # step's start tells torch that the last step's outputs are dead (without it, a replay that finds
+    # one pending backward falls back to a slow path). It does nothing where no CUDA graph runs.
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.compile_blocks:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.compile_blocks:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def total_steps(self) -> int:
         """Optimizer steps of the run, the length of the LR schedule."""

@@ -74,6 +74,41 @@ def test_a_run_with_compiled_blocks_trains_as_the_eager_run_does(tmp_path):
     assert final_weights(runs["compiled"]).keys() == eager_weights.keys()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_run_does(tmp_path):
+    """`stage.compile=reduce-overhead`: each compiled block replays its kernels from CUDA graphs, whose
+    outputs reuse the same memory at every replay. Validation and sampling in between; the losses and
+    final weights must be the eager run's. The PyTorch mixers (no kernel
+    package's autotuning) at the tiny hybrid's shapes."""
+    runs = {}
+    for name, extra in (("eager", []), ("graphs", ["stage.compile=reduce-overhead"])):
+        train(compose_config(tiny_run_overrides(tmp_path / name, steps=8, val_every=4) + [
+            "model=tiny_hybrid", "model.n_layers=4", "model.kernel=torch", "trainer.accelerator=gpu", *extra]))
+        runs[name] = tmp_path / name / "run"
+    for key in ("train/loss", "val/loss"):
+        torch.testing.assert_close(metric(runs["graphs"], key), metric(runs["eager"], key), rtol=1e-3, atol=0)
+    eager, graphs = final_weights(runs["eager"]), final_weights(runs["graphs"])
+    moved = sum((graphs[name] - weight).norm() for name, weight in eager.items())
+    assert moved < 1e-3 * sum(weight.norm() for weight in eager.values())
+
+
+def test_a_typo_in_the_compile_mode_is_an_error_naming_the_key(tmp_path):
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhad"])
+    with pytest.raises(Exception, match="stage.compile='reduce-overhad': expected true, false or a torch.compile mode"):
+        instantiate(cfg.stage)
+
+
+@pytest.mark.parametrize("setting,error", [
+    ("trainer.accumulate_grad_batches=2", "needs trainer.accumulate_grad_batches=1, not 2"),
+    ("model.activation_checkpointing=true", "does not go with model.activation_checkpointing=true"),
+])
+def test_cuda_graph_blocks_refuse_what_they_would_get_wrong(tmp_path, setting, error):
+    """CUDA graphs reuse their outputs' memory: PyTorch sums gradients of micro-batches wrongly there."""
+    with pytest.raises(ValueError, match=error):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhead", setting]))
+
+
 def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
     """Fused AdamW (the optimizer on every device) under bf16-mixed, where Lightning's own clipping
     refuses it: the module clips. A clip far below the gradient norm leaves Adam's updates at

@@ -99,6 +99,18 @@ class CausalLM(nn.Module):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """torch.compile each block in place; parameter names stay unchanged, so checkpoints load either
+        way. `mode` is torch.compile's: "reduce-overhead" replays each block's kernels as CUDA graphs, for
+        steps bound by how fast the host launches kernels (a hybrid's fla and mamba-ssm kernels); a training
+        loop then calls `torch.compiler.cudagraph_mark_step_begin()` before each step."""
+        # the blocks share one compiled forward, and each kind of mixer needs its own variants of it
+        # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
+        kinds = len({type(block.mixer) for block in self.blocks})
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
+        for block in self.blocks:
+            block.compile(mode=mode)
+
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
         x = to_residual_stream(self.embed(input_ids))

@@ -42,7 +42,7 @@ PRECISIONS = {
 }
 
 
-def warmup_layers(cfg: ModelConfig, compile_blocks: bool = False) -> dict[str, list[int]]:
+def warmup_layers(cfg: ModelConfig, compile_blocks: bool | str = False) -> dict[str, list[int]]:
     """Mixer kind -> the layers its warm-up process runs, one after the other: the first layer of each
     variant of that kind (with and without RoPE). Only for models with two or more kinds whose CUDA
     path compiles kernels at its first call (every kind when blocks are compiled), else empty: the
@@ -107,7 +107,7 @@ def _reported_seconds(stdout: bytes) -> float | None:
 
 
 def start_kernel_warmup(model_config: ModelConfig, batch_size: int | None, seq_len: int | None,
-                        precision: str | int, compile_blocks: bool = False, accelerator: str = "gpu",
+                        precision: str | int, compile_blocks: bool | str = False, accelerator: str = "gpu",
                         device: str | None = None) -> KernelWarmup:
     """Starts one warm-up process per mixer kind of `warmup_layers`, on the first visible GPU. Nothing
     starts on the CPU, without CUDA, on a process other than a node's first rank (the others find the
@@ -149,7 +149,7 @@ def run_layers(job: dict) -> float:
         with torch.device(device):
             block = Block(cfg, i).to(param_dtype)
         if job["compile_blocks"]:
-            block.compile()
+            block.compile()  # in any mode: CUDA graphs (reduce-overhead) change no kernel
         x = torch.randn(job["batch_size"], job["seq_len"], cfg.d_model, device=device, dtype=param_dtype,
                         requires_grad=True)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
