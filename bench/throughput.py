@@ -46,13 +46,19 @@ from slmlab.training.callbacks import peak_flops
 from slmlab.training.profiling import kernel_summary
 
 
-def timed(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
-    """(seconds per call, peak memory in GiB) of `step`, after `warmup` calls."""
+def timed(step: Callable[[], None], warmup: int, iters: int, device: torch.device,
+          peak_from_start: bool = False) -> tuple[float, float]:
+    """(seconds per call, peak memory in GiB) of `step`, after `warmup` calls. The peak is that of the
+    timed calls, or with `peak_from_start` of all calls: CUDA graphs allocate their memory while they are
+    recorded (a warm-up call), and their replays do not go through the allocator."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not peak_from_start:
+            torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(iters):
         step()
@@ -209,7 +215,8 @@ def model_rows(args, device: torch.device) -> list[dict]:
             if args.compile:
                 model.compile_blocks(args.compile_mode)
         step = train_step_fn(model, ids, hf=impl == "hf+compile")
-        seconds, mem = timed(step, args.warmup, args.iters, device)
+        graphs = impl == "ours" and args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+        seconds, mem = timed(step, args.warmup, args.iters, device, peak_from_start=graphs)
         if args.profile:
             print_profile(step, f"{name} {impl} seq {seq}")
         tps = batch * seq / seconds
@@ -252,7 +259,7 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
                  f"trainer.max_steps={args.pipeline_steps}", "trainer.val_check_interval=100000",
                  "trainer.log_every_n_steps=10", "callbacks.sample=null", "callbacks.periodic=null",
                  "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false", f"run_name={run_name}",
-                 f"stage.compile={str(args.compile).lower()}"]
+                 f"stage.compile={(args.compile_mode or 'true') if args.compile else 'false'}"]
     if device.type == "cuda":
         overrides.append("trainer=gpu")
     root = Path(__file__).resolve().parents[1]
@@ -268,7 +275,8 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
         return sum(values) / len(values) if values else float("nan")
 
     startup = next((float(r["perf/startup_s"]) for r in logged if r.get("perf/startup_s")), float("nan"))
-    rows = [{"model": name, "impl": "train.py" + (" +compile" if args.compile else ""), "seq": seq, "batch": batch,
+    compiled = f" +compile({args.compile_mode or 'default'})" if args.compile else ""
+    rows = [{"model": name, "impl": "train.py" + compiled, "seq": seq, "batch": batch,
              "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"), "data_wait": mean("perf/data_wait"),
              "startup_s": startup}]
     progress(rows[-1])

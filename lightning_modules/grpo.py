@@ -42,6 +42,7 @@ class GRPOModule(PolicyModule):
         advantages = group_advantages(rewards_t, self.group_size)
         loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, self.clip_eps, self.kl_beta)
         self.log("train/reward", rewards_t.mean())
-        self.log_dict({"train/loss": loss, "train/pass_rate": sum(passed) / len(passed), "train/kl": stats["kl"],
+        pass_rate = torch.tensor(sum(passed) / len(passed))  # on the CPU, as `train/lr` (see `LMModule`)
+        self.log_dict({"train/loss": loss, "train/pass_rate": pass_rate, "train/kl": stats["kl"],
                        "train/clip_fraction": stats["clip_fraction"], "train/completion_len": mask.sum(dim=1).mean()})
         return loss
