@@ -41,6 +41,7 @@ from hydra.utils import instantiate
 from slmlab.config import compose_config
 from slmlab.export.hf import hf_twin
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.transformer import CUDA_GRAPH_MODES
 from slmlab.ops.backend import seed_tuned_configs
 from slmlab.training.callbacks import peak_flops
 from slmlab.training.profiling import kernel_summary
@@ -215,7 +216,7 @@ def model_rows(args, device: torch.device) -> list[dict]:
             if args.compile:
                 model.compile_blocks(args.compile_mode)
         step = train_step_fn(model, ids, hf=impl == "hf+compile")
-        graphs = impl == "ours" and args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+        graphs = impl == "ours" and args.compile and args.compile_mode in CUDA_GRAPH_MODES
         seconds, mem = timed(step, args.warmup, args.iters, device, peak_from_start=graphs)
         if args.profile:
             print_profile(step, f"{name} {impl} seq {seq}")

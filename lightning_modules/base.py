@@ -11,12 +11,9 @@ import torch.nn.functional as F
 
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.transformer import COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import weight_decay_groups
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class LMModule(L.LightningModule):

@@ -17,6 +17,8 @@ from slmlab.training.losses import chunked_lm_loss, chunked_token_logprobs
 
 
 RESIDUAL_OUTPUTS = ("mixer.o", "mixer.out_proj", "mlp.down")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 @contextmanager
