@@ -132,3 +132,22 @@ def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretra
     for row in a:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         assert isinstance(row["messages"][-1]["content"], str)
+
+
+@pytest.mark.parametrize("stage,key,extra", [
+    ("dpo", "train/loss", []),
+    ("grpo", "train/loss", ["data.batch_size=2", "stage.group_size=4", "stage.max_new_tokens=4"]),
+    ("distill", "train/kd", []),
+])
+def test_a_stage_with_compiled_blocks_trains_as_the_eager_stage_does(pretrained, tmp_path, stage, key, extra):
+    """`stage.compile=true` next to a frozen reference or teacher (a copy of the compiled model, or a
+    second model) and, for GRPO, rollouts that run the compiled blocks eagerly: the eager run's losses."""
+    source = [f"data.prompts={lowercase_prompts(tmp_path)}"] if stage == "grpo" else []
+    weights = [f"teacher={pretrained}"] if stage == "distill" else [f"init_from={pretrained}"]
+    losses = {}
+    for name, compile in (("eager", []), ("compiled", ["stage.compile=true"])):
+        train(compose_config(tiny_run_overrides(tmp_path / name, steps=4, val_every=2) + [
+            f"stage={stage}", *weights, *source, *extra, *compile]))
+        losses[name] = metric(tmp_path / name / "run", key)
+    assert losses["eager"]
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-6)
