@@ -64,6 +64,7 @@ def test_a_run_with_compiled_blocks_trains_as_the_eager_run_does(tmp_path):
     sample callback decoding through the compiled blocks, and a checkpoint with the eager model's names."""
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["stage.compile=true"])):
+        torch._dynamo.reset()  # earlier tests' compiled blocks of the same shapes would be reused
         torch._dynamo.utils.counters.clear()
         train(compose_config(tiny_run_overrides(tmp_path / name, steps=6, val_every=6) + extra))
         runs[name] = tmp_path / name / "run"

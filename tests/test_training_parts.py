@@ -481,21 +481,38 @@ def test_compiled_blocks_keep_a_compiled_variant_for_every_mixer_kind_and_use(mo
 
     compile_eagerly = torch.nn.Module.compile  # dynamo's tracing and guards, without inductor's compile time
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_eagerly(self, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
-    module = instantiate(compose_config(["model=tiny_hybrid", "model.layout='M,G,S,A'", "model.n_layers=4",
-                                         "stage.compile=true"]).stage)
-    module.configure_model()
-    model = module.model
-    ids = torch.randint(0, model.cfg.vocab_size, (4, 16))
-    model.train()
-    model(ids).sum().backward()
-    with torch.no_grad():
-        model(ids)
-        model.eval()
-        for batch in (4, 3, 2):
-            model(ids[:batch])
+    # dynamo's own patch: pytest's monkeypatch deletes a config entry when it undoes a setting of it
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
+                                    recompile_limit=torch._dynamo.config.recompile_limit):
+        module = instantiate(compose_config(["model=tiny_hybrid", "model.layout='M,G,S,A'", "model.n_layers=4",
+                                             "stage.compile=true"]).stage)
+        module.configure_model()
+        model = module.model
+        ids = torch.randint(0, model.cfg.vocab_size, (4, 16))
         model.train()
-        model(ids[:3])
-    model(ids[:3]).sum().backward()
+        model(ids).sum().backward()
+        with torch.no_grad():
+            model(ids)
+            model.eval()
+            for batch in (4, 3, 2):
+                model(ids[:batch])
+            model.train()
+            model(ids[:3])
+        model(ids[:3]).sum().backward()
+
+
+@pytest.mark.parametrize("mode,expected", [
+    (None, {"mode": None, "options": None}),
+    ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs", "options": None}),
+    ("reduce-overhead",
+     {"mode": None, "options": {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}}),
+])
+def test_cuda_graph_blocks_skip_graphs_of_varying_shapes(monkeypatch, mode, expected):
+    """CUDA graphs re-record for every new input shape (GRPO's rollout lengths): under a CUDA-graph mode
+    the blocks compile with its options plus inductor's skip of graphs with dynamic shapes."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    model = CausalLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64))
+    model.compile_blocks(mode)
+    assert calls == [expected, expected]

@@ -110,8 +110,15 @@ class CausalLM(nn.Module):
         # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
         kinds = len({type(block.mixer) for block in self.blocks})
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
+        options = None
+        if mode in CUDA_GRAPH_MODES:
+            # CUDA graphs record once per input shape: a graph whose shapes vary (GRPO's rollout lengths,
+            # a validation set's last batches) runs compiled without them, not re-recorded for each shape
+            from torch._inductor import list_mode_options
+
+            options, mode = list_mode_options(mode) | {"triton.cudagraph_skip_dynamic_graphs": True}, None
         for block in self.blocks:
-            block.compile(mode=mode)
+            block.compile(mode=mode, options=options)
 
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
