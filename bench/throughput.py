@@ -206,6 +206,9 @@ def model_rows(args, device: torch.device) -> list[dict]:
             continue
         batch = max(1, args.tokens // seq)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+        # each row compiles afresh, as a training run of one shape does: after another shape, dynamo would
+        # compile the blocks for dynamic shapes (and CUDA graphs skip those)
+        torch._dynamo.reset()
         if impl == "ours" and seq >= args.checkpoint_from:
             cfg = replace(cfg, activation_checkpointing=True)
         ours = CausalLM(cfg)
