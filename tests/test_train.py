@@ -77,11 +77,17 @@ def test_a_run_with_compiled_blocks_trains_as_the_eager_run_does(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_run_does(tmp_path):
+def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_run_does(tmp_path, monkeypatch):
     """`stage.compile=reduce-overhead`: each compiled block replays its kernels from CUDA graphs, whose
     outputs reuse the same memory at every replay. Validation and sampling in between; the losses and
-    final weights must be the eager run's. The PyTorch mixers (no kernel
-    package's autotuning) at the tiny hybrid's shapes."""
+    final weights must be the eager run's. The PyTorch mixers (no kernel package's autotuning) at the
+    tiny hybrid's shapes."""
+    from torch._inductor import cudagraph_trees
+
+    recorded = []  # CUDA graphs recorded: the compiled blocks did not all fall back to running without
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *args: recorded.append(1) or record(self, *args))
     runs = {}
     for name, extra in (("eager", []), ("graphs", ["stage.compile=reduce-overhead"])):
         train(compose_config(tiny_run_overrides(tmp_path / name, steps=8, val_every=4) + [
@@ -89,6 +95,7 @@ def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_run_does(tmp_path):
         runs[name] = tmp_path / name / "run"
     for key in ("train/loss", "val/loss"):
         torch.testing.assert_close(metric(runs["graphs"], key), metric(runs["eager"], key), rtol=1e-3, atol=0)
+    assert recorded
     eager, graphs = final_weights(runs["eager"]), final_weights(runs["graphs"])
     moved = sum((graphs[name] - weight).norm() for name, weight in eager.items())
     assert moved < 1e-3 * sum(weight.norm() for weight in eager.values())
