@@ -131,7 +131,9 @@ def test_kernel_custom_ops_agree_with_their_fake_and_autograd_registrations(op):
     shapes, whose tuned kernel configs ship: another shape autotunes for minutes. Not opcheck's
     eager-versus-traced comparison of outputs: fla leaves the scores `A` above each chunk's diagonal
     unwritten (an empty tensor its kernels mask), so two calls differ there; the compiled-mixer test
-    compares what the compiled ops compute."""
+    compares what the compiled ops compute. First: the installed package's private functions still take
+    the arguments the op passes (`backend.PRIVATE_CALLS`)."""
+    assert backend.custom_op_usable(op)
     if op == "fla_chunk_gla":
         inputs = gla_inputs(4, 2048, 10, 128, 128, per_channel=True)
         tensors, fn = [inputs[name] for name in "qkvg"], fla_chunk_gla

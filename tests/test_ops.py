@@ -2,6 +2,7 @@
 carrying, and the choice of backend."""
 
 import sys
+import types
 import warnings
 
 import pytest
@@ -176,6 +177,63 @@ def test_auto_on_cuda_without_kernels_warns_once_and_runs_the_reference(kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second fallback is silent
         assert resolve_backend("auto", cuda, ("fla",), "GLA") == "torch"
+
+
+# the private kernel functions behind the custom ops, with fla 0.6.0's and mamba-ssm 2.3.2's parameters
+def chunk_gla_fwd(q, k, v, g, g_cumsum, scale, initial_state, output_final_state, state_v_first=False,
+                  cu_seqlens=None, chunk_size=64, chunk_indices=None): ...
+
+
+def chunk_gla_bwd(q, k, v, g, g_cumsum, scale, initial_state, h, A, do, dht, state_v_first=False,
+                  cu_seqlens=None, chunk_size=64, chunk_indices=None): ...
+
+
+def chunk_gla_fwd_renamed(q, k, v, gk, gk_cumsum, scale, initial_state, output_final_state, chunk_size=64): ...
+
+
+def _mamba_chunk_scan_combined_fwd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None): ...
+
+
+def _mamba_chunk_scan_combined_bwd(dout, x, dt, A, B, C, out, chunk_size, D=None, z=None): ...
+
+
+@pytest.fixture
+def private_kernels(monkeypatch):
+    """Installs fake kernel modules holding the given functions; the checks start afresh."""
+    monkeypatch.setattr(backend, "_usable", {})
+
+    def install(module: str, **functions) -> None:
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**functions))
+
+    return install
+
+
+def test_custom_ops_run_where_the_private_kernel_functions_take_their_arguments(private_kernels):
+    private_kernels("fla.ops.gla.chunk", chunk_gla_fwd=chunk_gla_fwd, chunk_gla_bwd=chunk_gla_bwd)
+    private_kernels("mamba_ssm.ops.triton.ssd_combined", _mamba_chunk_scan_combined_fwd=_mamba_chunk_scan_combined_fwd,
+                    _mamba_chunk_scan_combined_bwd=_mamba_chunk_scan_combined_bwd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.custom_op_usable("fla_chunk_gla")
+        assert backend.custom_op_usable("mamba_chunk_scan")
+
+
+def test_a_changed_private_kernel_function_turns_its_custom_op_off_with_one_warning(private_kernels):
+    private_kernels("fla.ops.gla.chunk", chunk_gla_fwd=chunk_gla_fwd_renamed, chunk_gla_bwd=chunk_gla_bwd)
+    with pytest.warns(RuntimeWarning, match=r"fla\.ops\.gla\.chunk\.chunk_gla_fwd of fla .*'gk'.*tested with fla 0\.6\.0"):
+        assert not backend.custom_op_usable("fla_chunk_gla")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided once per process
+        assert not backend.custom_op_usable("fla_chunk_gla")
+    # a function that is gone, or whose positional parameters moved
+    private_kernels("mamba_ssm.ops.triton.ssd_combined", _mamba_chunk_scan_combined_fwd=_mamba_chunk_scan_combined_fwd)
+    with pytest.warns(RuntimeWarning, match="_mamba_chunk_scan_combined_bwd of mamba_ssm .*no such function"):
+        assert not backend.custom_op_usable("mamba_chunk_scan")
+    backend._usable.clear()
+    private_kernels("mamba_ssm.ops.triton.ssd_combined", _mamba_chunk_scan_combined_fwd=_mamba_chunk_scan_combined_bwd,
+                    _mamba_chunk_scan_combined_bwd=_mamba_chunk_scan_combined_bwd)
+    with pytest.warns(RuntimeWarning, match="_mamba_chunk_scan_combined_fwd"):
+        assert not backend.custom_op_usable("mamba_chunk_scan")
 
 
 def test_unknown_or_unsupported_kernels_are_errors(kernels):

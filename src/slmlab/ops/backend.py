@@ -13,7 +13,9 @@ into the Triton cache, so the kernels start without autotuning (`ops/autotune_ca
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -75,6 +77,69 @@ def _import_kernels(package: str) -> bool:
     if package in KERNEL_PACKAGES and _use_tuned_configs():
         seed_prehook_winners(torch.cuda.get_device_name(), (package,))
     return True
+
+
+# The kernel packages' private functions behind slmlab's custom ops (`ops/gla.py: fla_chunk_gla`,
+# `ops/ssd.py: mamba_chunk_scan`): module, function, the leading parameters each call passes by position
+# and those it passes by name, as of fla 0.6.0 and mamba-ssm 2.3.2. Private functions change without
+# notice; `custom_op_usable` checks them before an op first runs.
+PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = {
+    "fla_chunk_gla": (
+        ("fla.ops.gla.chunk", "chunk_gla_fwd", ("q", "k", "v", "g"),
+         ("g_cumsum", "scale", "initial_state", "output_final_state", "chunk_size")),
+        ("fla.ops.gla.chunk", "chunk_gla_bwd", ("q", "k", "v"),
+         ("g", "g_cumsum", "scale", "initial_state", "h", "A", "do", "dht", "chunk_size")),
+    ),
+    "mamba_chunk_scan": (
+        ("mamba_ssm.ops.triton.ssd_combined", "_mamba_chunk_scan_combined_fwd",
+         ("x", "dt", "A", "B", "C", "chunk_size"), ("D",)),
+        ("mamba_ssm.ops.triton.ssd_combined", "_mamba_chunk_scan_combined_bwd",
+         ("dout", "x", "dt", "A", "B", "C", "out", "chunk_size"), ("D",)),
+    ),
+}
+_DISTRIBUTIONS = {"fla": ("fla-core", "flash-linear-attention"), "mamba_ssm": ("mamba-ssm",)}
+_usable: dict[str, bool] = {}
+
+
+def custom_op_usable(op: str) -> bool:
+    """Whether the private functions behind custom op `op` (a key of `PRIVATE_CALLS`) still take the
+    arguments it passes. Where an installed version changed them, warns once and returns False; the
+    op's caller then runs the package's public function, which is as correct but splits a compiled
+    block's graph around it. (Only parameters are checked, not what the functions return.)"""
+    if op not in _usable:
+        _usable[op] = _check_private_calls(op)
+    return _usable[op]
+
+
+custom_op_usable._dynamo_marked_constant = True  # as `kernel_available`
+
+
+def _check_private_calls(op: str) -> bool:
+    for module, name, positional, keywords in PRIVATE_CALLS[op]:
+        fn = getattr(importlib.import_module(module), name, None)
+        params = [] if fn is None else list(inspect.signature(fn).parameters)
+        if params[:len(positional)] != list(positional) or not set(keywords) <= set(params):
+            package = module.split(".")[0]
+            warnings.warn(
+                f"{module}.{name} of {package} {_installed_version(package)} does not take the arguments "
+                f"slmlab's custom op {op} passes (positional {positional}, keywords {keywords}; found "
+                f"{tuple(params) if fn else 'no such function'}). slmlab was tested with fla 0.6.0 and "
+                f"mamba-ssm 2.3.2; running {package}'s public function instead, which compiled blocks "
+                f"cannot trace into (a graph break around every such layer).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+    return True
+
+
+def _installed_version(package: str) -> str:
+    for distribution in _DISTRIBUTIONS.get(package, (package,)):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "(version unknown)"
 
 
 def resolve_backend(kernel: str, device: torch.device, supported: tuple[str, ...], op: str) -> str:

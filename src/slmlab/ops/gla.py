@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slmlab.ops.backend import resolve_backend
+from slmlab.ops.backend import custom_op_usable, resolve_backend
 
 # fla's chunk kernels work in blocks of 64 time steps: the chunk length behind `gla_flops_per_token`
 KERNEL_CHUNK = 64
@@ -135,13 +135,14 @@ def gla(
     fla: `chunk_gla` / `chunk_simple_gla` (per-channel / per-head decay), or their fused recurrent
     kernels for inputs of at most 64 steps, as fla's own layers do (decoding, short prompts). Without
     states (training), per-channel decay runs as the custom op `fla_chunk_gla`, which torch.compile
-    keeps inside a block's graph.
+    keeps inside a block's graph (where the installed fla still takes its arguments, `custom_op_usable`).
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
     if resolve_backend(kernel, q.device, ("fla",), "GLA") == "torch":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
     short = q.shape[1] <= 64
-    if g.dim() == 4 and not short and initial_state is None and not output_final_state:  # training
+    training = initial_state is None and not output_final_state
+    if g.dim() == 4 and not short and training and custom_op_usable("fla_chunk_gla"):
         o, _, _ = fla_chunk_gla(q, k, v, g.float(), q.shape[-1] ** -0.5 if scale is None else scale)
         return o, None
     if initial_state is not None:

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from slmlab.ops.backend import resolve_backend
+from slmlab.ops.backend import custom_op_usable, resolve_backend
 from slmlab.ops.gla import compute_dtype, gla, gla_chunked
 
 # chunk length of mamba-ssm's kernel as its Mamba2 module calls it: the one behind `ssd_flops_per_token`
@@ -103,7 +103,8 @@ def ssd(
     """SSD on the backend `kernel` selects (`auto` tries mamba_ssm, then fla); arguments as `ssd_recurrent`.
 
     mamba_ssm without states (training) runs as the custom op `mamba_chunk_scan`, which torch.compile
-    keeps inside a block's graph.
+    keeps inside a block's graph (where the installed mamba-ssm still takes its arguments,
+    `custom_op_usable`).
 
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
@@ -112,7 +113,7 @@ def ssd(
         return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state)
     if backend == "fla":
         return _ssd_as_gla(partial(gla, kernel="fla"), x, dt, A, B, C, D, initial_state, output_final_state)
-    if initial_state is None and not output_final_state:  # training
+    if initial_state is None and not output_final_state and custom_op_usable("mamba_chunk_scan"):  # training
         return mamba_chunk_scan(x, dt, A, B, C, x.new_zeros(A.shape) if D is None else D), None
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
