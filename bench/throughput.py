@@ -1,7 +1,8 @@
 """Training throughput on one GPU, every row of the table measured in the same run.
 
     python bench/throughput.py layers     # each mixer layer, fwd+bwd: ours (kernels), ours (torch reference),
-                                          # the kernel library's own layer, taking turns (--rounds)
+                                          # the kernel library's own layer, taking turns (--rounds); and
+                                          # what each keeps for its backward, per token
     python bench/throughput.py models     # helix_hybrid and odinnext vs the all-attention model of their shape
                                           # at 2k/8k(/32k); helios_nova vs Hugging Face Qwen3 (torch.compile);
                                           # helium_nano MFU
@@ -44,7 +45,7 @@ from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.transformer import CUDA_GRAPH_MODES
 from slmlab.ops.backend import seed_tuned_configs
 from slmlab.training.callbacks import peak_flops
-from slmlab.training.profiling import kernel_summary
+from slmlab.training.profiling import kernel_summary, saved_activation_bytes
 
 
 def timed(step: Callable[[], None], warmup: int, iters: int, device: torch.device,
@@ -122,15 +123,16 @@ def layer_rows(args, device: torch.device) -> list[dict]:
             if kind == "hgrn2" and cfg.rope_on(0):
                 candidates["ours +RoPE"] = mixers.mixer_class(kind)(cfg, 0)
             if kind != "attention":  # the pure-PyTorch reference the CPU runs: the kernels' speed-up
-                candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), 0)
+                candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), plain)
             if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
                 candidates["library"] = theirs
-            steps, first = {}, {}
+            steps, first, saved = {}, {}, {}
             for impl, layer in candidates.items():
                 steps[impl] = layer_step(layer.to(device), x)
                 start = time.perf_counter()
                 steps[impl]()  # the first call compiles and autotunes the Triton kernels
                 first[impl] = time.perf_counter() - start
+                saved[impl] = saved_activation_bytes(lambda: layer_forward(layer, x), layer.parameters())
             # the candidates take turns, round after round, and each reports its median round: a drift of
             # the GPU's clocks or of the host's speed during the run then reaches all of them alike
             timings = {impl: [] for impl in steps}
@@ -140,20 +142,22 @@ def layer_rows(args, device: torch.device) -> list[dict]:
             for impl, runs in timings.items():
                 seconds = statistics.median(s for s, _ in runs)
                 rows.append({"layer": kind, "impl": impl, "seq": seq, "batch": batch, "ms": seconds * 1e3,
-                             "first_call_s": first[impl], "peak_GiB": max(p for _, p in runs)})
+                             "first_call_s": first[impl], "peak_GiB": max(p for _, p in runs),
+                             "saved_KiB_per_token": saved[impl] / 1024 / (batch * seq)})
                 progress(rows[-1])
     return rows
 
 
-def layer_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One forward and backward of `layer` on x, under bf16 autocast on CUDA."""
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = layer(x)
-        out = out[0] if isinstance(out, tuple) else out  # fla layers return (out, attn, cache)
-        out.float().sum().backward()
+def layer_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer` on x, under bf16 autocast on CUDA."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        out = layer(x)
+    return out[0] if isinstance(out, tuple) else out  # fla layers return (out, attn, cache)
 
-    return step
+
+def layer_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward and backward of `layer` on x."""
+    return lambda: layer_forward(layer, x).float().sum().backward()
 
 
 # --- models ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from slmlab.mixers.gla import GLA
 from slmlab.mixers.hgrn2 import HGRN2
 from slmlab.mixers.mamba2 import Mamba2
 from slmlab.models.config import ModelConfig
+from slmlab.training.profiling import saved_activation_bytes
 from tests.test_ops import kernels  # noqa: F401 (fixture)
 
 D_MODEL = 32
@@ -112,6 +113,23 @@ def test_decoding_state_has_a_fixed_size(mixer):
     short, long = (m.init_state(2, n, torch.device("cpu"), torch.bfloat16) for n in (8, 100_000))
     shapes = [[t.shape for t in vars(state).values() if isinstance(t, torch.Tensor)] for state in (short, long)]
     assert shapes[0] == shapes[1]
+
+
+def test_saved_activation_bytes_count_what_autograd_keeps_except_the_parameters():
+    linear, x = torch.nn.Linear(8, 16), torch.randn(5, 8, requires_grad=True)
+    assert saved_activation_bytes(lambda: linear(x), linear.parameters()) == x.nbytes  # its input, not its weight
+    assert saved_activation_bytes(lambda: linear(x).exp(), linear.parameters()) == x.nbytes + 5 * 16 * 4  # + exp's output
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=["gla", "hgrn2", "mamba2"])
+def test_activation_memory_per_token_does_not_grow_with_the_sequence(mixer):
+    """The same number of tokens as 16 sequences of 64 and as 2 of 512 (from the chunk length on: inside
+    a chunk the scores grow with it): a layer that kept anything quadratic in the sequence (scores over
+    the whole context) would save 8x more per token."""
+    m = make(mixer)
+    short, long = (inputs(T, batch).requires_grad_() for T, batch in ((64, 16), (512, 2)))
+    per_token = [saved_activation_bytes(lambda: m(x), m.parameters()) / x.shape[:2].numel() for x in (short, long)]
+    assert per_token[1] == pytest.approx(per_token[0], rel=0.1)
 
 
 @pytest.mark.parametrize("mixer", MIXERS, ids=["gla", "hgrn2", "mamba2"])

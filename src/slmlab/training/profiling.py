@@ -6,6 +6,7 @@ its queue, then waits while Python loads the next batch and launches the next ke
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,26 @@ def kernel_summary(prof: profile, steps: int, top: int) -> list[str]:
     lines += [f"  {kind:20s} {ms:8.2f} ms  {ms / total:6.1%}" for kind, ms in by_kind.most_common()]
     lines += [f"  {ms:8.2f} ms  {calls:5.0f}x  {name[:120]}" for name, ms, calls in kernels[:top]]
     return lines
+
+
+def saved_activation_bytes(forward: Callable[[], object], params: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of `forward()`: every storage it saves, once, except the
+    storages of `params`. This counts what a layer holds between its forward and backward, on any
+    device and whatever the kernels (fla's and mamba-ssm's autograd functions save through the same
+    hooks); autocast's half-precision weight copies are included, a constant that does not grow with
+    the tokens."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()  # held until the backward: no saved storage is freed and reused meanwhile
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
 
 
 @dataclass
