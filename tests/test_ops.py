@@ -214,8 +214,13 @@ def test_custom_ops_run_where_the_private_kernel_functions_take_their_arguments(
                     _mamba_chunk_scan_combined_bwd=_mamba_chunk_scan_combined_bwd)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backend.custom_op_usable("fla_chunk_gla")
         assert backend.custom_op_usable("mamba_chunk_scan")
+
+    # decided at trace time, as `kernel_available` is: no graph break in a compiled block
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if backend.custom_op_usable("fla_chunk_gla") else x - 1
+
+    assert torch.equal(torch.compile(pick, backend="eager", fullgraph=True)(torch.zeros(2)), torch.ones(2))
 
 
 def test_a_changed_private_kernel_function_turns_its_custom_op_off_with_one_warning(private_kernels):
