@@ -151,7 +151,7 @@ def test_kernel_availability_is_decided_in_python_and_compiles_without_a_graph_b
     (tmp_path / "probe_kernels.py").write_text("IMPORTED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(backend._PROBES, "probe", "probe_kernels")
-    monkeypatch.setattr(backend, "_available", {})
+    monkeypatch.setattr(backend.kernel_available, "results", {})
 
     def pick(x: torch.Tensor) -> torch.Tensor:
         return x + 1 if backend.kernel_available("probe") else x - 1
@@ -200,7 +200,7 @@ def _mamba_chunk_scan_combined_bwd(dout, x, dt, A, B, C, out, chunk_size, D=None
 @pytest.fixture
 def private_kernels(monkeypatch):
     """Installs fake kernel modules holding the given functions; the checks start afresh."""
-    monkeypatch.setattr(backend, "_usable", {})
+    monkeypatch.setattr(backend.custom_op_usable, "results", {})
 
     def install(module: str, **functions) -> None:
         monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**functions))
@@ -234,7 +234,7 @@ def test_a_changed_private_kernel_function_turns_its_custom_op_off_with_one_warn
     private_kernels("mamba_ssm.ops.triton.ssd_combined", _mamba_chunk_scan_combined_fwd=_mamba_chunk_scan_combined_fwd)
     with pytest.warns(RuntimeWarning, match="_mamba_chunk_scan_combined_bwd of mamba_ssm .*no such function"):
         assert not backend.custom_op_usable("mamba_chunk_scan")
-    backend._usable.clear()
+    backend.custom_op_usable.results.clear()
     private_kernels("mamba_ssm.ops.triton.ssd_combined", _mamba_chunk_scan_combined_fwd=_mamba_chunk_scan_combined_bwd,
                     _mamba_chunk_scan_combined_bwd=_mamba_chunk_scan_combined_bwd)
     with pytest.warns(RuntimeWarning, match="_mamba_chunk_scan_combined_fwd"):

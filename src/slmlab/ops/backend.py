@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -50,25 +51,27 @@ def seed_tuned_configs() -> None:
         seed_autotune_cache(torch.cuda.get_device_name())
 
 
-_available: dict[str, bool] = {}
+def trace_time_constant(check: Callable[[str], bool]) -> Callable[[str], bool]:
+    """`check` answered once per argument (the answers in `.results`), and called by torch.compile at
+    trace time, its answer kept as a constant. Traced through, `kernel_available` came out False under
+    torch 2.11 (GLA ran its PyTorch reference), and run at a graph break it split every compiled
+    recurrent block. The mark is what torch.compiler.assume_constant_result sets, without importing
+    dynamo (1.5 s) when slmlab is imported."""
+    @functools.wraps(check)
+    def answered_once(arg: str) -> bool:
+        if arg not in answered_once.results:
+            answered_once.results[arg] = check(arg)
+        return answered_once.results[arg]
+
+    answered_once.results = {}
+    answered_once._dynamo_marked_constant = True
+    return answered_once
 
 
+@trace_time_constant
 def kernel_available(package: str) -> bool:
     """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports. Once it has, the shipped
     winners of its pre_hook kernels go into their autotune caches (`ops/autotune_cache.py`)."""
-    if package not in _available:
-        _available[package] = _import_kernels(package)
-    return _available[package]
-
-
-# torch.compile calls it at trace time and keeps the answer as a constant: traced through, the check
-# came out False under torch 2.11 (GLA ran its PyTorch reference), and run at a graph break it split
-# every compiled recurrent block. This is what torch.compiler.assume_constant_result sets, without
-# importing dynamo (1.5 s) when slmlab is imported.
-kernel_available._dynamo_marked_constant = True
-
-
-def _import_kernels(package: str) -> bool:
     seed_tuned_configs()
     try:
         importlib.import_module(_PROBES[package])
@@ -98,23 +101,14 @@ PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]]
     ),
 }
 _DISTRIBUTIONS = {"fla": ("fla-core", "flash-linear-attention"), "mamba_ssm": ("mamba-ssm",)}
-_usable: dict[str, bool] = {}
 
 
+@trace_time_constant
 def custom_op_usable(op: str) -> bool:
     """Whether the private functions behind custom op `op` (a key of `PRIVATE_CALLS`) still take the
     arguments it passes. Where an installed version changed them, warns once and returns False; the
     op's caller then runs the package's public function, which is as correct but splits a compiled
     block's graph around it. (Only parameters are checked, not what the functions return.)"""
-    if op not in _usable:
-        _usable[op] = _check_private_calls(op)
-    return _usable[op]
-
-
-custom_op_usable._dynamo_marked_constant = True  # as `kernel_available`
-
-
-def _check_private_calls(op: str) -> bool:
     for module, name, positional, keywords in PRIVATE_CALLS[op]:
         fn = getattr(importlib.import_module(module), name, None)
         params = [] if fn is None else list(inspect.signature(fn).parameters)
