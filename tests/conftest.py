@@ -1,12 +1,20 @@
 import csv
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from slmlab.config import compose_config  # noqa: F401  (the tests' way to compose, re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Without a CUDA device, slmlab's Triton kernels run in Triton's interpreter (tests/test_triton_kernels.py).
+# Triton reads the switch when a kernel is defined, so it is set before any test imports one.
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def metric(run_dir: Path, key: str) -> list[float]:
