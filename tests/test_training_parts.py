@@ -342,6 +342,15 @@ def test_progress_bar_reads_training_metrics_back_only_every_n_steps():
     assert [bar.get_metrics(trainer, None)["train/loss"] for _ in range(2)] == [7, 7] and trainer.reads[-2:] == [7, 7]
 
 
+@pytest.mark.parametrize("max_epochs,description", [(-1, "Epoch 4"), (3, "Epoch 4/2")])
+def test_the_progress_bar_names_no_last_epoch_when_max_steps_ends_the_run(max_epochs, description):
+    from types import SimpleNamespace
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)
+    assert bar._get_train_description(4).strip() == description
+
+
 def test_training_logs_no_metric_lightning_would_read_back_every_step(tmp_path):
     """Lightning turns each metric logged with `prog_bar=True` into a number after every batch: on a GPU,
     a wait for the whole queued step each time. Pretraining logs none; the bar reads its keys every n steps."""

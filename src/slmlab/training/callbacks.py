@@ -145,6 +145,12 @@ class ProgressBar(RichProgressBar):
         self._shown = metrics
         return metrics
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 0/{max_epochs - 1}", "Epoch 0/-2" for the runs max_steps ends (max_epochs -1)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+        return super()._get_train_description(current_epoch)
+
 
 class ConsoleSummary(Callback):
     """Prints one line per validation and a summary at the end, so a plain log shows the run."""
