@@ -6,6 +6,7 @@
     python train.py run_name=my_run ckpt_path=last           # resume outputs/my_run exactly
 """
 
+import logging
 from contextlib import nullcontext
 
 import hydra
@@ -25,6 +26,9 @@ def train(cfg: DictConfig) -> float | None:
     # imported once the warm-up compiles: Lightning alone takes seconds to import
     import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy
+
+    if logging.getLogger().handlers:  # Hydra's console and train.log: Lightning's own console handler would print each record twice
+        logging.getLogger("lightning").handlers.clear()
 
     from slmlab.training.faults import preflight
 
