@@ -105,7 +105,7 @@ def layer_rows(args, device: torch.device) -> list[dict]:
     from slmlab import mixers
 
     helix, odin = preset("helix_hybrid"), preset("odinnext")
-    shapes = {"attention": helix, "gla": helix, "mamba2": helix, "hgrn2": odin}
+    shapes = {"attention": helix, "sparse_attention": helix, "gla": helix, "mamba2": helix, "hgrn2": odin}
     seqs = [64] if args.smoke else [2048, 8192]
     rows = []
     for kind, cfg in shapes.items():
@@ -113,7 +113,7 @@ def layer_rows(args, device: torch.device) -> list[dict]:
             continue
         if args.smoke:
             cfg = replace(cfg, d_model=64, n_heads=2, n_kv_heads=2, head_dim=32, hgrn2_expand_ratio=32, ssm_d_state=16,
-                              ssm_headdim=16)
+                              ssm_headdim=16, sliding_window=16, global_tokens=4)
         for seq in seqs:
             batch = max(1, args.tokens // seq)
             x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
@@ -122,7 +122,7 @@ def layer_rows(args, device: torch.device) -> list[dict]:
             candidates = {"ours": mixers.mixer_class(kind)(cfg, plain)}
             if kind == "hgrn2" and cfg.rope_on(0):
                 candidates["ours +RoPE"] = mixers.mixer_class(kind)(cfg, 0)
-            if kind != "attention":  # the pure-PyTorch reference the CPU runs: the kernels' speed-up
+            if kind != "attention":  # the PyTorch reference the CPU runs (sparse attention: SDPA, a boolean mask)
                 candidates["ours, torch reference"] = mixers.mixer_class(kind)(replace(cfg, kernel="torch"), plain)
             if kind != "attention" and (theirs := library_layer(kind, cfg)) is not None:
                 candidates["library"] = theirs
