@@ -27,7 +27,9 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if logging.getLogger().handlers:  # Hydra's console and train.log: Lightning's own console handler would print each record twice
+    # `import lightning` adds a console handler of its own; beside Hydra's (console, train.log) every
+    # Lightning message printed twice
+    if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
 
     from slmlab.training.faults import preflight
