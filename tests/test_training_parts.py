@@ -453,16 +453,29 @@ def test_norm_clipping_reuses_this_steps_norm_and_matches_clip_grad_norm(fused, 
     assert guard.skipped == 0
 
 
+@pytest.mark.parametrize("name,kind", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
+    ("chunk_gla_fwd_kernel_o", "recurrent scan"), ("chunk_bwd_kernel_dh", "recurrent scan"),  # fla
+    ("_chunk_scan_chunk_state_bwd_dx_kernel", "recurrent scan"), ("_state_passing_fwd_kernel", "recurrent scan"),  # mamba-ssm
+    ("_causal_conv_preactivation_grad_kernel", "causal conv"), ("_qk_norm_rope_backward_kernel", "qk-norm + rope"),
+    ("multi_tensor_apply_kernel", "optimizer"),
+    ("triton_per_fused__fused_rms_norm_0", "elementwise, other"),
+    ("triton_poi_fused_split_with_sizes_chunk_1", "elementwise, other"),  # inductor's, whatever ops it names
+])
+def test_profiled_kernels_are_grouped_by_what_their_names_say_they_do(name, kind):
+    from slmlab.training.profiling import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
 def test_idle_gaps_between_overlapping_gpu_intervals():
-    from slmlab.training.profiling import idle_gaps, is_kernel, kernel_kind
+    from slmlab.training.profiling import idle_gaps, is_kernel
 
     # two streams overlap (b inside a's span, c starting before a ends); then a gap; then e after d ends
     activity = [(0, 10, "a"), (2, 5, "b"), (8, 12, "c"), (20, 30, "d"), (35, 36, "e"), (30, 31, "f")]
     gaps = idle_gaps(activity)
     assert [(g.start, g.length, g.after, g.before) for g in gaps] == [(12, 8, "c", "d"), (31, 4, "f", "e")]
-    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
-    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
-    assert kernel_kind("triton_per_fused__fused_rms_norm_0") == "elementwise, other"
     # Lightning's optimizer step runs forward and backward inside it: as GPU activity it would hide every gap
     assert not is_kernel("Optimizer.step#AdamW.step") and not is_kernel("aten::mm")
     assert is_kernel("Memcpy HtoD (Pinned -> Device)") and is_kernel("_silu_mul_backward_kernel")

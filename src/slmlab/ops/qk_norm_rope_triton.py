@@ -34,7 +34,7 @@ def _cos_sin(cs_ptr, token, seq, cs_len, mask, HALF: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, cs_ptr, y_ptr, column, n_rows, heads, seq, cs_len, x_token_stride, eps,
+def _qk_norm_rope_forward_kernel(x_ptr, w_ptr, cs_ptr, y_ptr, column, n_rows, heads, seq, cs_len, x_token_stride, eps,
                     NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     mask = (rows < n_rows)[:, None]
@@ -56,7 +56,7 @@ def _forward_kernel(x_ptr, w_ptr, cs_ptr, y_ptr, column, n_rows, heads, seq, cs_
 
 
 @triton.jit
-def _backward_kernel(x_ptr, w_ptr, cs_ptr, dy_ptr, dx_ptr, dw_ptr, column, n_rows, heads, seq, cs_len, x_token_stride,
+def _qk_norm_rope_backward_kernel(x_ptr, w_ptr, cs_ptr, dy_ptr, dx_ptr, dw_ptr, column, n_rows, heads, seq, cs_len, x_token_stride,
                      dy_batch_stride, dy_seq_stride, dy_head_stride, eps,
                      NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -105,7 +105,7 @@ def qk_norm_rope_forward(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor 
     for column, heads, weight, rotate in _parts(head_dim, n_heads, n_kv_heads, q_weight, k_weight):
         y = qkv.new_empty(batch, seq, heads, head_dim)
         n_rows = batch * seq * heads
-        wrap_triton(_forward_kernel)[(triton.cdiv(n_rows, ROWS),)](
+        wrap_triton(_qk_norm_rope_forward_kernel)[(triton.cdiv(n_rows, ROWS),)](
             qkv, cos_sin if weight is None else weight, cos_sin, y, column, n_rows, heads, seq, cos_sin.shape[1],
             width, eps, NORM=weight is not None, ROTATE=rotate, HALF=head_dim // 2, ROWS=ROWS, num_warps=4)
         outs.append(y)
@@ -127,7 +127,7 @@ def qk_norm_rope_backward(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor
         n_rows = batch * seq * heads
         programs = triton.cdiv(n_rows, ROWS)
         partials = qkv.new_empty((programs if weight is not None else 0, head_dim), dtype=torch.float32)
-        wrap_triton(_backward_kernel)[(programs,)](
+        wrap_triton(_qk_norm_rope_backward_kernel)[(programs,)](
             qkv, cos_sin if weight is None else weight, cos_sin, dy, dqkv, partials, column, n_rows, heads, seq,
             cos_sin.shape[1], width, dy.stride(0), dy.stride(1), dy.stride(2), eps,
             NORM=weight is not None, ROTATE=rotate, HALF=head_dim // 2, ROWS=ROWS, num_warps=2)

@@ -4,6 +4,7 @@ kernel, the busiest kernels, and the time the GPU sat idle with what the host wa
 Idle time between kernels is what a host sync costs (an `.item()`, a copy to the CPU): the GPU drains
 its queue, then waits while Python loads the next batch and launches the next kernels."""
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -17,17 +18,21 @@ from torch.profiler import ProfilerActivity, profile
 
 from slmlab.training.callbacks import console_print
 
-# GPU kernels by what they do, from their names: cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs
-# nothing else here, flash, FlexAttention), the fused optimizer; the rest is elementwise work (norms,
-# RoPE, activations, casts)
-KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "splitkreduce", "xmma")),
-                ("attention", ("fmha", "sdpa", "flash", "attention", "cudnn")),
-                ("optimizer", ("multi_tensor_apply", "adam")))
+# GPU kernels by what they do, from their names (a regular expression each, searched in the lowercased
+# name): cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs nothing else here, flash, FlexAttention),
+# fla's and mamba-ssm's chunked scans (their kernels' names begin so), slmlab's own Triton kernels, the
+# fused optimizer; the rest is elementwise work (norms, RoPE, activations, casts) inductor generates
+KERNEL_KINDS = (("matmul", r"nvjet|gemm|cutlass|splitkreduce|xmma"),
+                ("attention", r"fmha|sdpa|flash|attention|cudnn"),
+                ("recurrent scan", r"^_?(chunk|bmm_chunk|state_passing|fused_recurrent)"),
+                ("causal conv", r"^_causal_conv"),
+                ("qk-norm + rope", r"^_qk_norm_rope"),
+                ("optimizer", r"multi_tensor_apply|adam"))
 
 
 def kernel_kind(name: str) -> str:
     lower = name.lower()
-    return next((kind for kind, marks in KERNEL_KINDS if any(m in lower for m in marks)), "elementwise, other")
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, lower)), "elementwise, other")
 
 
 def is_kernel(name: str) -> bool:
