@@ -104,3 +104,14 @@ def test_unknown_keys_are_errors():
         compose_config(["model.d_modle=64"])
     with pytest.raises(ConfigCompositionException, match="learning_rate"):
         compose_config(["learning_rate=1e-3"])
+
+
+def test_the_run_prints_the_model_in_one_line_with_the_flops_mfu_counts():
+    from slmlab.training.callbacks import model_line
+
+    with torch.device("meta"):  # as under trainer.init_module(): the FLOPs count makes no tensor there
+        helix = instantiate(compose_config(["model=helix_hybrid"]).stage).model
+        line, flops = model_line(helix), helix.flops_per_token(8192)
+    assert line == (
+        f"model: 899,409,360 parameters ({helix.num_params(non_embedding=True):,} without the embedding), 28 layers "
+        f"(mamba2 x6, gla x16, sparse_attention x6), d_model 1280; {flops / 1e9:.3g} GFLOPs per token trained at seq 8192")

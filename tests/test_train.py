@@ -30,7 +30,8 @@ def run_train(overrides: list[str], timeout: int = 300) -> str:
 
 def test_quickstart_command_trains_and_reports(tmp_path):
     out = run_train(tiny_run_overrides(tmp_path, steps=30, val_every=10) + ["optim.lr=3e-3", f"hydra.run.dir={tmp_path / 'hydra'}"])
-    for text in ("val loss", "bits-per-byte", "en ", "de ", "tokens/s", "== summary", "== samples"):
+    for text in ("model: ", "FLOPs per token", "val loss", "bits-per-byte", "en ", "de ", "tokens/s", "== summary",
+                 "== samples"):
         assert text in out, f"{text!r} missing from the output"
     # Lightning's messages once on the console, and in Hydra's log file
     assert out.count("Seed set to 1234") == 1 and "Seed set to 1234" in (tmp_path / "hydra" / "train.log").read_text()

@@ -80,7 +80,7 @@ class SparseAttention(Attention):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus QK^T and AV over the keys each position actually sees, averaged over the sequence."""
-        pos = torch.arange(seq_len, dtype=torch.float64)
+        pos = torch.arange(seq_len, dtype=torch.float64, device="cpu")  # a count, whatever the default device
         local = torch.clamp(pos + 1, max=self.window)
         sinks = torch.clamp(pos + 1 - self.window, min=0).clamp(max=self.global_tokens)
         proj = 2 * sum(m.weight.numel() for m in (self.q, self.k, self.v, self.o))

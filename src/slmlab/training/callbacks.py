@@ -152,8 +152,27 @@ class ProgressBar(RichProgressBar):
         return super()._get_train_description(current_epoch)
 
 
+def model_line(model: torch.nn.Module) -> str:
+    """One line on a CausalLM: parameters, layers by mixer, and the training FLOPs per token that MFU uses."""
+    cfg = model.cfg
+    runs: list[list] = []  # consecutive layers of one mixer: [name, count]
+    for name in cfg.layer_mixers:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    layers = ", ".join(f"{name} x{count}" for name, count in runs)
+    flops = model.flops_per_token(cfg.max_seq_len)
+    flops_text = f"{flops / 1e9:.3g} GFLOPs" if flops >= 1e9 else f"{flops / 1e6:.3g} MFLOPs"
+    return (f"model: {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without the "
+            f"embedding), {cfg.n_layers} layers ({layers}), d_model {cfg.d_model}; {flops_text} per token "
+            f"trained at seq {cfg.max_seq_len}")
+
+
 class ConsoleSummary(Callback):
-    """Prints one line per validation and a summary at the end, so a plain log shows the run."""
+    """Prints the model in one line before training (in place of Lightning's summary table, whose FLOPs
+    column reads 0 without an example input), one line per validation and a summary at the end, so a
+    plain log shows the run."""
 
     KEYS = ("train/loss", "val/loss", "val/bpb")
 
@@ -169,6 +188,10 @@ class ConsoleSummary(Callback):
                 self.first.setdefault(key, (trainer.global_step, metrics[key]))
                 self.last[key] = (trainer.global_step, metrics[key])
         return metrics
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the strategy wraps or shards the model (FSDP)
+            console_print(trainer, model_line(pl_module.model))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if "train/loss" not in self.first:
