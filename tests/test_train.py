@@ -104,6 +104,30 @@ def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_run_does(tmp_path, mo
     assert moved < 1e-3 * sum(weight.norm() for weight in eager.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Lightning's FSDP refuses the CPU)")
+@pytest.mark.parametrize("compile", ["false", "true"])
+def test_an_fsdp_run_trains_checkpoints_and_resumes_as_a_single_device_run(tmp_path, compile):
+    """`trainer=fsdp` (one unit per block) on one GPU: the single-device run's losses; a checkpoint holding
+    the full state dict under the model's own names, which resume, `init_from` and export read; and a run
+    stopped halfway and resumed that ends with the uninterrupted run's weights."""
+    def run(name: str, *extra: str) -> Path:
+        train(compose_config(tiny_run_overrides(tmp_path / name, steps=8, val_every=4) + [
+            "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=32-true", f"stage.compile={compile}",
+            *extra]))
+        return tmp_path / name / "run"
+
+    single, fsdp = run("single"), run("fsdp", "trainer=fsdp")
+    for key in ("train/loss", "val/loss"):
+        torch.testing.assert_close(metric(fsdp, key), metric(single, key), rtol=1e-4, atol=0)
+    assert final_weights(fsdp).keys() == final_weights(single).keys()
+    run("stopped", "trainer=fsdp", "+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=4")
+    resumed = run("stopped", "trainer=fsdp", "ckpt_path=last")
+    straight = final_weights(fsdp)
+    for name, weight in final_weights(resumed).items():
+        torch.testing.assert_close(weight, straight[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_a_typo_in_the_compile_mode_is_an_error_naming_the_key(tmp_path):
     cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhad"])
     with pytest.raises(Exception, match="stage.compile='reduce-overhad': expected true, false or a torch.compile mode"):
