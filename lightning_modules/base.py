@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
@@ -95,13 +96,19 @@ class LMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def gradient_norm(self) -> torch.Tensor | None:
-        """The total norm of the model's gradients at this optimizer step, before clipping; None when no
-        parameter has one. Computed once per step (foreach kernels, one pass over the gradients): the
-        non-finite guard, `train/grad_norm` and clipping share it."""
+        """The total norm of the model's gradients at this optimizer step, before clipping (under FSDP over
+        every rank's shards); None when no parameter has one. Computed once per step (foreach kernels, one
+        pass over the gradients): the non-finite guard, `train/grad_norm` and clipping share it."""
         step = self.trainer.global_step
         if self._grad_norm is None or self._grad_norm[0] != step:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._grad_norm = (step, torch.nn.utils.get_total_norm(grads) if grads else None)
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                # each rank holds a shard of every gradient: clipped by its shard's norm, the ranks would
+                # scale their parts differently. The whole norm from the shards' squares (every rank joins)
+                local = norm if norm is not None else torch.zeros((), device=self.device)
+                norm = self.trainer.strategy.reduce(local.square(), reduce_op="sum").sqrt()
+            self._grad_norm = (step, norm)
         return self._grad_norm[1]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

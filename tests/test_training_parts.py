@@ -453,6 +453,38 @@ def test_norm_clipping_reuses_this_steps_norm_and_matches_clip_grad_norm(fused, 
     assert guard.skipped == 0
 
 
+def test_under_fsdp_the_norm_and_its_clipping_cover_every_ranks_shard(monkeypatch):
+    """FSDP leaves each rank a shard of every gradient. The norm that clipping, `train/grad_norm` and the
+    non-finite guard use is the whole gradient's, or each rank would scale its shard by its own factor:
+    here rank 0 of two, the other rank's shard reaching it through the strategy's all-reduce."""
+    from functools import partial
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
+                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant))
+    params = list(module.model.parameters())
+    torch.manual_seed(0)
+    full = [10 * torch.randn_like(p) for p in params]
+    mine = [torch.rand(p.shape) < 0.5 for p in params]  # this rank's elements of each gradient
+    theirs = sum(g[~m].double().square().sum() for g, m in zip(full, mine)).float()
+    strategy = FSDPStrategy()
+    monkeypatch.setattr(strategy, "reduce", lambda t, reduce_op="mean", **kw: t + theirs if reduce_op == "sum" else t)
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=0, strategy=strategy)
+    for p, g, m in zip(params, full, mine):
+        p.grad = g * m
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    for r, g in zip(reference, full):
+        r.grad = g.clone()
+    whole = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert module.gradient_norm().item() == pytest.approx(whole.item(), rel=1e-5)
+    module.configure_gradient_clipping(torch.optim.AdamW(params), gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for p, r, m in zip(params, reference, mine):
+        torch.testing.assert_close(p.grad, r.grad * m, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name,kind", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
