@@ -485,6 +485,33 @@ def test_under_fsdp_the_norm_and_its_clipping_cover_every_ranks_shard(monkeypatc
         torch.testing.assert_close(p.grad, r.grad * m, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("strategy,runs", [("fsdp", True), ("ddp", False)])
+def test_callbacks_run_the_model_on_every_rank_under_fsdp_and_on_rank_zero_alone_otherwise(strategy, runs, monkeypatch,
+                                                                                              capsys):
+    """Under FSDP every forward gathers each block's parameters from all ranks: a sample or evaluation
+    that rank 0 ran alone would wait for the other ranks forever. Seen from rank 1; only rank 0 prints."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from slmlab.eval.callback import EvalSuites
+    from slmlab.training import callbacks
+
+    calls = []
+    monkeypatch.setattr(callbacks, "generate", lambda model, ids, n, **kw: calls.append("sample") or ids)
+    monkeypatch.setattr(EvalSuites, "evaluate", lambda self, model, dm: calls.append("eval") or {"eval/x": 1.0})
+    rank1 = SimpleNamespace(is_global_zero=False, sanity_checking=False,
+                            strategy={"fsdp": FSDPStrategy, "ddp": DDPStrategy}[strategy](),
+                            datamodule=SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: SimpleNamespace(ids=[1, 2]),
+                                                                                 decode=lambda ids: ""), eos_id=0))
+    monkeypatch.setattr(rank1.strategy, "broadcast", lambda obj, src=0: {"eval/x": 1.0})
+    module = SimpleNamespace(model=CausalLM(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, ffn_hidden=8,
+                                                        max_seq_len=16)), device=torch.device("cpu"),
+                             log_dict=lambda metrics: None)
+    callbacks.GenerateSample(prompts=["a", "b"]).on_train_end(rank1, module)
+    EvalSuites().on_validation_epoch_end(rank1, module)
+    assert calls == (["sample", "sample", "eval"] if runs else [])
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("name,kind", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),

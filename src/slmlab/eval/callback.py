@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
+from slmlab.training.callbacks import runs_rank_zeros_model_calls
 
 SUITES = ("probes", "lm_eval")
 LM_EVAL_METRICS = ("acc", "acc_norm")  # as lm-eval defines them (acc_norm: per-byte normalised)
@@ -35,8 +36,8 @@ def rng_untouched() -> Iterator[None]:
 class EvalSuites(Callback):
     """After every `every_n_validations`-th validation: contrastive probes (`eval/probes/<lang>/margin`,
     `.../accuracy`) and lm-evaluation-harness tasks (`eval/<task>/acc`, `.../acc_norm`), each after
-    `seed_everything(seed)`. Rank 0 evaluates and the others receive its numbers, so every rank logs
-    the same values.
+    `seed_everything(seed)`. Rank 0 evaluates (under FSDP every rank, in step) and the others receive
+    its numbers, so every rank logs the same values.
 
         python train.py +callbacks/eval=probes     # or =lm_eval: conf/callbacks/eval/
     """
@@ -60,7 +61,7 @@ class EvalSuites(Callback):
         self.validations += 1
         if self.validations % self.every:
             return
-        metrics = self.evaluate(pl_module.model, trainer.datamodule) if trainer.is_global_zero else None
+        metrics = self.evaluate(pl_module.model, trainer.datamodule) if runs_rank_zeros_model_calls(trainer) else None
         metrics = trainer.strategy.broadcast(metrics)
         pl_module.log_dict(metrics)
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
@@ -24,6 +25,13 @@ def token_tensors(batch) -> list[torch.Tensor]:
     if not isinstance(batch, dict):
         return []
     return [v for k, v in batch.items() if k.endswith("ids") and isinstance(v, torch.Tensor)]
+
+
+def runs_rank_zeros_model_calls(trainer: L.Trainer) -> bool:
+    """Whether this rank runs the model calls rank 0 makes in a callback (samples, evaluations): rank 0
+    alone, except under FSDP, where every forward gathers each block's parameters from all ranks, so
+    every rank makes the same calls (rank 0 alone would wait for the others forever)."""
+    return trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy)
 
 
 def console_print(trainer: L.Trainer, text: str) -> None:
@@ -236,14 +244,19 @@ class GenerateSample(Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not runs_rank_zeros_model_calls(trainer):
             return
         tokenizer = trainer.datamodule.tokenizer
         model = pl_module.model
         was_training = model.training
         model.eval()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        print("\n== samples", flush=True)
+
+        def show(text: str) -> None:  # the other ranks (FSDP) sample alike, silently
+            if trainer.is_global_zero:
+                print(text, flush=True)
+
+        show("\n== samples")
         template = getattr(trainer.datamodule, "chat_template", None)
         for prompt in self.prompts:
             if template is None:
@@ -253,10 +266,10 @@ class GenerateSample(Callback):
             # a prompt longer than the context keeps its end, so the sample still shows the model's answer
             keep = model.cfg.max_seq_len - max(1, min(self.max_new_tokens, model.cfg.max_seq_len // 2))
             if len(ids) > keep:
-                print(f"  (prompt cut to its last {keep} of {len(ids)} tokens to fit max_seq_len={model.cfg.max_seq_len})")
+                show(f"  (prompt cut to its last {keep} of {len(ids)} tokens to fit max_seq_len={model.cfg.max_seq_len})")
                 ids = ids[-keep:]
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                            stop_ids=trainer.datamodule.eos_id, generator=generator)
-            print(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}", flush=True)
+            show(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}")
         model.train(was_training)
