@@ -58,6 +58,11 @@ class LMModule(L.LightningModule):
             if self.model_config.activation_checkpointing:
                 raise ValueError(f"stage.compile={self.compile_blocks} (CUDA graphs) does not go with "
                                  "model.activation_checkpointing=true: use stage.compile=true")
+        if isinstance(self.trainer.strategy, FSDPStrategy) and (what := self.samples_on_each_rank()):
+            # every FSDP forward gathers each block's parameters from all ranks, in step
+            raise ValueError(f"{what} samples completions on each rank, which FSDP cannot do: ranks sampling "
+                             "different prompts and lengths fall out of step in its parameter gathers (and a "
+                             "CUDA-graph decoding step cannot hold them). Use trainer=ddp or one device")
         dm = self.trainer.datamodule
         if dm is None:
             return
@@ -66,6 +71,11 @@ class LMModule(L.LightningModule):
                              "set model.vocab_size to at least the tokenizer's size")
         if dm.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds model.max_seq_len={self.model_config.max_seq_len}")
+
+    def samples_on_each_rank(self) -> str | None:
+        """What in this run samples from the model on each rank during training or validation (the config
+        key, for errors), or None."""
+        return None
 
     def configure_model(self) -> None:
         if self.compile_blocks:

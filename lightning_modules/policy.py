@@ -23,6 +23,9 @@ class PolicyModule(LMModule):
         # kept out of nn.Module's registry: no gradients, not in state_dict, moved by hand
         self.__dict__["reference"] = self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None)
 
+    def samples_on_each_rank(self) -> str | None:
+        return f"stage={self.stage} (its pass-rate validation; GRPO's rollouts)"
+
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
 

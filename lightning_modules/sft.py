@@ -28,6 +28,10 @@ class SFTModule(LMModule):
         steps = dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches) * self.epochs
         self.trainer.fit_loop.epoch_loop.max_steps = max(1, round(steps))  # what trainer.max_steps reads
 
+    def samples_on_each_rank(self) -> str | None:
+        dm = self.trainer.datamodule
+        return "data.constraint_val (the pass-rate validation)" if dm and CONSTRAINTS_SOURCE in dm.val_sources else None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.model.loss(batch["input_ids"], batch["labels"])
         self.log("train/loss", loss)

@@ -90,6 +90,26 @@ def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
     assert metric(tmp_path / "run", "val/pass_rate")
 
 
+@pytest.mark.parametrize("overrides,what", [(["stage=dpo"], "stage=dpo"), (["stage=grpo"], "stage=grpo"),
+                                            (["stage=sft", "+data/constraint_val=embedded"], "data.constraint_val"),
+                                            (["stage=sft"], None), ([], None)])
+def test_runs_that_sample_on_each_rank_refuse_fsdp_naming_what_samples(pretrained, tmp_path, overrides, what):
+    """Every FSDP forward gathers each block's parameters from all ranks in step; ranks that sample
+    completions of their own prompts fall out of step and wait forever: refused before the first step."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [f"init_from={pretrained}", *overrides])
+    module = instantiate(cfg.stage)
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=instantiate(cfg.data))
+    found = module.samples_on_each_rank()
+    assert found is None if what is None else what in found
+    if what is not None:
+        with pytest.raises(ValueError, match=f"{what}.*FSDP cannot do.*trainer=ddp"):
+            module.setup("fit")
+
+
 def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
         "stage=dpo", "stage.on_policy=true", "data=ifeval_prompts", f"data.prompts={lowercase_prompts(tmp_path)}",

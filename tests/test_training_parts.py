@@ -496,7 +496,7 @@ def test_callbacks_run_the_model_on_every_rank_under_fsdp_and_on_rank_zero_alone
     from slmlab.training import callbacks
 
     calls = []
-    monkeypatch.setattr(callbacks, "generate", lambda model, ids, n, **kw: calls.append("sample") or ids)
+    monkeypatch.setattr(callbacks, "generate", lambda model, ids, n, cuda_graph, **kw: calls.append(("sample", cuda_graph)) or ids)
     monkeypatch.setattr(EvalSuites, "evaluate", lambda self, model, dm: calls.append("eval") or {"eval/x": 1.0})
     rank1 = SimpleNamespace(is_global_zero=False, sanity_checking=False,
                             strategy={"fsdp": FSDPStrategy, "ddp": DDPStrategy}[strategy](),
@@ -508,7 +508,7 @@ def test_callbacks_run_the_model_on_every_rank_under_fsdp_and_on_rank_zero_alone
                              log_dict=lambda metrics: None)
     callbacks.GenerateSample(prompts=["a", "b"]).on_train_end(rank1, module)
     EvalSuites().on_validation_epoch_end(rank1, module)
-    assert calls == (["sample", "sample", "eval"] if runs else [])
+    assert calls == ([("sample", False), ("sample", False), "eval"] if runs else [])  # no CUDA graph of FSDP's gathers
     assert capsys.readouterr().out == ""
 
 

@@ -270,6 +270,7 @@ class GenerateSample(Callback):
                 ids = ids[-keep:]
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                           stop_ids=trainer.datamodule.eos_id, generator=generator)
+                           stop_ids=trainer.datamodule.eos_id, generator=generator,
+                           cuda_graph=not isinstance(trainer.strategy, FSDPStrategy))  # FSDP's gathers: not in a graph
             show(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}")
         model.train(was_training)
