@@ -39,6 +39,9 @@ class LMModule(L.LightningModule):
             load_weights(self.model, init_from)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
+        # which parameters decay is decided on the model as built (matrices only): FSDP turns each
+        # parameter into a 1-D view of its shard before the optimizer is made
+        self.param_groups = weight_decay_groups(self.model, optimizer.keywords.get("weight_decay", 0.0), decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
@@ -99,9 +102,7 @@ class LMModule(L.LightningModule):
         return self.trainer.max_steps
 
     def configure_optimizers(self) -> dict:
-        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
-        groups = weight_decay_groups(self.model, weight_decay, self.decay_embeddings)
-        optimizer = self.optimizer_factory(groups, fused=True)  # one kernel per step, on CUDA and CPU alike
+        optimizer = self.optimizer_factory(self.param_groups, fused=True)  # one kernel per step, on CUDA and CPU alike
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

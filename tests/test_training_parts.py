@@ -137,6 +137,24 @@ def test_weight_decay_skips_norms_and_tied_embeddings():
     assert any(p is model.embed.weight for p in with_embed["params"])
 
 
+def test_the_optimizer_decays_the_matrices_even_after_fsdp_flattens_them():
+    """FSDP (use_orig_params) makes every parameter a 1-D view of its shard before Lightning asks for the
+    optimizer: decided then, no matrix would decay. The module decides on the model as built."""
+    from functools import partial
+
+    from lightning_modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
+                            optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), scheduler=partial(Constant))
+    module.trainer = SimpleNamespace(max_steps=10)
+    matrices = {id(p) for p in module.model.parameters() if p.dim() >= 2 and p is not module.model.embed.weight}
+    for p in module.model.parameters():
+        p.data = p.data.flatten()  # as FSDP leaves them
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert {id(p) for p in groups[0]["params"]} == matrices and groups[0]["weight_decay"] == 0.1
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == len(list(module.model.parameters())) - len(matrices)
+
+
 def test_a_tokenizer_larger_than_the_model_vocab_is_a_clear_error():
     from functools import partial
 
