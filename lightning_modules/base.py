@@ -41,7 +41,8 @@ class LMModule(L.LightningModule):
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
         # which parameters decay is decided on the model as built (matrices only): FSDP turns each
         # parameter into a 1-D view of its shard before the optimizer is made
-        self.param_groups = weight_decay_groups(self.model, optimizer.keywords.get("weight_decay", 0.0), decay_embeddings)
+        weight_decay = optimizer.keywords.get("weight_decay", 0.0)
+        self.param_groups = weight_decay_groups(self.model, weight_decay, decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:

@@ -156,6 +156,15 @@ def test_flops_per_token_matches_a_hand_count():
     assert m.flops_per_token(T) == 3 * forward
 
 
+def test_flops_per_token_count_from_shapes_not_from_fsdp_shards():
+    """Under FSDP each weight is a 1-D view of this rank's shard (numel: the shard's) when MFU is logged."""
+    m = CausalLM(tiny(layout="A,S,G,H,M", n_layers=5, hgrn2_expand_ratio=8, ssm_d_state=8, ssm_headdim=16))
+    want = m.flops_per_token(32)
+    for p in m.parameters():
+        p.data = p.data.flatten()[: p.numel() // 3]  # as a rank holding a third of each would see them
+    assert m.flops_per_token(32) == want
+
+
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         tiny(n_kv_heads=3)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
-from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear
+from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear, linear_flops
 from slmlab.ops.backend import HAS_TRITON
 from slmlab.ops.qk_norm_rope import qk_norm_rope
 
@@ -119,5 +119,7 @@ class Attention(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: projections plus QK^T and AV over the causal half of the sequence."""
-        proj = 2 * sum(m.weight.numel() for m in (self.q, self.k, self.v, self.o))
-        return proj + 2 * 2 * self.n_heads * self.head_dim * seq_len / 2
+        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * seq_len / 2
+
+    def projection_flops(self) -> int:
+        return linear_flops(self.q, self.k, self.v, self.o)

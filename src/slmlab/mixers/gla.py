@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
+from slmlab.models.layers import linear_flops
 from slmlab.ops import compute_dtype, gla, gla_flops_per_token
 
 
@@ -69,5 +70,5 @@ class GLA(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the six projections plus chunked GLA (`ops.gla.gla_flops_per_token`)."""
-        proj = 2 * sum(m.weight.numel() for m in (self.q, self.k, self.v, self.g, self.decay, self.o))
+        proj = linear_flops(self.q, self.k, self.v, self.g, self.decay, self.o)
         return proj + gla_flops_per_token(self.n_heads, self.head_dim, self.head_dim, seq_len)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from slmlab.mixers.gla import RecurrentState
 from slmlab.models.config import ModelConfig
-from slmlab.models.layers import Rotary
+from slmlab.models.layers import Rotary, linear_flops
 from slmlab.ops import compute_dtype, gla, gla_flops_per_token
 
 
@@ -70,5 +70,5 @@ class HGRN2(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the four projections plus chunked GLA (`ops.gla.gla_flops_per_token`)."""
-        proj = 2 * sum(m.weight.numel() for m in (self.q, self.f, self.i, self.o))
+        proj = linear_flops(self.q, self.f, self.i, self.o)
         return proj + gla_flops_per_token(self.n_heads, self.key_dim, self.value_dim, seq_len)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.models.config import ModelConfig
+from slmlab.models.layers import linear_flops
 from slmlab.ops import compute_dtype, kernel_available, ssd, ssd_flops_per_token
 from slmlab.ops.causal_conv import causal_conv1d_silu, causal_conv1d_silu_reference
 
@@ -126,6 +127,6 @@ class Mamba2(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: in_proj and out_proj, the depthwise conv (d_conv MACs per channel)
         and chunked SSD (`ops.ssd.ssd_flops_per_token`)."""
-        proj = 2 * (self.in_proj.weight.numel() + self.out_proj.weight.numel())
-        conv = 2 * self.conv1d.weight.numel()
+        proj = linear_flops(self.in_proj, self.out_proj)
+        conv = 2 * self.conv_dim * self.d_conv  # depthwise: d_conv multiply-accumulates per channel
         return proj + conv + ssd_flops_per_token(self.nheads, self.ngroups, self.headdim, self.d_state, seq_len)

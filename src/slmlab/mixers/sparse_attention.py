@@ -83,5 +83,4 @@ class SparseAttention(Attention):
         pos = torch.arange(seq_len, dtype=torch.float64, device="cpu")  # a count, whatever the default device
         local = torch.clamp(pos + 1, max=self.window)
         sinks = torch.clamp(pos + 1 - self.window, min=0).clamp(max=self.global_tokens)
-        proj = 2 * sum(m.weight.numel() for m in (self.q, self.k, self.v, self.o))
-        return proj + 2 * 2 * self.n_heads * self.head_dim * float((local + sinks).mean())
+        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * float((local + sinks).mean())

@@ -24,6 +24,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
 
+def linear_flops(*linears: nn.Linear) -> int:
+    """Forward FLOPs per token of these linears (2 per multiply-accumulate), from their shapes: under
+    FSDP a weight is a 1-D view of this rank's shard, and its numel() only that shard's."""
+    return 2 * sum(m.in_features * m.out_features for m in linears)
+
+
 def concat_linear(x: Tensor, *linears: nn.Linear) -> Tensor:
     """Several bias-free linears of one input as one matmul over their concatenated weights: one larger
     GEMM (and one input gradient) instead of several, their outputs side by side in the last dim. The
