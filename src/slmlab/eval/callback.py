@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
@@ -61,12 +62,15 @@ class EvalSuites(Callback):
         self.validations += 1
         if self.validations % self.every:
             return
-        metrics = self.evaluate(pl_module.model, trainer.datamodule) if runs_rank_zeros_model_calls(trainer) else None
+        sharded = isinstance(trainer.strategy, FSDPStrategy)  # no CUDA-graph decoding of FSDP's gathers
+        metrics = (self.evaluate(pl_module.model, trainer.datamodule, cuda_graph=not sharded)
+                   if runs_rank_zeros_model_calls(trainer) else None)
         metrics = trainer.strategy.broadcast(metrics)
         pl_module.log_dict(metrics)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, datamodule: L.LightningDataModule) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, datamodule: L.LightningDataModule,
+                 cuda_graph: bool = True) -> dict[str, float]:
         was_training = model.training
         metrics = {}
         with rng_untouched():
@@ -77,11 +81,11 @@ class EvalSuites(Callback):
                             for k in ("margin", "accuracy")}
             if "lm_eval" in self.suites:
                 seed_everything(self.seed)
-                metrics |= self.lm_eval(model, str(datamodule.tokenizer_path))
+                metrics |= self.lm_eval(model, str(datamodule.tokenizer_path), cuda_graph)
         model.train(was_training)
         return metrics
 
-    def lm_eval(self, model: torch.nn.Module, tokenizer: str) -> dict[str, float]:
+    def lm_eval(self, model: torch.nn.Module, tokenizer: str, cuda_graph: bool = True) -> dict[str, float]:
         import lm_eval  # optional: pip install -e ".[eval]"
         from lm_eval.tasks import TaskManager
 
@@ -89,7 +93,7 @@ class EvalSuites(Callback):
 
         device = str(next(model.parameters()).device)
         results = lm_eval.simple_evaluate(
-            model=SlmlabLM(model, tokenizer, self.batch_size, device=device), tasks=self.tasks,
+            model=SlmlabLM(model, tokenizer, self.batch_size, device=device, cuda_graph=cuda_graph), tasks=self.tasks,
             num_fewshot=self.num_fewshot, limit=self.limit, log_samples=False,
             task_manager=TaskManager(include_path=self.include_path),
             **{f"{kind}_seed": self.seed for kind in ("random", "numpy_random", "torch_random", "fewshot_random")})

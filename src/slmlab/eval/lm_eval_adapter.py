@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 class SlmlabLM(TemplateLM):
     """ckpt: a .ckpt, a folder `load_pretrained` reads, or a loaded model (as lm-eval's `hf` model
     takes one); tokenizer: its tokenizer.json, by default the one inside a ckpt folder.
-    `max_batch_size` is accepted because the harness passes it; batches have a fixed size."""
+    `max_batch_size` is accepted because the harness passes it; batches have a fixed size. `cuda_graph`:
+    decode from CUDA graphs on CUDA (not under FSDP, whose parameter gathers a graph cannot hold)."""
 
     def __init__(self, ckpt: str | CausalLM, tokenizer: str | None = None, batch_size: int | str = 16,
-                 device: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None) -> None:
+                 device: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None,
+                 cuda_graph: bool = True) -> None:
         super().__init__()
         if tokenizer is None and not (isinstance(ckpt, str) and Path(ckpt).is_dir()):
             raise ValueError("tokenizer=<tokenizer.json> is needed unless ckpt is an exported folder holding one")
@@ -52,7 +54,7 @@ class SlmlabLM(TemplateLM):
             if device is not None:  # the harness's command line asks for cuda unless told otherwise
                 log.warning("device=%s is not available: evaluating on the CPU", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        self._device, self.cuda_graph = torch.device(device), cuda_graph
         self.model = (load_pretrained(ckpt) if isinstance(ckpt, str) else ckpt).to(self._device).eval()
         files = TokenizerFiles.load(tokenizer or ckpt)
         files.check_fits(self.model.cfg.vocab_size)
@@ -109,7 +111,7 @@ class SlmlabLM(TemplateLM):
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]
             ids = generate(self.model, torch.tensor([prompt], device=self._device), max_new, temperature=0,
-                           stop_ids=self.eot_token_id)[0, len(prompt):]
+                           stop_ids=self.eot_token_id, cuda_graph=self.cuda_graph)[0, len(prompt):]
             text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
             results.append(min((text.split(stop)[0] for stop in until), key=len))
             self.cache_hook.add_partial("generate_until", request.args, results[-1])
