@@ -103,7 +103,7 @@ class LMModule(L.LightningModule):
         return self.trainer.max_steps
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(self.param_groups, fused=True)  # one kernel per step, on CUDA and CPU alike
+        optimizer = self.optimizer_factory(self.param_groups, fused=True)  # one kernel per step, CUDA and CPU alike
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

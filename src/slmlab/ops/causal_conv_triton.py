@@ -31,7 +31,7 @@ def _preactivation(x_ptr, w_ptr, bias, t, c, c_mask, T, sxt, K: tl.constexpr):
 
 @triton.jit
 def _causal_conv_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, C, sxb, sxt, syb, syt,
-                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                                K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     batch = tl.program_id(2).to(tl.int64)
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)  # positions x strides can pass 2**31
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -44,8 +44,8 @@ def _causal_conv_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, C, sxb, sxt, syb,
 
 
 @triton.jit
-def _causal_conv_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, g_ptr, da_ptr, dwb_ptr, T, C, sxb, sxt, sgb, sgt,
-                               K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _causal_conv_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, g_ptr, da_ptr, dwb_ptr, T, C, sxb, sxt, sgb,
+                                           sgt, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """da = grad * silu'(a), the pre-activation recomputed; this tile's sums for the weight and bias
     gradients into its row of dwb."""
     batch = tl.program_id(2).to(tl.int64)
@@ -70,7 +70,8 @@ def _causal_conv_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, g_ptr, da_ptr, d
 
 
 @triton.jit
-def _causal_conv_input_grad_kernel(da_ptr, w_ptr, dx_ptr, T, C, sdb, sdt, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _causal_conv_input_grad_kernel(da_ptr, w_ptr, dx_ptr, T, C, sdb, sdt,
+                                   K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dx[t] = sum_j w[K-1-j] * da[t+j]: each input reaches the K outputs after it."""
     batch = tl.program_id(2).to(tl.int64)
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)  # positions x strides can pass 2**31
@@ -101,8 +102,8 @@ def causal_conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tenso
     x, weight = _unit_channel_stride(x), weight.contiguous()
     batch, T, C = x.shape
     y = torch.empty(batch, T, C, device=x.device, dtype=x.dtype)
-    _causal_conv_forward_kernel[_grid(x)](x, weight, bias, y, T, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                              K=weight.shape[-1], BT=BT, BC=BC, num_warps=WARPS)
+    _causal_conv_forward_kernel[_grid(x)](x, weight, bias, y, T, C, x.stride(0), x.stride(1), y.stride(0),
+                                          y.stride(1), K=weight.shape[-1], BT=BT, BC=BC, num_warps=WARPS)
     return y
 
 
@@ -116,8 +117,9 @@ def causal_conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor, grad: T
     # per tile of positions: K weight-gradient rows and the bias gradient, float32
     dwb = torch.empty(batch * grid[0], K + 1, C, device=x.device, dtype=torch.float32)
     _causal_conv_preactivation_grad_kernel[grid](x, weight, bias, grad, da, dwb, T, C, x.stride(0), x.stride(1),
-                                     grad.stride(0), grad.stride(1), K=K, BT=BT, BC=BC, num_warps=WARPS)
+                                                 grad.stride(0), grad.stride(1), K=K, BT=BT, BC=BC, num_warps=WARPS)
     dx = torch.empty(batch, T, C, device=x.device, dtype=x.dtype)
-    _causal_conv_input_grad_kernel[grid](da, weight, dx, T, C, dx.stride(0), dx.stride(1), K=K, BT=BT, BC=BC, num_warps=WARPS)
+    _causal_conv_input_grad_kernel[grid](da, weight, dx, T, C, dx.stride(0), dx.stride(1), K=K, BT=BT, BC=BC,
+                                         num_warps=WARPS)
     dwb = dwb.sum(0)
     return dx, dwb[:K].t().to(weight.dtype), dwb[K].to(bias.dtype)

@@ -35,7 +35,7 @@ def _cos_sin(cs_ptr, token, seq, cs_len, mask, HALF: tl.constexpr):
 
 @triton.jit
 def _qk_norm_rope_forward_kernel(x_ptr, w_ptr, cs_ptr, y_ptr, column, n_rows, heads, seq, cs_len, x_token_stride, eps,
-                    NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
+                                 NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     mask = (rows < n_rows)[:, None]
     token = rows // heads
@@ -56,9 +56,9 @@ def _qk_norm_rope_forward_kernel(x_ptr, w_ptr, cs_ptr, y_ptr, column, n_rows, he
 
 
 @triton.jit
-def _qk_norm_rope_backward_kernel(x_ptr, w_ptr, cs_ptr, dy_ptr, dx_ptr, dw_ptr, column, n_rows, heads, seq, cs_len, x_token_stride,
-                     dy_batch_stride, dy_seq_stride, dy_head_stride, eps,
-                     NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
+def _qk_norm_rope_backward_kernel(x_ptr, w_ptr, cs_ptr, dy_ptr, dx_ptr, dw_ptr, column, n_rows, heads, seq, cs_len,
+                                  x_token_stride, dy_batch_stride, dy_seq_stride, dy_head_stride, eps,
+                                  NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     mask = (rows < n_rows)[:, None]
     token, head = rows // heads, rows % heads
