@@ -89,3 +89,22 @@ def test_triton_qk_norm_rope_matches_the_reference(norm, dtype, B, T, H, Hkv, hd
     tol = 5e-3 if dtype == torch.bfloat16 else 1e-5
     for name, g, w in zip(("q", "k", "v", "dqkv", "dq_weight", "dk_weight"), (*got, *got_grads), (*want, *want_grads)):
         check(name, g, w, tol)
+
+
+def test_swiglu_with_the_triton_backward_trains_as_with_autograd(monkeypatch):
+    """The MLP as CUDA runs it (`_SiluMul`: autograd's forward, the Triton backward) against plain autograd,
+    at a hidden width the fused matmul pads (40 -> 64): the input's and all three weights' gradients."""
+    from slmlab.models import layers
+    from slmlab.models.layers import SwiGLU
+    from slmlab.ops.swiglu import _SiluMul
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 40).to(DEVICE)
+    x = randn(2, 5, 16).requires_grad_()
+    runs = []
+    for silu_mul in (layers.silu_mul, _SiluMul.apply):
+        monkeypatch.setattr(layers, "silu_mul", silu_mul)
+        out = mlp(x)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])))
+    for name, got, want in zip(("out", "dx", "dgate", "dup", "ddown"), runs[1], runs[0]):
+        check(name, got, want, 1e-5)
