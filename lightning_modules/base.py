@@ -8,13 +8,13 @@ from functools import partial
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.transformer import COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import weight_decay_groups
+from slmlab.training.strategies import shards_parameters
 
 
 class LMModule(L.LightningModule):
@@ -62,7 +62,7 @@ class LMModule(L.LightningModule):
             if self.model_config.activation_checkpointing:
                 raise ValueError(f"stage.compile={self.compile_blocks} (CUDA graphs) does not go with "
                                  "model.activation_checkpointing=true: use stage.compile=true")
-        if isinstance(self.trainer.strategy, FSDPStrategy) and (what := self.samples_on_each_rank()):
+        if shards_parameters(self.trainer.strategy) and (what := self.samples_on_each_rank()):
             # every FSDP forward gathers each block's parameters from all ranks, in step
             raise ValueError(f"{what} samples completions on each rank, which FSDP cannot do: ranks sampling "
                              "different prompts and lengths fall out of step in its parameter gathers (and a "
@@ -115,7 +115,7 @@ class LMModule(L.LightningModule):
         if self._grad_norm is None or self._grad_norm[0] != step:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
-            if isinstance(self.trainer.strategy, FSDPStrategy):
+            if shards_parameters(self.trainer.strategy):
                 # each rank holds a shard of every gradient: clipped by its shard's norm, the ranks would
                 # scale their parts differently. The whole norm from the shards' squares (every rank joins)
                 local = norm if norm is not None else torch.zeros((), device=self.device)

@@ -8,11 +8,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
 from slmlab.training.callbacks import runs_rank_zeros_model_calls
+from slmlab.training.strategies import shards_parameters
 
 SUITES = ("probes", "lm_eval")
 LM_EVAL_METRICS = ("acc", "acc_norm")  # as lm-eval defines them (acc_norm: per-byte normalised)
@@ -62,8 +62,8 @@ class EvalSuites(Callback):
         self.validations += 1
         if self.validations % self.every:
             return
-        sharded = isinstance(trainer.strategy, FSDPStrategy)  # no CUDA-graph decoding of FSDP's gathers
-        metrics = (self.evaluate(pl_module.model, trainer.datamodule, cuda_graph=not sharded)
+        graphs = not shards_parameters(trainer.strategy)  # no CUDA-graph decoding of FSDP's gathers
+        metrics = (self.evaluate(pl_module.model, trainer.datamodule, cuda_graph=graphs)
                    if runs_rank_zeros_model_calls(trainer) else None)
         metrics = trainer.strategy.broadcast(metrics)
         pl_module.log_dict(metrics)

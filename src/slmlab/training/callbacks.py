@@ -1,6 +1,7 @@
 """Callbacks that make a run report itself: throughput and MFU, a progress bar, a console summary, a
 text sample."""
 
+import itertools
 import math
 import os
 import time
@@ -10,10 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 
 from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
+from slmlab.training.strategies import shards_parameters
 
 # dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
@@ -31,7 +32,7 @@ def runs_rank_zeros_model_calls(trainer: L.Trainer) -> bool:
     """Whether this rank runs the model calls rank 0 makes in a callback (samples, evaluations): rank 0
     alone, except under FSDP, where every forward gathers each block's parameters from all ranks, so
     every rank makes the same calls (rank 0 alone would wait for the others forever)."""
-    return trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy)
+    return trainer.is_global_zero or shards_parameters(trainer.strategy)
 
 
 def console_print(trainer: L.Trainer, text: str) -> None:
@@ -163,13 +164,7 @@ class ProgressBar(RichProgressBar):
 def model_line(model: torch.nn.Module) -> str:
     """One line on a CausalLM: parameters, layers by mixer, and the training FLOPs per token that MFU uses."""
     cfg = model.cfg
-    runs: list[list] = []  # consecutive layers of one mixer: [name, count]
-    for name in cfg.layer_mixers:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
-        else:
-            runs.append([name, 1])
-    layers = ", ".join(f"{name} x{count}" for name, count in runs)
+    layers = ", ".join(f"{name} x{len(list(run))}" for name, run in itertools.groupby(cfg.layer_mixers))
     flops = model.flops_per_token(cfg.max_seq_len)
     flops_text = f"{flops / 1e9:.3g} GFLOPs" if flops >= 1e9 else f"{flops / 1e6:.3g} MFLOPs"
     return (f"model: {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without the "
@@ -271,6 +266,6 @@ class GenerateSample(Callback):
             ids = torch.tensor([ids], device=pl_module.device)
             out = generate(model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                            stop_ids=trainer.datamodule.eos_id, generator=generator,
-                           cuda_graph=not isinstance(trainer.strategy, FSDPStrategy))  # FSDP's gathers: not in a graph
+                           cuda_graph=not shards_parameters(trainer.strategy))  # FSDP's gathers: not in a graph
             show(f"> {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:].tolist())!r}")
         model.train(was_training)
