@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import WeightAveraging
 
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
@@ -41,8 +42,10 @@ class LMModule(L.LightningModule):
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
         # which parameters decay is decided on the model as built (matrices only): FSDP turns each
         # parameter into a 1-D view of its shard before the optimizer is made
+        # (an optimizer that splits the model its own way, as Muon does, says how: `group_parameters`)
+        group_parameters = getattr(optimizer.func, "group_parameters", weight_decay_groups)
         weight_decay = optimizer.keywords.get("weight_decay", 0.0)
-        self.param_groups = weight_decay_groups(self.model, weight_decay, decay_embeddings)
+        self.param_groups = group_parameters(self.model, weight_decay, decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
@@ -62,11 +65,8 @@ class LMModule(L.LightningModule):
             if self.model_config.activation_checkpointing:
                 raise ValueError(f"stage.compile={self.compile_blocks} (CUDA graphs) does not go with "
                                  "model.activation_checkpointing=true: use stage.compile=true")
-        if shards_parameters(self.trainer.strategy) and (what := self.samples_on_each_rank()):
-            # every FSDP forward gathers each block's parameters from all ranks, in step
-            raise ValueError(f"{what} samples completions on each rank, which FSDP cannot do: ranks sampling "
-                             "different prompts and lengths fall out of step in its parameter gathers (and a "
-                             "CUDA-graph decoding step cannot hold them). Use trainer=ddp or one device")
+        if shards_parameters(self.trainer.strategy):
+            self.refuse_what_fsdp_cannot_do()
         dm = self.trainer.datamodule
         if dm is None:
             return
@@ -75,6 +75,20 @@ class LMModule(L.LightningModule):
                              "set model.vocab_size to at least the tokenizer's size")
         if dm.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds model.max_seq_len={self.model_config.max_seq_len}")
+
+    def refuse_what_fsdp_cannot_do(self) -> None:
+        """ValueError naming the setting, before the first step, for what breaks on FSDP's flat shards."""
+        if hasattr(self.optimizer_factory.func, "group_parameters"):
+            raise ValueError(f"optim={self.optimizer_factory.func.__name__} updates each matrix as a whole, and FSDP "
+                             "gives each rank a flat shard of it: use trainer=ddp or one device, or optim=adamw")
+        if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
+            raise ValueError("callbacks.ema (weight averaging) keeps an unsharded copy and swaps it with FSDP's "
+                             "shards: use trainer=ddp or one device")
+        if what := self.samples_on_each_rank():
+            # every FSDP forward gathers each block's parameters from all ranks, in step
+            raise ValueError(f"{what} samples completions on each rank, which FSDP cannot do: ranks sampling "
+                             "different prompts and lengths fall out of step in its parameter gathers (and a "
+                             "CUDA-graph decoding step cannot hold them). Use trainer=ddp or one device")
 
     def samples_on_each_rank(self) -> str | None:
         """What in this run samples from the model on each rank during training or validation (the config
@@ -103,7 +117,7 @@ class LMModule(L.LightningModule):
         return self.trainer.max_steps
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(self.param_groups, fused=True)  # one kernel per step, CUDA and CPU alike
+        optimizer = self.optimizer_factory(self.param_groups)
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

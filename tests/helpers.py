@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -46,3 +47,18 @@ class RecordProgressBarKeys(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.write_text(json.dumps(self.keys))
+
+
+class RecordWeights(Callback):
+    """Saves the model's weights after every optimizer step, as a list of state dicts, to `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.weights: list[dict] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step > len(self.weights):
+            self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(self.weights, self.path)

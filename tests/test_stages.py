@@ -102,7 +102,7 @@ def test_runs_that_sample_on_each_rank_refuse_fsdp_naming_what_samples(pretraine
 
     cfg = compose_config(tiny_run_overrides(tmp_path) + [f"init_from={pretrained}", *overrides])
     module = instantiate(cfg.stage)
-    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=instantiate(cfg.data))
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=instantiate(cfg.data), callbacks=[])
     found = module.samples_on_each_rank()
     assert found is None if what is None else what in found
     if what is not None:

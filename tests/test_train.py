@@ -128,6 +128,46 @@ def test_an_fsdp_run_trains_checkpoints_and_resumes_as_a_single_device_run(tmp_p
         torch.testing.assert_close(weight, straight[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_ema_weights_fill_the_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    """`+callbacks/ema=default`: the checkpoint's weights (what init_from, eval and export read) are the
+    average of the training weights after each step; the training weights resume."""
+    ema = ["+callbacks/ema=default", "callbacks.ema.multi_avg_fn.decay=0.8"]
+    record = tmp_path / "weights.pt"
+    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=8, val_every=4) + ema + [
+        "+callbacks.record._target_=tests.helpers.RecordWeights", f"+callbacks.record.path={record}"]))
+    after_each_step = torch.load(record)
+    expected = after_each_step[0]  # the average starts at the first step's weights
+    for weights in after_each_step[1:]:
+        expected = {k: 0.8 * expected[k] + 0.2 * weights[k] for k in weights}
+    ckpt = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    for k, v in expected.items():
+        torch.testing.assert_close(ckpt["state_dict"][f"model.{k}"], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(ckpt["current_model_state"][f"model.{k}"], after_each_step[-1][k], rtol=0, atol=0)
+    fresh = CausalLM(load_checkpoint_model(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt").cfg)
+    load_weights(fresh, tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(fresh.state_dict(), expected, rtol=1e-5, atol=1e-6)
+
+    interrupted = tiny_run_overrides(tmp_path / "b", steps=8, val_every=4) + ema
+    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=4"]))
+    train(compose_config(interrupted + ["ckpt_path=last"]))
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    for key in ("state_dict", "current_model_state"):
+        for name, weight in ckpt[key].items():
+            torch.testing.assert_close(resumed[key][name], weight, rtol=0, atol=0, msg=f"{key} {name}")
+
+
+def test_ema_refuses_fsdp_before_the_first_step(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["+callbacks/ema=default"])
+    module = instantiate(cfg.stage)
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None, callbacks=[instantiate(cfg.callbacks.ema)])
+    with pytest.raises(ValueError, match="callbacks.ema.*FSDP.*trainer=ddp"):
+        module.setup("fit")
+
+
 def test_a_typo_in_the_compile_mode_is_an_error_naming_the_key(tmp_path):
     cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhad"])
     with pytest.raises(Exception, match="stage.compile='reduce-overhad': expected true, false or a torch.compile mode"):

@@ -48,6 +48,22 @@ class AdamWSchema:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    fused: bool = True  # one kernel per step, on CUDA and CPU alike
+
+
+@dataclass
+class MuonSchema:
+    _target_: str = "slmlab.training.muon.Muon"
+    _partial_: bool = True
+    lr: float = 0.02
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    neuron_beta2: float | None = 0.95
+    adamw_lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -100,6 +116,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelSchema)
     cs.store(group="optim", name="schema", node=AdamWSchema)
+    cs.store(group="optim", name="muon_schema", node=MuonSchema)
     cs.store(group="schedule", name="schema", node=ScheduleSchema)
     cs.store(group="schedule", name="wsd_schema", node=WSDSchema)
 

@@ -1,6 +1,15 @@
 """Parameter groups for weight decay."""
 
-from torch import nn
+from torch import Tensor, nn
+
+
+def embedding_and_head(model: nn.Module) -> list[Tensor]:
+    """The token embeddings and the LM head (`model.lm_head`), each once when tied."""
+    found = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        found[id(head.weight)] = head.weight
+    return list(found.values())
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:

@@ -1,0 +1,142 @@
+"""Muon / NorMuon (`optim=muon`): the orthogonalisation against the SVD, the groups it splits a model
+into, each half of its step against its definition, and a run through train.py that resumes exactly."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from slmlab.models import CausalLM
+from slmlab.training.muon import Muon, muon_groups, orthogonalize, orthogonalize_reference
+from slmlab.training.optim import embedding_and_head
+from tests.conftest import compose_config, tiny_run_overrides
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (256, 64)])
+def test_newton_schulz_points_where_the_svd_does(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3  # gradients are small
+    o = orthogonalize(g)
+    singular = torch.linalg.svdvals(o.double())
+    # five quintic steps leave every singular value near 1 (not at it: Muon trades that for speed)
+    assert singular.min() > 0.6 and singular.max() < 1.2, singular
+    exact = orthogonalize_reference(g)
+    cosine = (o * exact).sum() / (o.norm() * exact.norm())
+    assert cosine > 0.97, cosine
+    assert o.dtype == g.dtype and o.shape == g.shape
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_hybrid", "odinnext"])
+def test_hidden_matrices_take_muon_and_the_rest_adamw(preset):
+    with torch.device("meta"):
+        model = CausalLM(instantiate(compose_config([f"model={preset}"]).model))
+    groups = muon_groups(model, weight_decay=0.1)
+    hidden = groups[0]["params"]
+    assert groups[0]["use_muon"] and not any(g["use_muon"] for g in groups[1:])
+    outer = {id(p) for p in embedding_and_head(model)}
+    expected = [p for p in model.parameters() if p.dim() == 2 and id(p) not in outer]
+    assert [id(p) for p in hidden] == [id(p) for p in expected] and hidden
+    # every parameter once (the tied head is the embedding); norms, gates, filters, embedding on AdamW
+    every = [id(p) for g in groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
+    rest = [p for g in groups[1:] for p in g["params"]]
+    assert all(p.dim() != 2 or id(p) in outer for p in rest)
+    assert {id(p) for p in rest} >= outer
+    if preset == "tiny_hybrid":  # Mamba-2's convolution filter is 3-D: AdamW, decayed as a matrix
+        conv = model.blocks[0].mixer.conv1d.weight
+        assert any(p is conv for g in groups[1:] if g["weight_decay"] == 0.1 for p in g["params"])
+
+
+def _fresh_grads(params: list[nn.Parameter], step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def test_its_adamw_groups_step_as_torch_adamw():
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(4, 2))]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt = Muon([{"params": ours[:2], "weight_decay": 0.1, "use_muon": False},
+                {"params": ours[2:], "weight_decay": 0.0, "use_muon": False}], adamw_lr=1e-2, betas=(0.8, 0.9))
+    ref = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1}, {"params": theirs[2:], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.8, 0.9), eps=1e-8)
+    for step in range(6):
+        _fresh_grads(ours, step)
+        _fresh_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _one_muon_step(shape: tuple[int, int], neuron_beta2: float | None, lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the step taken, the gradient) of one Muon step from zero momentum without Nesterov."""
+    w = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    w.grad = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    start = w.detach().clone()
+    opt = Muon([{"params": [w], "weight_decay": 0.0, "use_muon": True}], lr=lr, momentum=0.0, nesterov=False,
+               neuron_beta2=neuron_beta2)
+    opt.step()
+    return (start - w.detach()) / lr, w.grad
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (64, 16)])
+def test_a_muon_step_is_the_orthogonalised_gradient_scaled_by_its_shape(shape):
+    step, grad = _one_muon_step(shape, neuron_beta2=None)
+    scale = max(1.0, shape[0] / shape[1]) ** 0.5  # a tall matrix's rows are fewer than its columns' length
+    torch.testing.assert_close(step, scale * orthogonalize(grad), rtol=1e-5, atol=1e-6)
+
+
+def test_normuon_evens_out_the_rows_and_keeps_the_step_size():
+    step, grad = _one_muon_step((32, 48), neuron_beta2=0.0)  # beta2 0: this step's own row means
+    plain = orthogonalize(grad)
+    plain_rms, row_rms = (m.square().mean(dim=1).sqrt() for m in (plain, step))
+    assert plain_rms.std() / plain_rms.mean() > 0.02  # Newton-Schulz leaves rows uneven...
+    assert row_rms.std() / row_rms.mean() < 1e-4, row_rms  # ...which NorMuon levels
+    torch.testing.assert_close(step.norm(), plain.norm(), rtol=1e-5, atol=0)
+
+
+def test_parameters_without_a_gradient_are_left_alone():
+    a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+    a.grad = torch.randn(8, 8)
+    before = b.detach().clone()
+    opt = Muon([{"params": [a], "use_muon": True}, {"params": [b], "use_muon": False}], weight_decay=0.1)
+    opt.step()
+    assert torch.equal(b, before) and b not in opt.state and a in opt.state
+
+
+def test_muon_refuses_what_it_cannot_update(tmp_path):
+    with pytest.raises(ValueError, match="use_muon"):
+        Muon([nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(ValueError, match=r"matrices only.*\(4,\)"):
+        Muon([{"params": [nn.Parameter(torch.randn(4))], "use_muon": True}])
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["optim=muon"])
+    module = instantiate(cfg.stage)
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None, callbacks=[])
+    with pytest.raises(ValueError, match="optim=Muon.*FSDP.*trainer=ddp"):
+        module.setup("fit")
+
+
+@pytest.mark.slow
+def test_a_muon_run_learns_and_resumes_exactly(tmp_path):
+    from tests.test_train import final_weights
+    from train import train
+    from tests.conftest import metric
+
+    extra = ["optim=muon", "optim.weight_decay=0.01"]
+    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=12, val_every=6) + extra))
+    interrupted = tiny_run_overrides(tmp_path / "b", steps=12, val_every=6) + extra
+    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=6"]))
+    train(compose_config(interrupted + ["ckpt_path=last"]))
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    val = metric(tmp_path / "a" / "run", "val/loss")
+    assert val[0] > val[1] and val[1] < math.log(512) - 0.25, val  # an untrained model scores ln(vocab)
+    state = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
+    assert {"momentum_buffer", "neuron_second_moment"} <= set(state["state"][0])  # the first group is Muon's
