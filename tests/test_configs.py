@@ -74,6 +74,23 @@ def test_helios_recipe_overrides_the_base():
     assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len == 393_216
 
 
+def test_odinnext_recipe_trains_as_its_card_says():
+    cfg = compose_config(["experiment=odinnext_pretrain"])
+    with torch.device("meta"):
+        module = instantiate(cfg.stage)
+    optimizer = module.optimizer_factory(module.param_groups)
+    assert type(optimizer).__name__ == "Muon" and optimizer.defaults["neuron_beta2"] == 0.95  # NorMuon
+    ema = instantiate(cfg.callbacks.ema)
+    assert type(ema).__name__ == "WeightAveraging" and cfg.callbacks.ema.multi_avg_fn.decay == 0.999
+    assert (cfg.trainer.precision, cfg.stage.z_loss, cfg.stage.compile, cfg.data.seq_len) == ("16-mixed", 1e-4, True, 2048)
+
+
+def test_muon_settings_are_typed():
+    assert compose_config(["optim=muon", "optim.neuron_beta2=null"]).optim.neuron_beta2 is None  # plain Muon
+    with pytest.raises(ConfigCompositionException, match="optim.adamw_lr"):
+        compose_config(["optim=muon", "optim.adamw_lr=fast"])
+
+
 def test_a_typo_in_a_group_option_names_it():
     with pytest.raises(MissingConfigException, match="helios_nvoa"):
         compose_config(["model=helios_nvoa"])

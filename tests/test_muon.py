@@ -12,7 +12,7 @@ from torch import nn
 from slmlab.models import CausalLM
 from slmlab.training.muon import Muon, muon_groups, orthogonalize, orthogonalize_reference
 from slmlab.training.optim import embedding_and_head
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, metric, tiny_run_overrides
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (256, 64)])
@@ -126,7 +126,7 @@ def test_muon_refuses_what_it_cannot_update(tmp_path):
 def test_a_muon_run_learns_and_resumes_exactly(tmp_path):
     from tests.test_train import final_weights
     from train import train
-    from tests.conftest import metric
+
 
     extra = ["optim=muon", "optim.weight_decay=0.01"]
     train(compose_config(tiny_run_overrides(tmp_path / "a", steps=12, val_every=6) + extra))
@@ -140,3 +140,23 @@ def test_a_muon_run_learns_and_resumes_exactly(tmp_path):
     assert val[0] > val[1] and val[1] < math.log(512) - 0.25, val  # an untrained model scores ln(vocab)
     state = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
     assert {"momentum_buffer", "neuron_second_moment"} <= set(state["state"][0])  # the first group is Muon's
+
+
+@pytest.mark.slow
+def test_the_odinnext_recipe_trains_at_tiny_size(tmp_path):
+    """The recipe's parts together: gated HGRN2 blocks, NorMuon + AdamW, z-loss, the weight average, and
+    fp16 with a GradScaler on CUDA (Lightning runs 16-mixed as bf16 on the CPU)."""
+    from train import train
+
+    cuda = torch.cuda.is_available()
+    train(compose_config(tiny_run_overrides(tmp_path, steps=20, val_every=10) + [
+        "experiment=odinnext_pretrain", "data=de_en", "trainer=gpu" if cuda else "trainer=default",
+        "trainer.precision=16-mixed", "trainer.accumulate_grad_batches=1", "stage.compile=false", "data.seq_len=32",
+        "model.kernel=torch",
+        "model.n_heads=1", "model.head_dim=32", "model.hgrn2_expand_ratio=32", "schedule.warmup_steps=2"]))
+    loss = metric(tmp_path / "run", "train/loss")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.2, loss
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "current_model_state" in ckpt and "neuron_second_moment" in ckpt["optimizer_states"][0]["state"][0]
+    if cuda:
+        assert ckpt["MixedPrecision"]["scale"] > 0  # the GradScaler's state resumes with the run
