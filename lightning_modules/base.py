@@ -172,12 +172,26 @@ class LMModule(L.LightningModule):
         if self.trainer.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True
 
+    def optimizer_layout(self) -> dict:
+        """The optimizer's class and its groups' sizes: what a resumed optimizer state must fit."""
+        func = self.optimizer_factory.func
+        return {"class": f"{func.__module__}.{func.__qualname__}", "group_sizes": [len(g["params"]) for g in self.param_groups]}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = asdict(self.model_config)
+        checkpoint["optimizer_layout"] = self.optimizer_layout()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # before Lightning loads the weights: a changed model=... is named, not a tensor size mismatch
-        check_architecture(checkpoint["model_config"], self.model_config, f"ckpt_path={self.trainer.ckpt_path}")
+        # before Lightning loads the weights and the optimizer: a changed model=... or optim=... is named,
+        # not a tensor size or parameter group mismatch
+        source = f"ckpt_path={self.trainer.ckpt_path}"
+        check_architecture(checkpoint["model_config"], self.model_config, source)
+        theirs, ours = checkpoint.get("optimizer_layout"), self.optimizer_layout()
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"{source}: the checkpoint's optimizer state is of {theirs['class']} with parameter "
+                             f"groups of {theirs['group_sizes']} tensors, this run's optimizer {ours['class']} with "
+                             f"{ours['group_sizes']} (optim=... or stage.decay_embeddings changed). Resume with the "
+                             "settings it was saved with, or start a new run from its weights: init_from=<checkpoint>")
 
     # -- validation loss per data source (one val dataloader per source) -------------------------
 

@@ -202,6 +202,13 @@ def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
     assert moved(1e-12, "clipped") < 0.01 * moved(1.0, "normal")
 
 
+def test_resuming_with_another_optimizer_is_an_error_naming_both(tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=4, val_every=4)))
+    with pytest.raises(ValueError, match=r"last.ckpt: the checkpoint's optimizer state is of torch.optim.adamw.AdamW "
+                                         r".*slmlab.training.muon.Muon.*init_from"):
+        train(compose_config(tiny_run_overrides(tmp_path, steps=8, val_every=4) + ["optim=muon", "ckpt_path=last"]))
+
+
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
         train(compose_config(tiny_run_overrides(tmp_path) + ["ckpt_path=last"]))
