@@ -2,9 +2,10 @@
 
     python bench/train_step.py                       # tiny preset, the CPU default
     python bench/train_step.py model=helios_nova data.batch_size=8 --steps 20
+    python bench/train_step.py model=helios_nova data.batch_size=8 optim=muon   # the optimizer's share
 
-Prints tokens/s and, on CUDA, MFU from the model's own FLOPs per token. The end-to-end number
-including the loader and Lightning is `perf/tokens_per_s` in any run's metrics.
+Prints tokens/s and, on CUDA, MFU from the model's own FLOPs per token and the optimizer step's time.
+The end-to-end number including the loader and Lightning is `perf/tokens_per_s` in any run's metrics.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from slmlab.config import compose_config
 from slmlab.models import CausalLM
 from slmlab.training.callbacks import peak_flops
 from slmlab.training.losses import lm_loss
+from slmlab.training.optim import param_groups_for
 
 
 def main() -> None:
@@ -30,7 +32,9 @@ def main() -> None:
     cfg = compose_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = CausalLM(instantiate(cfg.model)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = instantiate(cfg.optim)  # the configured one: optim=muon measures Muon
+    optimizer = optimizer(param_groups_for(optimizer, model))
+    optimizer_ms = []  # (start, end) CUDA events around each measured optimizer step
     batch, seq = cfg.data.batch_size, cfg.data.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -45,7 +49,12 @@ def main() -> None:
             else:
                 loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
+        if device.type == "cuda" and step >= args.warmup:
+            optimizer_ms.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            optimizer_ms[-1][0].record()
         optimizer.step()
+        if optimizer_ms and step >= args.warmup:
+            optimizer_ms[-1][1].record()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -55,6 +64,9 @@ def main() -> None:
     peak = peak_flops(device)
     if peak:
         line += f", MFU {tps * model.flops_per_token(seq) / peak:.1%}"
+    if optimizer_ms:
+        ms = sum(start.elapsed_time(end) for start, end in optimizer_ms) / len(optimizer_ms)
+        line += f"; {type(optimizer).__name__} step {ms:.2f} ms"
     print(line)
 
 

@@ -14,7 +14,7 @@ from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.transformer import COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
-from slmlab.training.optim import weight_decay_groups
+from slmlab.training.optim import param_groups_for
 from slmlab.training.strategies import shards_parameters
 
 
@@ -42,10 +42,7 @@ class LMModule(L.LightningModule):
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
         # which parameters decay is decided on the model as built (matrices only): FSDP turns each
         # parameter into a 1-D view of its shard before the optimizer is made
-        # (an optimizer that splits the model its own way, as Muon does, says how: `group_parameters`)
-        group_parameters = getattr(optimizer.func, "group_parameters", weight_decay_groups)
-        weight_decay = optimizer.keywords.get("weight_decay", 0.0)
-        self.param_groups = group_parameters(self.model, weight_decay, decay_embeddings)
+        self.param_groups = param_groups_for(optimizer, self.model, decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:

@@ -99,6 +99,23 @@ def test_normuon_evens_out_the_rows_and_keeps_the_step_size():
     torch.testing.assert_close(step.norm(), plain.norm(), rtol=1e-5, atol=0)
 
 
+def test_matrices_of_one_shape_step_together_as_each_would_alone():
+    """Same-shape matrices are orthogonalised as one batch: nothing (norms, row means) mixes them."""
+    gen = torch.Generator().manual_seed(3)
+    together = [nn.Parameter(torch.randn(24, 40, generator=gen) * s) for s in (1.0, 10.0, 0.1)]
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    opt = Muon([{"params": together, "use_muon": True}], weight_decay=0.1)
+    singles = [Muon([{"params": [p], "use_muon": True}], weight_decay=0.1) for p in alone]
+    for step in range(3):
+        _fresh_grads(together, step)
+        _fresh_grads(alone, step)
+        opt.step()
+        for single in singles:
+            single.step()
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_without_a_gradient_are_left_alone():
     a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
     a.grad = torch.randn(8, 8)

@@ -9,6 +9,7 @@ Embeddings, the LM head, norms, gates, biases and convolution filters are not hi
 take AdamW (`adamw_lr`). OdinNext trained this way (`experiment=odinnext_pretrain`).
 """
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -22,17 +23,18 @@ _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """About U V^T for g = U S V^T (Newton-Schulz, in `dtype`), returned in g's dtype."""
+    """About U V^T for each matrix g = U S V^T of a batch (..., m, n) (Newton-Schulz, in `dtype`),
+    returned in g's dtype."""
     a, b, c = _NS_COEFFICIENTS
     x = g.to(dtype)
-    wide = x.size(0) <= x.size(1)
-    if not wide:  # iterate on X X^T of the smaller side
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on X X^T of the smaller side
         x = x.mT
-    x = x / (x.norm() + 1e-7)  # Frobenius norm >= spectral norm: every singular value starts <= 1
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: singular values <= 1
     for _ in range(steps):
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return (x if wide else x.mT).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 def orthogonalize_reference(g: Tensor) -> Tensor:
@@ -97,22 +99,28 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group: dict, params: list[Tensor]) -> None:
         beta, beta2 = group["momentum"], group["neuron_beta2"]
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 if beta2 is not None:
-                    state["neuron_second_moment"] = torch.zeros_like(p[:, :1])
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - beta)
-            update = orthogonalize(p.grad.lerp(buf, beta) if group["nesterov"] else buf, group["ns_steps"])
+                    self.state[p]["neuron_second_moment"] = torch.zeros_like(p[:, :1])
+        by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
+        for p in params:
+            by_shape[p.shape].append(p)
+        for (rows, cols), same in by_shape.items():  # matrices of one shape orthogonalised as one batch
+            states = [self.state[p] for p in same]
+            buffers, grads = [s["momentum_buffer"] for s in states], [p.grad for p in same]
+            torch._foreach_lerp_(buffers, grads, 1 - beta)
+            update = orthogonalize(torch.stack(torch._foreach_lerp(grads, buffers, beta) if group["nesterov"]
+                                               else buffers), group["ns_steps"])
             if beta2 is not None:
-                norm = update.norm()
-                second = state["neuron_second_moment"]
-                second.lerp_(update.square().mean(dim=1, keepdim=True), 1 - beta2)
+                norm = update.norm(dim=(-2, -1), keepdim=True)
+                second = torch.stack([s["neuron_second_moment"] for s in states])
+                second.lerp_(update.square().mean(dim=-1, keepdim=True), 1 - beta2)
+                torch._foreach_copy_([s["neuron_second_moment"] for s in states], list(second))
                 update = update / (second.sqrt() + 1e-10)
-                update.mul_(norm / (update.norm() + 1e-10))  # only the rows' proportions change
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                update.mul_(norm / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))  # only rows' proportions change
+            torch._foreach_mul_(same, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(same, list(update), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]

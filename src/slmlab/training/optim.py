@@ -1,4 +1,6 @@
-"""Parameter groups for weight decay."""
+"""Parameter groups for weight decay, and for the optimizer a config names."""
+
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -25,3 +27,10 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, decay_embeddings:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_groups_for(optimizer: partial, model: nn.Module, decay_embeddings: bool = False) -> list[dict]:
+    """The groups the optimizer of `optimizer` (a partial from conf/optim) takes for `model`: its own
+    split where it has one (`group_parameters`, as Muon's), else `weight_decay_groups`."""
+    split = getattr(optimizer.func, "group_parameters", weight_decay_groups)
+    return split(model, optimizer.keywords.get("weight_decay", 0.0), decay_embeddings)
