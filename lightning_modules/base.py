@@ -148,8 +148,8 @@ class LMModule(L.LightningModule):
         if not gradient_clip_val:
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # Lightning has unscaled the gradients of any other optimizer already
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = self.gradient_norm() if scaler is None else None  # fp16: the norm of the unscaled gradients
         if gradient_clip_algorithm == "value":

@@ -117,12 +117,15 @@ def test_an_fsdp_run_trains_checkpoints_and_resumes_as_a_single_device_run(tmp_p
             *extra]))
         return tmp_path / name / "run"
 
-    single, fsdp = run("single"), run("fsdp", "trainer=fsdp")
+    # FSDP builds the model on the CPU, a single device on the GPU: other random initial weights. Both
+    # start from the weights of a 1-step run
+    start = f"init_from={run('init', 'trainer.max_steps=1', 'trainer.val_check_interval=1')}/checkpoints/last.ckpt"
+    single, fsdp = run("single", start), run("fsdp", "trainer=fsdp", start)
     for key in ("train/loss", "val/loss"):
         torch.testing.assert_close(metric(fsdp, key), metric(single, key), rtol=1e-4, atol=0)
     assert final_weights(fsdp).keys() == final_weights(single).keys()
-    run("stopped", "trainer=fsdp", "+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=4")
-    resumed = run("stopped", "trainer=fsdp", "ckpt_path=last")
+    run("stopped", "trainer=fsdp", start, "+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=4")
+    resumed = run("stopped", "trainer=fsdp", start, "ckpt_path=last")
     straight = final_weights(fsdp)
     for name, weight in final_weights(resumed).items():
         torch.testing.assert_close(weight, straight[name], rtol=1e-5, atol=1e-7, msg=name)
