@@ -5,7 +5,7 @@ import torch
 
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import score
-from slmlab.training.batching import cat_right_padded
+from slmlab.training.batching import cat_right_padded, padded_length
 from slmlab.training.losses import IGNORE_INDEX, dpo_loss
 
 
@@ -59,7 +59,10 @@ class DPOModule(PolicyModule):
         self.log("train/reward", torch.cat(sampled).mean())
         if not rows["chosen_ids"]:
             return None
-        return {k: cat_right_padded(v, value=IGNORE_INDEX if k.endswith("labels") else 0) for k, v in rows.items()}
+        length = padded_length(max(t.shape[1] for t in rows["chosen_ids"] + rows["rejected_ids"]),
+                               self.model_config.max_seq_len)
+        return {k: cat_right_padded(v, value=IGNORE_INDEX if k.endswith("labels") else 0, length=length)
+                for k, v in rows.items()}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self.on_policy:

@@ -11,7 +11,7 @@ import torch
 
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import all_pass, score
-from slmlab.training.batching import cat_right_padded
+from slmlab.training.batching import cat_right_padded, padded_length
 from slmlab.training.losses import IGNORE_INDEX, group_advantages, grpo_loss
 
 
@@ -32,8 +32,9 @@ class GRPOModule(PolicyModule):
             passed += [all_pass(t, item["constraints"]) for t in texts]
             seqs.append(seq)
             labels.append(lab)
-        seq = cat_right_padded(seqs, value=0)
-        lab = cat_right_padded(labels, value=IGNORE_INDEX)
+        n = padded_length(max(lab.shape[1] for lab in labels), self.model_config.max_seq_len)  # seq[:, :-1]'s labels
+        seq = cat_right_padded(seqs, value=0, length=n + 1)
+        lab = cat_right_padded(labels, value=IGNORE_INDEX, length=n)
         ids, mask = seq[:, :-1], (lab != IGNORE_INDEX).float()
         logps = self.model.token_logprobs(ids, lab)
         with torch.no_grad():

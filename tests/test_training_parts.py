@@ -624,17 +624,12 @@ def test_compiled_blocks_keep_a_compiled_variant_for_every_mixer_kind_and_use(mo
         model(ids[:3]).sum().backward()
 
 
-@pytest.mark.parametrize("mode,expected", [
-    (None, {"mode": None, "options": None}),
-    ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs", "options": None}),
-    ("reduce-overhead",
-     {"mode": None, "options": {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}}),
-])
-def test_cuda_graph_blocks_skip_graphs_of_varying_shapes(monkeypatch, mode, expected):
-    """CUDA graphs re-record for every new input shape (GRPO's rollout lengths): under a CUDA-graph mode
-    the blocks compile with its options plus inductor's skip of graphs with dynamic shapes."""
-    calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
-    model = CausalLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64))
-    model.compile_blocks(mode)
-    assert calls == [expected, expected]
+def test_sampled_batches_are_padded_to_a_few_shapes_within_the_context():
+    """CUDA graphs and compiled blocks record per input shape: sampled completions of every length
+    would each record their own."""
+    from slmlab.training.batching import cat_right_padded, padded_length
+
+    assert [padded_length(n, limit=2048) for n in (1, 63, 64, 65, 2000)] == [64, 64, 64, 128, 2048]
+    assert padded_length(40, limit=48) == 48 and padded_length(50, limit=48) == 50  # the context caps it
+    rows = cat_right_padded([torch.ones(2, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], value=-1, length=8)
+    assert rows.shape == (3, 8) and rows[0].tolist() == [1, 1, 1] + [-1] * 5 and rows[2, :5].tolist() == [1] * 5

@@ -110,15 +110,12 @@ class CausalLM(nn.Module):
         # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
         kinds = len({type(block.mixer) for block in self.blocks})
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
-        options = None
-        if mode in CUDA_GRAPH_MODES:
-            # CUDA graphs record once per input shape: a graph whose shapes vary (GRPO's rollout lengths,
-            # a validation set's last batches) runs compiled without them, not re-recorded for each shape
-            from torch._inductor import list_mode_options
-
-            options, mode = list_mode_options(mode) | {"triton.cudagraph_skip_dynamic_graphs": True}, None
+        # CUDA graphs record a graph per input shape; sampling stages pad their batches to a few shapes
+        # (`training/batching.py`). Inductor's `cudagraph_skip_dynamic_graphs` would skip graphs of varying
+        # shapes instead, but with it helix_hybrid's blocks ran 10x slower (H200: 6,711 against 66,594
+        # tokens/s at 2048 x 4, as torch.compile options; as a global setting, slower still)
         for block in self.blocks:
-            block.compile(mode=mode, options=options)
+            block.compile(mode=mode)
 
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""

@@ -4,9 +4,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SAMPLED_LENGTH_MULTIPLE = 64
+"""Batches of sampled completions (GRPO, on-policy DPO) are padded to a multiple of this many tokens:
+a few shapes rather than one per rollout length, for compiled blocks and CUDA graphs (each records per
+shape) and for the kernels' autotuning."""
 
-def cat_right_padded(tensors: list[Tensor], value: int) -> Tensor:
-    """(n_i, T_i) tensors -> (sum n_i, max T_i), each right-padded with `value`. Right padding never
-    changes a causal model's outputs at the real positions."""
-    length = max(t.shape[1] for t in tensors)
+
+def padded_length(n: int, limit: int, multiple: int = SAMPLED_LENGTH_MULTIPLE) -> int:
+    """n rounded up to a multiple of `multiple`, but not past `limit` (the model's context) unless n is."""
+    return max(n, min(-(-n // multiple) * multiple, limit))
+
+
+def cat_right_padded(tensors: list[Tensor], value: int, length: int | None = None) -> Tensor:
+    """(n_i, T_i) tensors -> (sum n_i, length), each right-padded with `value`; `length` defaults to the
+    longest T_i. Right padding never changes a causal model's outputs at the real positions."""
+    length = max(t.shape[1] for t in tensors) if length is None else length
     return torch.cat([F.pad(t, (0, length - t.shape[1]), value=value) for t in tensors])
