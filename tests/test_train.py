@@ -212,6 +212,19 @@ def test_resuming_with_another_optimizer_is_an_error_naming_both(tmp_path):
         train(compose_config(tiny_run_overrides(tmp_path, steps=8, val_every=4) + ["optim=muon", "ckpt_path=last"]))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Lightning runs 16-mixed as bf16 on the CPU)")
+def test_fp16_with_a_gradscaler_trains_clips_and_resumes_with_fused_adamw(tmp_path):
+    overrides = tiny_run_overrides(tmp_path, steps=12, val_every=6) + [
+        "trainer=gpu", "trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0", "optim.lr=3e-3"]
+    train(compose_config(overrides + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=6"]))
+    train(compose_config(overrides + ["ckpt_path=last"]))
+    loss = metric(tmp_path / "run", "train/loss")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.2, loss
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 12 and ckpt["MixedPrecision"]["scale"] > 0
+
+
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
         train(compose_config(tiny_run_overrides(tmp_path) + ["ckpt_path=last"]))
