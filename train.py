@@ -31,6 +31,8 @@ def train(cfg: DictConfig) -> float | None:
     # Lightning message printed twice
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
+    # and an advertisement for its cloud logger in every run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
 
     from slmlab.training.faults import preflight
 
