@@ -18,6 +18,8 @@ from slmlab.config import check_argument_types, register_configs
 from slmlab.training.kernel_warmup import KernelWarmup
 
 register_configs()
+# Lightning advertises its cloud logger in every run (a filter set once, not per train() of a multirun)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -25,16 +27,14 @@ def train(cfg: DictConfig) -> float | None:
     warmup = instantiate(cfg.kernel_warmup) if cfg.get("kernel_warmup") else KernelWarmup()
     # imported once the warm-up compiles: Lightning alone takes seconds to import
     import lightning as L
-    from lightning.pytorch.strategies import FSDPStrategy
+
+    from slmlab.training.faults import preflight
+    from slmlab.training.strategies import shards_parameters
 
     # `import lightning` adds a console handler of its own; beside Hydra's (console, train.log) every
     # Lightning message printed twice
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
-    # and an advertisement for its cloud logger in every run
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
-
-    from slmlab.training.faults import preflight
 
     check_argument_types(cfg)  # stage.* and trainer.* have no schema: a wrong type is named here
     L.seed_everything(cfg.seed, workers=True)
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     # built on the training device: on a GPU the weights are drawn there (seconds saved for 1B models);
     # FSDP builds on the CPU and shards in setup
-    with nullcontext() if isinstance(trainer.strategy, FSDPStrategy) else trainer.init_module():
+    with nullcontext() if shards_parameters(trainer.strategy) else trainer.init_module():
         module = instantiate(cfg.stage)
     preflight(cfg.paths.output_dir, module)  # writable, room for a checkpoint: fail now, not at the first save
     for logger in loggers:

@@ -75,7 +75,7 @@ class LMModule(L.LightningModule):
 
     def refuse_what_fsdp_cannot_do(self) -> None:
         """ValueError naming the setting, before the first step, for what breaks on FSDP's flat shards."""
-        if hasattr(self.optimizer_factory.func, "group_parameters"):
+        if getattr(self.optimizer_factory.func, "needs_whole_matrices", False):
             raise ValueError(f"optim={self.optimizer_factory.func.__name__} updates each matrix as a whole, and FSDP "
                              "gives each rank a flat shard of it: use trainer=ddp or one device, or optim=adamw")
         if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):

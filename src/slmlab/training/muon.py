@@ -67,6 +67,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     group_parameters = staticmethod(muon_groups)  # how LMModule splits a model for this optimizer
+    needs_whole_matrices = True  # FSDP's flat shards are not matrices
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, neuron_beta2: float | None = 0.95, adamw_lr: float = 3e-3,
