@@ -7,6 +7,7 @@
 """
 
 import logging
+import warnings
 from contextlib import nullcontext
 
 import hydra
@@ -51,7 +52,11 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     warmup.wait()  # before the first step, so the step finds every kernel compiled
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
+    with warnings.catch_warnings():
+        # the EMA callback warns that a module overriding configure_model may shard layers it cannot
+        # average: slmlab's only compiles the blocks, and EMA under FSDP is refused before the first step
+        warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model that")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
     if cfg.test:
         trainer.test(module, datamodule=datamodule)
     val_loss = trainer.callback_metrics.get("val/loss")

@@ -50,6 +50,22 @@ class LMModule(L.LightningModule):
         ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         return ref.to(dtype) if dtype is not None else ref
 
+    def hold_frozen(self, name: str, model: CausalLM) -> None:
+        """Keeps a model that never trains (a reference policy, a teacher) as `self.<name>`, outside
+        nn.Module's registry: no gradients, not in the checkpoint, moved to the device by the stage."""
+        self.__dict__[name] = model
+        self.__dict__.setdefault("_frozen_names", []).append(name)
+
+    def __deepcopy__(self, memo: dict) -> "LMModule":
+        # the EMA callback deep-copies the whole module to hold the average: a frozen model's average is
+        # itself, so the copy shares it rather than holding a second reference policy or teacher
+        for name in self.__dict__.get("_frozen_names", ()):
+            memo[id(self.__dict__[name])] = self.__dict__[name]
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def setup(self, stage: str) -> None:
         if self.compile_blocks in CUDA_GRAPH_MODES:
             # a replay reuses the memory of the last one's outputs, gradients included: PyTorch sums the

@@ -25,7 +25,7 @@ class DistillModule(PretrainModule):
                              f"{self.model_config.vocab_size}: logit distillation needs one shared vocabulary")
         if teacher_dtype:
             teacher_model = teacher_model.to(getattr(torch, teacher_dtype))
-        self.__dict__["teacher"] = teacher_model  # frozen, not in the checkpoint
+        self.hold_frozen("teacher", teacher_model)
         self.temperature, self.alpha = temperature, alpha
 
     def on_fit_start(self) -> None:

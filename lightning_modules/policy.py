@@ -20,8 +20,7 @@ class PolicyModule(LMModule):
         if kwargs.get("init_from") is None:
             raise ValueError(f"stage={self.stage} needs init_from=<checkpoint of the policy to improve (usually the SFT run)>")
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        # kept out of nn.Module's registry: no gradients, not in state_dict, moved by hand
-        self.__dict__["reference"] = self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None)
+        self.hold_frozen("reference", self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None))
 
     def samples_on_each_rank(self) -> str | None:
         return f"stage={self.stage} (its pass-rate validation; GRPO's rollouts)"

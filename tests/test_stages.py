@@ -76,6 +76,21 @@ def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
 
 
+@pytest.mark.parametrize("stage,frozen", [("dpo", "reference"), ("distill", "teacher")])
+def test_the_weight_average_shares_the_frozen_model_rather_than_copying_it(pretrained, tmp_path, stage, frozen):
+    """`+callbacks/ema=default` deep-copies the stage module to hold the average: the copy holds
+    its own policy or student weights and shares the frozen reference policy or teacher."""
+    from torch.optim.swa_utils import AveragedModel
+
+    stage_args = [f"init_from={pretrained}"] if stage == "dpo" else [f"teacher={pretrained}"]
+    module = instantiate(compose_config(tiny_run_overrides(tmp_path) + [f"stage={stage}", *stage_args]).stage)
+    average = AveragedModel(module).module
+    assert getattr(average, frozen) is getattr(module, frozen)
+    own = {p.data_ptr() for p in module.model.parameters()}
+    assert own.isdisjoint(p.data_ptr() for p in average.model.parameters())
+    assert torch.equal(next(average.model.parameters()), next(module.model.parameters()))
+
+
 def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
     prompts = lowercase_prompts(tmp_path)
     train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [

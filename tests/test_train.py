@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -137,8 +138,11 @@ def test_ema_weights_fill_the_checkpoint_and_the_run_resumes_exactly(tmp_path):
     average of the training weights after each step; the training weights resume."""
     ema = ["+callbacks/ema=default", "callbacks.ema.multi_avg_fn.decay=0.8"]
     record = tmp_path / "weights.pt"
-    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=8, val_every=4) + ema + [
-        "+callbacks.record._target_=tests.helpers.RecordWeights", f"+callbacks.record.path={record}"]))
+    with warnings.catch_warnings(record=True) as caught:
+        train(compose_config(tiny_run_overrides(tmp_path / "a", steps=8, val_every=4) + ema + [
+            "+callbacks.record._target_=tests.helpers.RecordWeights", f"+callbacks.record.path={record}"]))
+    # Lightning's warning that configure_model may shard layers the average misses: slmlab's only compiles
+    assert not [w for w in caught if "configure_model" in str(w.message)]
     after_each_step = torch.load(record)
     expected = after_each_step[0]  # the average starts at the first step's weights
     for weights in after_each_step[1:]:
