@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from slmlab.models import CausalLM
+from slmlab.training import muon as muon_module
 from slmlab.training.muon import Muon, muon_groups, orthogonalize, orthogonalize_reference
 from slmlab.training.optim import embedding_and_head
 from tests.conftest import compose_config, metric, tiny_run_overrides
@@ -114,6 +115,52 @@ def test_matrices_of_one_shape_step_together_as_each_would_alone():
             single.step()
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+SHAPES = [(24, 40)] * 5 + [(40, 24)] * 2 + [(16, 16)]  # 5 matrices: 3 on rank 0, 2 on rank 1; 1 matrix: rank 0
+
+
+def _muon_steps(out_dir: str, rank: int = 0) -> None:
+    """Three Muon steps on fixed matrices and gradients; writes the weights and the batch sizes this
+    process orthogonalised."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape, generator=gen)) for shape in SHAPES]
+    sizes = []
+
+    def counted(g, steps=5, dtype=torch.bfloat16):
+        sizes.append(g.size(0))
+        return orthogonalize(g, steps, dtype)
+
+    muon_module.orthogonalize = counted
+    opt = Muon([{"params": params, "use_muon": True}], weight_decay=0.1)
+    for step in range(3):
+        _fresh_grads(params, step)
+        opt.step()
+    torch.save({"weights": [p.detach() for p in params], "sizes": sizes}, f"{out_dir}/rank{rank}.pt")
+
+
+def _muon_steps_on_a_rank(rank: int, world: int, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        _muon_steps(out_dir, rank)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_share_out_the_orthogonalisation_and_step_as_one_process(tmp_path, monkeypatch):
+    """Under DDP each rank orthogonalises its share of each shape's matrices and gathers the rest: every
+    rank ends with the weights one process computes alone, having done about half the work."""
+    (tmp_path / "one").mkdir()
+    monkeypatch.setattr(muon_module, "orthogonalize", orthogonalize)  # restored after _muon_steps patches it
+    _muon_steps(str(tmp_path / "one"))
+    torch.multiprocessing.spawn(_muon_steps_on_a_rank, args=(2, str(tmp_path)), nprocs=2)
+    alone = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert alone["sizes"] == [5, 2, 1] * 3
+    assert ranks[0]["sizes"] == [3, 1, 1] * 3 and ranks[1]["sizes"] == [2, 1] * 3
+    for rank in ranks:
+        for got, expected in zip(rank["weights"], alone["weights"], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_parameters_without_a_gradient_are_left_alone():

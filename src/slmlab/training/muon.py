@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from slmlab.training.optim import embedding_and_head, weight_decay_groups
@@ -35,6 +36,22 @@ def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
     return (x.mT if tall else x).to(g.dtype)
+
+
+def orthogonalize_across_ranks(g: Tensor, steps: int = 5) -> Tensor:
+    """`orthogonalize` of a batch (k, m, n) with the work split over the data-parallel ranks: under DDP
+    every rank holds the same all-reduced gradients, so each orthogonalises about k / world of the
+    matrices and the ranks gather the results (in bf16, the iteration's own precision)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return orthogonalize(g, steps)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = -(-g.size(0) // world)
+    mine = g.new_zeros((share, *g.shape[1:]), dtype=torch.bfloat16)  # the last ranks' shares may be short
+    if len(part := g[rank * share:(rank + 1) * share]):
+        mine[:len(part)] = orthogonalize(part.to(torch.bfloat16), steps)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return torch.cat(gathered)[:g.size(0)].to(g.dtype)
 
 
 def orthogonalize_reference(g: Tensor) -> Tensor:
@@ -61,9 +78,9 @@ class Muon(torch.optim.Optimizer):
 
     Every group's weight decay is decoupled and scaled by its own LR, as in AdamW. A Muon step of an
     (m, n) matrix is `lr * max(1, m / n) ** 0.5` times the normalised update (rows are output features).
-    `neuron_beta2=None` gives plain Muon. Under DDP every rank orthogonalises every matrix (the gradients
-    are all-reduced first, so all ranks compute the same update); FSDP's flat shards are not matrices and
-    are refused by the training module.
+    `neuron_beta2=None` gives plain Muon. Under DDP the ranks share out the orthogonalisation of each
+    shape's batch and gather the results (the gradients are all-reduced first, so every rank ends with
+    the same update); FSDP's flat shards are not matrices and are refused by the training module.
     """
 
     group_parameters = staticmethod(muon_groups)  # how LMModule splits a model for this optimizer
@@ -111,8 +128,8 @@ class Muon(torch.optim.Optimizer):
             states = [self.state[p] for p in same]
             buffers, grads = [s["momentum_buffer"] for s in states], [p.grad for p in same]
             torch._foreach_lerp_(buffers, grads, 1 - beta)
-            update = orthogonalize(torch.stack(torch._foreach_lerp(grads, buffers, beta) if group["nesterov"]
-                                               else buffers), group["ns_steps"])
+            update = orthogonalize_across_ranks(torch.stack(torch._foreach_lerp(grads, buffers, beta)
+                                                            if group["nesterov"] else buffers), group["ns_steps"])
             if beta2 is not None:
                 norm = update.norm(dim=(-2, -1), keepdim=True)
                 second = torch.stack([s["neuron_second_moment"] for s in states])
