@@ -27,15 +27,15 @@ def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     """About U V^T for each matrix g = U S V^T of a batch (..., m, n) (Newton-Schulz, in `dtype`),
     returned in g's dtype."""
     a, b, c = _NS_COEFFICIENTS
-    x = g.to(dtype)
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])  # one batch dimension, for baddbmm
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on X X^T of the smaller side
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: singular values <= 1
-    for _ in range(steps):
+    for _ in range(steps):  # x <- a x + (b s + c s^2) x with s = x x^T; the scalings ride in the matmuls
         s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
-    return (x.mT if tall else x).to(g.dtype)
+        x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(g.shape).to(g.dtype)
 
 
 def orthogonalize_across_ranks(g: Tensor, steps: int = 5) -> Tensor:
