@@ -56,6 +56,8 @@ def train(cfg: DictConfig) -> float | None:
         # the EMA callback warns that a module overriding configure_model may shard layers it cannot
         # average: slmlab's only compiles the blocks, and EMA under FSDP is refused before the first step
         warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model that")
+        # Lightning's own use of a torch pytree API that newer torch deprecates, once in every run
+        warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
     if cfg.test:
         trainer.test(module, datamodule=datamodule)
