@@ -17,6 +17,9 @@ class DistillModule(PretrainModule):
     def __init__(self, *args, teacher: str, temperature: float = 1.0, alpha: float = 0.5,
                  teacher_dtype: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.superposition:
+            raise ValueError("stage.superposition is pretraining's (stage=pretrain): distillation matches the "
+                             "teacher's next-token distributions")
         if not 0 <= alpha <= 1:
             raise ValueError(f"stage.alpha={alpha} must lie in [0, 1]")
         teacher_model = load_model(teacher).requires_grad_(False)

@@ -22,13 +22,70 @@ def loss_and_bpb(sums: dict[str, tuple[float, float]], bytes_per_token, prefix: 
     return metrics
 
 
+def bag_positions(seq_len: int, bag: int) -> int:
+    """Positions the model reads from a batch of seq_len tokens (and one more, the last label) in bags."""
+    return (seq_len + 1) // bag - 1
+
+
+def superposed(input_ids: torch.Tensor, labels: torch.Tensor, bag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A next-token batch (input_ids, labels shifted by one), (batch, seq), as bags of `bag` consecutive
+    tokens: inputs (batch, n - 1, bag) and, for each, the next bag as its targets; n = (seq + 1) // bag
+    (a tail shorter than a bag is dropped)."""
+    tokens = torch.cat([input_ids, labels[:, -1:]], dim=1)
+    n = tokens.size(1) // bag
+    bags = tokens[:, :n * bag].reshape(tokens.size(0), n, bag)
+    return bags[:, :-1], bags[:, 1:]
+
+
+def check_superposition(phases: list) -> list[tuple[int, float]]:
+    """`stage.superposition` as [(bag, until), ...]; ValueError naming the setting unless bags shrink
+    (each > 1) while the `until` fractions of the run grow within (0, 1]."""
+    try:
+        parsed = [(int(bag), float(until)) for bag, until in phases]
+    except (TypeError, ValueError):
+        raise ValueError(f"stage.superposition={phases!r}: expected a list of [bag, until] pairs, e.g. "
+                         "[[4, 0.2], [2, 0.3]]") from None
+    bags, untils = [b for b, _ in parsed], [u for _, u in parsed]
+    if any(b <= 1 for b in bags) or bags != sorted(set(bags), reverse=True):
+        raise ValueError(f"stage.superposition={phases!r}: bags must be > 1 and shrink from phase to phase")
+    if untils != sorted(set(untils)) or not all(0 < u <= 1 for u in untils):
+        raise ValueError(f"stage.superposition={phases!r}: each phase's `until` (a fraction of trainer.max_steps) "
+                         "must lie in (0, 1] and grow from phase to phase")
+    return parsed
+
+
 class PretrainModule(LMModule):
-    def __init__(self, *args, z_loss: float = 0.0, **kwargs) -> None:
+    """`superposition`: token superposition training, a list of [bag, until] phases, e.g. [[4, 0.2], [2, 0.3]]:
+    up to 20% of trainer.max_steps the model reads each bag of 4 consecutive tokens as one position (the
+    mean of their embeddings) and predicts the next bag (multi-hot cross-entropy), then bags of 2 up to
+    30%, then ordinary next-token training. A step in a phase of bag s reads the batch's seq_len tokens
+    as about seq_len / s positions: about 1/s of the blocks' compute (TST as published keeps the compute
+    per step and reads s times the tokens). Validation stays next-token."""
+
+    def __init__(self, *args, z_loss: float = 0.0, superposition: list | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.z_loss = z_loss
+        self.superposition = check_superposition(superposition or [])
+
+    def bag_size(self) -> int:
+        """Tokens per position at this optimizer step (1 outside token superposition training)."""
+        if not self.superposition:
+            return 1
+        done = self.trainer.global_step / self.total_steps()
+        return next((bag for bag, until in self.superposition if done < until), 1)
+
+    def flops_per_data_token(self, seq_len: int) -> float:
+        bag = self.bag_size()
+        return self.model.flops_per_token(bag_positions(seq_len, bag), bag)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, ce = self.model.loss(batch["input_ids"], batch["labels"], self.z_loss)  # no whole-batch logits
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if self.superposition:
+            bag = self.bag_size()
+            if bag > 1:
+                input_ids, labels = superposed(input_ids, labels, bag)
+            self.log("train/bag_size", float(bag))
+        loss, ce = self.model.loss(input_ids, labels, self.z_loss)  # no whole-batch logits
         self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
 

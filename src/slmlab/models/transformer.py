@@ -118,8 +118,10 @@ class CausalLM(nn.Module):
             block.compile(mode=mode)
 
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
-        """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model)."""
-        x = to_residual_stream(self.embed(input_ids))
+        """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model). Bags of tokens,
+        (batch, seq, bag), enter as the mean of their embeddings (token superposition training)."""
+        x = self.embed(input_ids)
+        x = to_residual_stream(x.mean(-2) if input_ids.dim() == 3 else x)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)
@@ -144,9 +146,15 @@ class CausalLM(nn.Module):
 
     def loss(self, input_ids: Tensor, labels: Tensor, z_loss: float = 0.0, chunk_tokens: int = 8192) -> tuple[Tensor, Tensor]:
         """Training loss without the whole batch's logits: (loss with z-loss, cross-entropy), as
-        `lm_loss(self(input_ids), labels, z_loss)` computes them (`chunked_lm_loss`)."""
-        return chunked_lm_loss(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
-                               z_loss, chunk_tokens)
+        `lm_loss(self(input_ids), labels, z_loss)` computes them (`chunked_lm_loss`). Labels of shape
+        (batch, seq, bag) are bags of targets, each with 1/bag of the probability: the multi-hot
+        cross-entropy, the mean of the bag's cross-entropies (token superposition training)."""
+        hidden = self.hidden(input_ids)
+        if labels.dim() == 2:
+            return chunked_lm_loss(hidden, self.lm_head.weight, labels, self.cfg.logit_softcap, z_loss, chunk_tokens)
+        losses = [chunked_lm_loss(hidden, self.lm_head.weight, labels[..., j], self.cfg.logit_softcap, z_loss,
+                                  chunk_tokens) for j in range(labels.size(-1))]
+        return tuple(torch.stack(parts).mean() for parts in zip(*losses))
 
     def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 1024) -> Tensor:
         """log p(label) per position, 0 where labels == IGNORE_INDEX: (batch, seq) float32, as
@@ -167,14 +175,16 @@ class CausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, bag: int = 1) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) at this sequence length.
 
         Forward: 2 FLOPs per multiply-accumulate of every matmul (mixer projections, MLP, LM head) plus
-        each mixer's own sequence-mixing term; the embedding lookup is free.
+        each mixer's own sequence-mixing term; the embedding lookup is free. With bags of `bag` tokens
+        per position (token superposition training, `seq_len` positions), per token of data: the
+        blocks run once per bag, the LM head once per target.
         """
         d, h = self.cfg.d_model, self.cfg.ffn_hidden
         per_layer_mlp = 2 * 3 * d * h
         mixers = sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
         head = 2 * d * self.cfg.vocab_size
-        return 3 * (mixers + self.cfg.n_layers * per_layer_mlp + head)
+        return 3 * ((mixers + self.cfg.n_layers * per_layer_mlp) / bag + head)

@@ -109,7 +109,7 @@ class ThroughputMonitor(Callback):
         peak = self.peak or peak_flops(pl_module.device)
         if peak:
             seq_len = tokens[0].shape[1]
-            metrics["perf/mfu"] = tps * pl_module.model.flops_per_token(seq_len) / (peak * trainer.world_size)
+            metrics["perf/mfu"] = tps * pl_module.flops_per_data_token(seq_len) / (peak * trainer.world_size)
         pl_module.log_dict(metrics)
         self._reset()
 

@@ -1,0 +1,75 @@
+"""Token superposition training (`stage.superposition`): bags of tokens in, bags of targets out, by phase."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.pretrain import bag_positions, check_superposition, superposed
+from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.transformer import to_residual_stream
+from tests.conftest import compose_config, metric, tiny_run_overrides
+from train import train
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=48, max_seq_len=32)
+
+
+def test_a_batch_folds_into_bags_whose_targets_are_the_next_bags():
+    tokens = torch.arange(11).repeat(2, 1)  # a block of seq_len + 1 = 11 tokens
+    inputs, targets = superposed(tokens[:, :-1], tokens[:, 1:], bag=3)
+    assert inputs[0].tolist() == [[0, 1, 2], [3, 4, 5]] and targets[0].tolist() == [[3, 4, 5], [6, 7, 8]]
+    assert inputs.shape[1] == bag_positions(10, 3) == 2 and bag_positions(10, 1) == 10
+
+
+def test_a_bag_enters_as_the_mean_of_its_embeddings():
+    model = CausalLM(CFG).eval()
+    bags = torch.randint(0, 64, (2, 5, 4))
+    x = to_residual_stream(model.embed(bags).mean(-2))
+    for block in model.blocks:
+        x = block(x)
+    torch.testing.assert_close(model.hidden(bags), model.norm(x))
+
+
+def test_the_bag_loss_is_the_multi_hot_cross_entropy():
+    torch.manual_seed(0)
+    model = CausalLM(CFG)
+    bags, targets = torch.randint(0, 64, (2, 5, 4)), torch.randint(0, 64, (2, 5, 4))
+    targets[0, 0] = 7  # a bag holding one token four times puts all its mass there
+    logp = F.log_softmax(model.head(model.hidden(bags)).float(), dim=-1)
+    multi_hot = torch.zeros_like(logp).scatter_add_(-1, targets, torch.full(targets.shape, 0.25))
+    expected = -(multi_hot * logp).sum(-1).mean()
+    loss, ce = model.loss(bags, targets, z_loss=0.0)
+    torch.testing.assert_close(ce, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ce)
+
+
+def test_flops_per_token_of_bags_run_the_blocks_once_per_bag_and_the_head_per_target():
+    model = CausalLM(CFG)
+    head = 3 * 2 * CFG.d_model * CFG.vocab_size
+    body = model.flops_per_token(8) - head
+    assert model.flops_per_token(8, bag=4) == pytest.approx(body / 4 + head)
+
+
+@pytest.mark.parametrize("phases,match", [([[4, 0.2], [4, 0.3]], "shrink"), ([[2, 0.2], [4, 0.3]], "shrink"),
+                                          ([[1, 0.2]], "> 1"), ([[4, 0.3], [2, 0.2]], "grow"),
+                                          ([[4, 1.5]], r"\(0, 1\]"), ([4, 0.2], "pairs")])
+def test_a_bad_schedule_is_named(phases, match):
+    with pytest.raises(ValueError, match=f"stage.superposition.*{match}"):
+        check_superposition(phases)
+
+
+def test_a_run_anneals_its_bags_by_phase_and_ends_a_next_token_model(tmp_path):
+    train(compose_config(tiny_run_overrides(tmp_path, steps=16, val_every=8) + [
+        "stage.superposition=[[4,0.25],[2,0.5]]", "trainer.log_every_n_steps=1"]))
+    bags = metric(tmp_path / "run", "train/bag_size")
+    assert bags == [4.0] * 4 + [2.0] * 4 + [1.0] * 8, bags
+    loss = metric(tmp_path / "run", "train/loss")
+    assert all(torch.isfinite(torch.tensor(loss))) and metric(tmp_path / "run", "val/loss")
+
+
+def test_distillation_refuses_superposition(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=distill", f"teacher={tmp_path / 'teacher.ckpt'}",
+                                                         "+stage.superposition=[[4,0.2]]"])
+    with pytest.raises(Exception, match="stage.superposition is pretraining's"):
+        instantiate(cfg.stage)
