@@ -29,12 +29,11 @@ def bag_positions(seq_len: int, bag: int) -> int:
 
 def superposed(input_ids: torch.Tensor, labels: torch.Tensor, bag: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A next-token batch (input_ids, labels shifted by one), (batch, seq), as bags of `bag` consecutive
-    tokens: inputs (batch, n - 1, bag) and, for each, the next bag as its targets; n = (seq + 1) // bag
-    (a tail shorter than a bag is dropped)."""
-    tokens = torch.cat([input_ids, labels[:, -1:]], dim=1)
-    n = tokens.size(1) // bag
-    bags = tokens[:, :n * bag].reshape(tokens.size(0), n, bag)
-    return bags[:, :-1], bags[:, 1:]
+    tokens: inputs (batch, n, bag) and, for each, the next bag as its targets, taken from the labels (a
+    masked label stays masked); n = bag_positions(seq, bag), a tail shorter than a bag is dropped."""
+    n, rows = bag_positions(input_ids.size(1), bag), input_ids.size(0)
+    return (input_ids[:, :n * bag].reshape(rows, n, bag),
+            labels[:, bag - 1:(n + 1) * bag - 1].reshape(rows, n, bag))
 
 
 def check_superposition(phases: list) -> list[tuple[int, float]]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lightning_modules.pretrain import bag_positions, check_superposition, superposed
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.transformer import to_residual_stream
+from slmlab.training.losses import IGNORE_INDEX
 from tests.conftest import compose_config, metric, tiny_run_overrides
 from train import train
 
@@ -18,6 +19,9 @@ def test_a_batch_folds_into_bags_whose_targets_are_the_next_bags():
     inputs, targets = superposed(tokens[:, :-1], tokens[:, 1:], bag=3)
     assert inputs[0].tolist() == [[0, 1, 2], [3, 4, 5]] and targets[0].tolist() == [[3, 4, 5], [6, 7, 8]]
     assert inputs.shape[1] == bag_positions(10, 3) == 2 and bag_positions(10, 1) == 10
+    labels = tokens[:, 1:].clone()
+    labels[:, 4] = IGNORE_INDEX  # the label of position 4, token 5
+    assert superposed(tokens[:, :-1], labels, bag=3)[1][0].tolist() == [[3, 4, IGNORE_INDEX], [6, 7, 8]]
 
 
 def test_a_bag_enters_as_the_mean_of_its_embeddings():
