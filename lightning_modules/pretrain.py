@@ -83,7 +83,7 @@ class PretrainModule(LMModule):
             bag = self.bag_size()
             if bag > 1:
                 input_ids, labels = superposed(input_ids, labels, bag)
-            self.log("train/bag_size", float(bag))
+            self.log("train/bag_size", torch.tensor(float(bag)))  # on the CPU, as `train/lr` (see `LMModule`)
         loss, ce = self.model.loss(input_ids, labels, self.z_loss)  # no whole-batch logits
         self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
