@@ -230,7 +230,7 @@ def test_fp16_with_a_gradscaler_trains_clips_and_resumes_with_fused_adamw(tmp_pa
     train(compose_config(overrides("resumed") + ["+callbacks.stop._target_=tests.helpers.StopAtStep",
                                                  "+callbacks.stop.step=6"]))
     train(compose_config(overrides("resumed") + ["ckpt_path=last"]))
-    # the first steps overflow at the initial loss scale and are skipped while it halves: a modest margin
+    # steps that overflow at the initial loss scale (2**16) are skipped while it halves: a modest margin
     loss = metric(tmp_path / "straight" / "run", "train/loss")
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.1, loss
     straight, resumed = (torch.load(tmp_path / run / "run" / "checkpoints" / "last.ckpt", weights_only=False)
