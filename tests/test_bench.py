@@ -1,4 +1,5 @@
-"""`bench/throughput.py --smoke`: the benchmark the README's GPU numbers come from, at tiny shapes on the CPU."""
+"""`bench/throughput.py --smoke` and `bench/ops.py --smoke`: the benchmarks the README's GPU numbers come from,
+at tiny shapes on the CPU."""
 
 import os
 import re
@@ -11,9 +12,9 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-def throughput_table(*args: str) -> dict[tuple[str, str], dict[str, str]]:
-    """Runs the benchmark; its final table as {(model or layer, impl): row}."""
-    proc = subprocess.run([sys.executable, "bench/throughput.py", *args, "--smoke", "--warmup", "1", "--iters", "1"],
+def throughput_table(*args: str, script: str = "bench/throughput.py") -> dict[tuple[str, str], dict[str, str]]:
+    """Runs the benchmark; its final table as {(model, layer or op, impl): row}."""
+    proc = subprocess.run([sys.executable, script, *args, "--smoke", "--warmup", "1", "--iters", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,3 +60,14 @@ def test_layer_rows_time_every_mixer_and_each_recurrent_or_sparse_one_against_it
     expected = {("attention", "ours"), ("hgrn2", "ours +RoPE")} | {(m, i) for m in mixers for i in ("ours", "ours, torch reference")}
     assert set(table) == expected
     assert all(float(row["ms"]) > 0 and float(row["saved_KiB_per_token"]) > 0 for row in table.values())
+
+
+def test_op_rows_time_each_triton_op_against_its_reference_and_agree_with_it():
+    table = throughput_table(script="bench/ops.py")
+    ops = ("silu_mul", "qk_norm_rope")
+    assert set(table) == {(op, impl) for op in ops for impl in ("slmlab", "reference")}
+    for op in ops:
+        ours, reference = table[op, "slmlab"], table[op, "reference"]
+        assert float(ours["ratio"]) == pytest.approx(float(reference["fwd_bwd_us"].replace(",", ""))
+                                                     / float(ours["fwd_bwd_us"].replace(",", "")), rel=1.5e-2)  # 3 digits
+        assert float(ours["max_error"]) < 2e-2  # bf16 outputs: the Triton op computes the reference's function

@@ -1,0 +1,134 @@
+"""slmlab's Triton ops against their PyTorch references compiled by inductor, forward + backward, at a
+preset's training shape, all rows from one run.
+
+    python bench/ops.py                                    # helios_nova's shapes, 16 x 2048 tokens
+    python bench/ops.py --model helium_nano --tokens 131072
+    python bench/ops.py --smoke                            # tiny shapes on the CPU, Triton's interpreter, eager
+
+Each op runs as the compiled blocks run it (`torch.compile` of the function that calls it) against
+`torch.compile` of its reference. Columns: microseconds per forward and per forward + backward;
+GB/s of the bytes the pair must move at the least (each input and output read or written once);
+the reference's time over ours; the largest error of ours against the reference (outputs and input
+gradients, relative to each tensor's largest value), so that a row is known to time the same function.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+if "--smoke" in sys.argv:  # Triton reads the switch when a kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+from throughput import preset, print_table, timed
+from slmlab.models.layers import Rotary, SwiGLU
+from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from slmlab.ops.swiglu import _SiluMul, silu_mul_forward
+
+
+@dataclass
+class Case:
+    """One op: its inputs (gradients wanted), the function as slmlab runs it and its reference, and the
+    least bytes a forward + backward moves."""
+
+    name: str
+    inputs: list[torch.Tensor]
+    ours: Callable[..., tuple[torch.Tensor, ...]]
+    reference: Callable[..., tuple[torch.Tensor, ...]]
+    min_bytes: int
+
+
+def swiglu_case(cfg, tokens: int, device: torch.device) -> Case:
+    hidden = cfg.ffn_hidden + -cfg.ffn_hidden % SwiGLU.PAD_TO  # the padded width the fused matmul gives
+    gu = torch.randn(tokens, 2 * hidden, device=device, dtype=torch.bfloat16)
+    # forward reads gate and up and writes the product; backward reads the three and writes both gradients
+    return Case("silu_mul", [gu], lambda gu: (_SiluMul.apply(gu),), lambda gu: (silu_mul_forward(gu),),
+                8 * tokens * hidden * gu.element_size())
+
+
+def qk_norm_rope_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
+    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qkv = torch.randn(tokens // seq, seq, (H + 2 * Hkv) * hd, device=device, dtype=torch.bfloat16)
+    weights = [1 + 0.1 * torch.randn(hd, device=device) for _ in range(2)]
+    cos_sin = Rotary(hd, cfg.rope_theta, seq).to(device).cos_sin
+    eps = cfg.norm_eps
+
+    def ours(qkv, q_weight, k_weight):
+        return qk_norm_rope(qkv, H, Hkv, q_weight, k_weight, cos_sin, eps)
+
+    def reference(qkv, q_weight, k_weight):
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        return (qk_norm_rope_reference(q.unflatten(-1, (H, hd)), q_weight, cos_sin, eps),
+                qk_norm_rope_reference(k.unflatten(-1, (Hkv, hd)), k_weight, cos_sin, eps), v.unflatten(-1, (Hkv, hd)))
+
+    # forward reads qkv and writes q, k, v; backward reads qkv and their gradients and writes qkv's
+    return Case("qk_norm_rope", [qkv, *weights], ours, reference, 5 * qkv.numel() * qkv.element_size())
+
+
+def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> Callable[[], list]:
+    """A call of fn on fresh leaves of `inputs`: forward only (grads None) or forward + backward."""
+    leaves = [t.detach().requires_grad_(grads is not None) for t in inputs]
+
+    def step() -> list:
+        with torch.set_grad_enabled(grads is not None):
+            outs = fn(*leaves)
+        if grads is None:
+            return list(outs)
+        return [*outs, *torch.autograd.grad(outs, leaves, grads)]
+
+    return step
+
+
+def largest_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)).item()
+               for g, w in zip(got, want, strict=True))
+
+
+def measure(case: Case, args, device: torch.device) -> list[dict]:
+    outs = case.reference(*case.inputs)
+    grads = [torch.randn_like(o) for o in outs]
+    rows, results = [], {}
+    for impl, fn in (("slmlab", case.ours), ("reference", case.reference)):
+        fn = fn if args.smoke else torch.compile(fn)
+        forward_s, _ = timed(fwd_bwd(fn, case.inputs, None), args.warmup, args.iters, device)
+        step = fwd_bwd(fn, case.inputs, grads)
+        both_s, _ = timed(step, args.warmup, args.iters, device)
+        results[impl] = step()
+        rows.append({"op": case.name, "impl": impl + ("" if args.smoke else " +compile"), "fwd_us": forward_s * 1e6,
+                     "fwd_bwd_us": both_s * 1e6, "GB_per_s": case.min_bytes / both_s / 1e9})
+    rows[0]["ratio"] = rows[1]["fwd_bwd_us"] / rows[0]["fwd_bwd_us"]
+    rows[0]["max_error"] = largest_error(results["slmlab"], results["reference"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="helios_nova", help="the preset whose shapes are used")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (batch = tokens // seq)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = preset(args.model)
+    if args.smoke:
+        device, args.tokens, args.seq = torch.device("cpu"), 64, 32
+        cfg = preset(args.model, d_model=64, ffn_hidden=40, n_heads=2, n_kv_heads=1, head_dim=32)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        sys.exit("bench/ops.py times CUDA kernels: run it on a GPU, or with --smoke")
+    rows = []
+    for case in (swiglu_case(cfg, args.tokens, device), qk_norm_rope_case(cfg, args.tokens, args.seq, device)):
+        rows += measure(case, args, device)
+    print(f"# {args.model}: {args.tokens} tokens per call, {args.seq} per sequence, bf16, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter)'}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
