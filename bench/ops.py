@@ -3,8 +3,10 @@ preset's training shape, all rows from one run.
 
     python bench/ops.py                                    # helios_nova's shapes, 16 x 2048 tokens
     python bench/ops.py --model helium_nano --tokens 131072
+    python bench/ops.py --model helix_hybrid               # and Mamba-2's convolution
     python bench/ops.py --smoke                            # tiny shapes on the CPU, Triton's interpreter, eager
 
+The ops the preset's layers use: SwiGLU's activation, attention's QK-norm/RoPE, Mamba-2's convolution.
 Each op runs as the compiled blocks run it (`torch.compile` of the function that calls it) against
 `torch.compile` of its reference. Columns: microseconds per forward and per forward + backward;
 GB/s of the bytes the pair must move at the least (each input and output read or written once);
@@ -25,6 +27,7 @@ import torch
 
 from throughput import preset, print_table, timed
 from slmlab.models.layers import Rotary, SwiGLU
+from slmlab.ops.causal_conv import _CausalConv1dSilu, causal_conv1d_silu_reference
 from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from slmlab.ops.swiglu import _SiluMul, silu_mul_forward
 
@@ -52,14 +55,15 @@ def swiglu_case(cfg, tokens: int, device: torch.device) -> Case:
 def qk_norm_rope_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
     H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = torch.randn(tokens // seq, seq, (H + 2 * Hkv) * hd, device=device, dtype=torch.bfloat16)
-    weights = [1 + 0.1 * torch.randn(hd, device=device) for _ in range(2)]
+    weights = [1 + 0.1 * torch.randn(hd, device=device) for _ in range(2)] if cfg.qk_norm else []  # else RoPE only
     cos_sin = Rotary(hd, cfg.rope_theta, seq).to(device).cos_sin
     eps = cfg.norm_eps
 
-    def ours(qkv, q_weight, k_weight):
-        return qk_norm_rope(qkv, H, Hkv, q_weight, k_weight, cos_sin, eps)
+    def ours(qkv, *weights):
+        return qk_norm_rope(qkv, H, Hkv, *(weights or (None, None)), cos_sin, eps)
 
-    def reference(qkv, q_weight, k_weight):
+    def reference(qkv, *weights):
+        q_weight, k_weight = weights or (None, None)
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         return (qk_norm_rope_reference(q.unflatten(-1, (H, hd)), q_weight, cos_sin, eps),
                 qk_norm_rope_reference(k.unflatten(-1, (Hkv, hd)), k_weight, cos_sin, eps), v.unflatten(-1, (Hkv, hd)))
@@ -68,12 +72,26 @@ def qk_norm_rope_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
     return Case("qk_norm_rope", [qkv, *weights], ours, reference, 5 * qkv.numel() * qkv.element_size())
 
 
+def causal_conv_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
+    d_inner = cfg.ssm_expand * cfg.d_model
+    channels = d_inner + 2 * cfg.ssm_ngroups * cfg.ssm_d_state
+    # the convolution reads its input where Mamba-2's in-projection writes it: a slice of a wider tensor
+    wide = torch.randn(tokens // seq, seq, d_inner + channels + 8, device=device, dtype=torch.bfloat16)
+    x = wide[..., d_inner : d_inner + channels]
+    weight = 0.5 * torch.randn(channels, cfg.ssm_d_conv, device=device)
+    bias = torch.randn(channels, device=device)
+    # forward reads x and writes y; backward reads x and y's gradient and writes x's
+    return Case("causal_conv1d_silu", [x, weight, bias], lambda *a: (_CausalConv1dSilu.apply(*a),),
+                lambda *a: (causal_conv1d_silu_reference(*a),), 5 * x.numel() * x.element_size())
+
+
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> Callable[[], list]:
     """A call of fn on fresh leaves of `inputs`: forward only (grads None) or forward + backward."""
     leaves = [t.detach().requires_grad_(grads is not None) for t in inputs]
 
     def step() -> list:
-        with torch.set_grad_enabled(grads is not None):
+        # under bf16 autocast, as training runs them (float32 weights: the reference's conv casts them)
+        with torch.set_grad_enabled(grads is not None), torch.autocast(leaves[0].device.type, torch.bfloat16):
             outs = fn(*leaves)
         if grads is None:
             return list(outs)
@@ -88,7 +106,7 @@ def largest_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def measure(case: Case, args, device: torch.device) -> list[dict]:
-    outs = case.reference(*case.inputs)
+    outs = fwd_bwd(case.reference, case.inputs, None)()
     grads = [torch.randn_like(o) for o in outs]
     rows, results = [], {}
     for impl, fn in (("slmlab", case.ours), ("reference", case.reference)):
@@ -117,14 +135,17 @@ def main() -> None:
     cfg = preset(args.model)
     if args.smoke:
         device, args.tokens, args.seq = torch.device("cpu"), 64, 32
-        cfg = preset(args.model, d_model=64, ffn_hidden=40, n_heads=2, n_kv_heads=1, head_dim=32)
+        cfg = preset(args.model, d_model=64, ffn_hidden=40, n_heads=2, n_kv_heads=1, head_dim=32, ssm_d_state=16)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
         sys.exit("bench/ops.py times CUDA kernels: run it on a GPU, or with --smoke")
-    rows = []
-    for case in (swiglu_case(cfg, args.tokens, device), qk_norm_rope_case(cfg, args.tokens, args.seq, device)):
-        rows += measure(case, args, device)
+    cases = [swiglu_case(cfg, args.tokens, device)]
+    if {"attention", "sparse_attention"} & set(cfg.layer_mixers):
+        cases.append(qk_norm_rope_case(cfg, args.tokens, args.seq, device))
+    if "mamba2" in cfg.layer_mixers:
+        cases.append(causal_conv_case(cfg, args.tokens, args.seq, device))
+    rows = [row for case in cases for row in measure(case, args, device)]
     print(f"# {args.model}: {args.tokens} tokens per call, {args.seq} per sequence, bf16, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter)'}")
     print_table(rows)

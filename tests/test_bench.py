@@ -62,9 +62,10 @@ def test_layer_rows_time_every_mixer_and_each_recurrent_or_sparse_one_against_it
     assert all(float(row["ms"]) > 0 and float(row["saved_KiB_per_token"]) > 0 for row in table.values())
 
 
-def test_op_rows_time_each_triton_op_against_its_reference_and_agree_with_it():
-    table = throughput_table(script="bench/ops.py")
-    ops = ("silu_mul", "qk_norm_rope")
+@pytest.mark.parametrize("model,ops", [("helios_nova", ("silu_mul", "qk_norm_rope")),
+                                       ("helix_hybrid", ("silu_mul", "qk_norm_rope", "causal_conv1d_silu"))])
+def test_op_rows_time_each_triton_op_of_the_preset_against_its_reference_and_agree_with_it(model, ops):
+    table = throughput_table("--model", model, script="bench/ops.py")
     assert set(table) == {(op, impl) for op in ops for impl in ("slmlab", "reference")}
     for op in ops:
         ours, reference = table[op, "slmlab"], table[op, "reference"]
