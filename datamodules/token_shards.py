@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules.stream import StreamDataModule, check_at_least, check_fraction
+from slmlab.data.bags import BagSchedule
 from slmlab.data.blocks import Blocks
 from slmlab.data.errors import DataError
 from slmlab.data.mixture import Mixture
@@ -74,6 +75,7 @@ class TokenShardDataModule(StreamDataModule):
         self.manifests: dict[str, Manifest] = {}
         self.train_blocks: dict[str, Blocks] = {}
         self.val_blocks: dict[str, Blocks] = {}
+        self.bag_schedule: BagSchedule | None = None  # set by a pretraining stage with superposition
 
     # -- preparation ---------------------------------------------------------------------------
 
@@ -141,9 +143,14 @@ class TokenShardDataModule(StreamDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
+    def read_bags(self, schedule: BagSchedule) -> None:
+        """Token superposition training: the training stream's samples before each phase's end read
+        bag * (seq_len + 1) tokens (`slmlab/data/bags.py`). Set before the training loader is made."""
+        self.bag_schedule = schedule
+
     def train_stream(self, rank: int, world_size: int, start: int) -> TrainBatches:
         return TrainBatches(list(self.train_blocks.values()), self.mixture, self.batch_size, self.seed,
-                            rank, world_size, start)
+                            rank, world_size, start, self.bag_schedule)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per source, in the order of `val_sources`, over every block of its val split."""

@@ -5,6 +5,7 @@ import math
 import torch
 
 from lightning_modules.base import LMModule
+from slmlab.data.bags import BagSchedule, bag_row_len
 
 
 def loss_and_bpb(sums: dict[str, tuple[float, float]], bytes_per_token, prefix: str = "val") -> dict[str, float]:
@@ -57,21 +58,35 @@ class PretrainModule(LMModule):
     """`superposition`: token superposition training, a list of [bag, until] phases, e.g. [[4, 0.2], [2, 0.3]]:
     up to 20% of trainer.max_steps the model reads each bag of 4 consecutive tokens as one position (the
     mean of their embeddings) and predicts the next bag (multi-hot cross-entropy), then bags of 2 up to
-    30%, then ordinary next-token training. A step in a phase of bag s reads the batch's seq_len tokens
-    as about seq_len / s positions: about 1/s of the blocks' compute (TST as published keeps the compute
-    per step and reads s times the tokens). Validation stays next-token."""
+    30%, then ordinary next-token training. As published, a step of bag s keeps the positions (and about
+    the compute) of a next-token step and reads s times the tokens: the data module reads each row as
+    s * (seq_len + 1) tokens (`slmlab/data/bags.py`). Validation stays next-token."""
 
     def __init__(self, *args, z_loss: float = 0.0, superposition: list | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.z_loss = z_loss
         self.superposition = check_superposition(superposition or [])
+        self.bag_schedule: BagSchedule | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.superposition and stage == "fit":
+            data = self.trainer.datamodule
+            if not hasattr(data, "read_bags"):
+                raise ValueError(f"stage.superposition: the data module {type(data).__name__} cannot read bags of "
+                                 "tokens; token superposition training needs token shards (data=...)")
+            self.bag_schedule = BagSchedule.from_steps(self.superposition, self.total_steps(), self.samples_per_step())
+            data.read_bags(self.bag_schedule)
+
+    def samples_per_step(self) -> int:
+        """Training samples per optimizer step on all ranks."""
+        return self.trainer.datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def bag_size(self) -> int:
         """Tokens per position at this optimizer step (1 outside token superposition training)."""
-        if not self.superposition:
+        if self.bag_schedule is None:
             return 1
-        done = self.trainer.global_step / self.total_steps()
-        return next((bag for bag, until in self.superposition if done < until), 1)
+        return self.bag_schedule.bag(self.trainer.global_step * self.samples_per_step())
 
     def flops_per_data_token(self, seq_len: int) -> float:
         bag = self.bag_size()
@@ -82,6 +97,13 @@ class PretrainModule(LMModule):
         if self.superposition:
             bag = self.bag_size()
             if bag > 1:
+                expected = bag_row_len(self.trainer.datamodule.seq_len, bag) - 1
+                if input_ids.size(1) != expected:  # the stream's phase is not this step's
+                    raise RuntimeError(
+                        f"step {self.trainer.global_step} reads bags of {bag} tokens, but its batch holds "
+                        f"{input_ids.size(1)} tokens per row, not {expected}: the data stream's superposition "
+                        "phases follow the sample position, and a resumed run must keep data.batch_size, the "
+                        "number of devices and trainer.accumulate_grad_batches")
                 input_ids, labels = superposed(input_ids, labels, bag)
             self.log("train/bag_size", torch.tensor(float(bag)))  # on the CPU, as `train/lr` (see `LMModule`)
         loss, ce = self.model.loss(input_ids, labels, self.z_loss)  # no whole-batch logits

@@ -213,3 +213,35 @@ def test_config_mistakes_are_named(tmp_path, tokenizer_path):
         TokenShardDataModule({"a": {"path": "x", "weight": 0}}, tokenizer, seq_len=8, batch_size=2)
     with pytest.raises(DataError, match="source 'a': raw"):
         TokenShardDataModule({"a": {"path": "x", "raw": {"file": "y"}}}, tokenizer, seq_len=8, batch_size=2)
+
+
+def test_superposition_phases_read_runs_of_bag_times_the_tokens_and_resume_exactly(make_dm):
+    """Token superposition training: a sample of a bag step reads bag * (seq_len + 1) contiguous tokens of
+    one shard, a later sample an ordinary block; a stream resumed inside a bag phase continues exactly."""
+    from slmlab.data.bags import BagSchedule
+
+    schedule = BagSchedule(((4, 8), (2, 16)))  # 4 samples a batch: 2 batches of bags of 4, 2 of 2, then tokens
+    dm = make_dm()
+    dm.read_bags(schedule)
+    batches = take(dm, 6)
+    assert [b["input_ids"].shape for b in batches] == [(4, 35)] * 2 + [(4, 17)] * 2 + [(4, SEQ_LEN)] * 2
+    shards = [np.memmap(path, dtype=blocks.dtype, mode="r") for blocks in dm.train_blocks.values()
+              for path in blocks.paths]
+    for batch in batches:
+        for row in rows([batch]).numpy():
+            windows = (np.lib.stride_tricks.sliding_window_view(shard, len(row)) for shard in shards if len(shard) >= len(row))
+            assert any((w == row).all(axis=1).any() for w in windows), row
+    resumed = make_dm()
+    resumed.read_bags(schedule)
+    resumed.load_state_dict({"batches_consumed": 1, "samples_consumed": 4})
+    for got, want in zip(take(resumed, 5), batches[1:], strict=True):
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+
+
+def test_a_source_too_short_for_a_bag_is_named(make_dm):
+    from slmlab.data.bags import BagSchedule
+
+    dm = make_dm()
+    dm.read_bags(BagSchedule(((16, 8),)))  # 16 * 9 = 144 tokens: source b has 105
+    with pytest.raises(DataError, match=r"b: its train split has no run of 144 tokens .* bags of 16"):
+        take(dm, 1)

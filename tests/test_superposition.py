@@ -1,8 +1,12 @@
 """Token superposition training (`stage.superposition`): bags of tokens in, bags of targets out, by phase."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 
 from lightning_modules.pretrain import bag_positions, check_superposition, superposed
 from slmlab.models import CausalLM, ModelConfig
@@ -61,11 +65,26 @@ def test_a_bad_schedule_is_named(phases, match):
         check_superposition(phases)
 
 
-def test_a_run_anneals_its_bags_by_phase_and_ends_a_next_token_model(tmp_path):
+class RowLengths(Callback):
+    """Writes the tokens per row of each training batch to `out`."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.lengths = Path(out), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.lengths.append(batch["input_ids"].shape[1])
+        self.out.write_text(json.dumps(self.lengths))
+
+
+def test_a_run_anneals_its_bags_by_phase_reading_bag_times_the_tokens(tmp_path):
+    """16 steps of seq_len 32: bag steps keep the 32 positions and read 4 or 2 times the tokens."""
+    out = tmp_path / "rows.json"
     train(compose_config(tiny_run_overrides(tmp_path, steps=16, val_every=8) + [
-        "stage.superposition=[[4,0.25],[2,0.5]]", "trainer.log_every_n_steps=1"]))
+        "stage.superposition=[[4,0.25],[2,0.5]]", "trainer.log_every_n_steps=1",
+        "+callbacks.rows._target_=tests.test_superposition.RowLengths", f"+callbacks.rows.out={out}"]))
     bags = metric(tmp_path / "run", "train/bag_size")
     assert bags == [4.0] * 4 + [2.0] * 4 + [1.0] * 8, bags
+    assert json.loads(out.read_text()) == [4 * 33 - 1] * 4 + [2 * 33 - 1] * 4 + [32] * 8
     loss = metric(tmp_path / "run", "train/loss")
     assert all(torch.isfinite(torch.tensor(loss))) and metric(tmp_path / "run", "val/loss")
 

@@ -17,6 +17,7 @@ class Blocks:
     """
 
     def __init__(self, out_dir: str | Path, manifest: Manifest, split: str, seq_len: int):
+        self.out_dir, self.manifest, self.split = Path(out_dir), manifest, split
         shards = manifest.splits[split].shards
         self.paths = [Path(out_dir) / s.file for s in shards]
         self.dtype, self.seq_len = manifest.dtype, seq_len
@@ -24,6 +25,10 @@ class Blocks:
         self.first_block = np.cumsum([0] + per_shard)  # first global id of each shard, then the total
         self.num_blocks = int(self.first_block[-1])
         self._maps: list[np.memmap] | None = None
+
+    def with_seq_len(self, seq_len: int) -> "Blocks":
+        """The same shards in blocks of seq_len + 1 tokens."""
+        return Blocks(self.out_dir, self.manifest, self.split, seq_len)
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """Tokens of blocks `ids`: array[len(ids), seq_len + 1] of the shard dtype."""

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from slmlab.data.bags import BagSchedule, bag_row_len
 from slmlab.data.blocks import Blocks
+from slmlab.data.errors import DataError
 from slmlab.data.mixture import Mixture, ShuffledBlocks
 
 Batch = dict[str, torch.Tensor]
@@ -65,23 +67,36 @@ class SampleStream(IterableDataset):
 class TrainBatches(SampleStream):
     """Endless training batches from a weighted mixture of sources, from global sample `start` on.
 
-    Each sample's source comes from `mixture` and its block from a per-source `ShuffledBlocks`.
+    Each sample's source comes from `mixture` and its block from a per-source `ShuffledBlocks`. With
+    `bags` (token superposition training), a sample of a bag step reads a block of bag * (seq_len + 1)
+    tokens instead, from that bag size's own blocking and shuffle of the source.
     """
 
     def __init__(self, sources: Sequence[Blocks], mixture: Mixture, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
+                 rank: int = 0, world_size: int = 1, start: int = 0, bags: BagSchedule | None = None):
         super().__init__(batch_size, rank, world_size, start)
-        self.sources, self.mixture = sources, mixture
-        self.orders = [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(sources)]
+        self.sources, self.mixture, self.bags = sources, mixture, bags
         self.seq_len = sources[0].seq_len
         self.dtype = np.result_type(*(blocks.dtype for blocks in sources))
+        self.blockings = {1: sources}  # bag size -> the sources' blocks
+        for bag in bags.bags() if bags else []:
+            self.blockings[bag] = [blocks.with_seq_len(bag_row_len(self.seq_len, bag) - 1) for blocks in sources]
+            for index, blocks in enumerate(self.blockings[bag]):
+                if blocks.num_blocks == 0 and mixture.counts[index] > 0:
+                    raise DataError(f"{blocks.out_dir}: its train split has no run of {bag_row_len(self.seq_len, bag)} "
+                                    f"tokens within a shard, needed for bags of {bag} (stage.superposition)")
+        self.orders = {bag: [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(sources)]
+                       for bag, sources in self.blockings.items()}
 
     def collate(self, samples: np.ndarray) -> Batch:
+        bag = self.bags.bag(int(samples[0])) if self.bags else 1
+        if self.bags and self.bags.bag(int(samples[-1])) != bag:
+            raise DataError(f"samples {samples[0]}..{samples[-1]} straddle the end of a superposition phase")
         sources, within = self.mixture.locate(samples)
-        tokens = np.empty((self.batch_size, self.seq_len + 1), dtype=self.dtype)
+        tokens = np.empty((self.batch_size, bag_row_len(self.seq_len, bag)), dtype=self.dtype)
         for s in np.unique(sources).tolist():
             rows = sources == s
-            tokens[rows] = self.sources[s].read(self.orders[s](within[rows]))
+            tokens[rows] = self.blockings[bag][s].read(self.orders[bag][s](within[rows]))
         return to_batch(tokens)
 
 
