@@ -96,3 +96,11 @@ def test_distillation_refuses_superposition(tmp_path):
                                                          "+stage.superposition=[[4,0.2]]"])
     with pytest.raises(Exception, match="stage.superposition is pretraining's"):
         instantiate(cfg.stage)
+
+
+def test_phases_end_after_the_steps_before_their_fraction_of_the_run():
+    from slmlab.data.bags import BagSchedule
+
+    schedule = BagSchedule.from_steps([(4, 0.3), (2, 0.35)], total_steps=10, samples_per_step=8)
+    # 0.3 of 10 steps is steps 0-2 (in floats 0.3 * 10 is a hair above 3); 0.35 adds step 3
+    assert [schedule.bag(step * 8 + 7) for step in range(6)] == [4, 4, 4, 2, 1, 1]

@@ -6,7 +6,9 @@ tokens, folded into seq_len positions of s tokens, each predicting the next bag.
 belongs to is fixed by its index, so the stream stays a pure function of the sample index (exact resume).
 """
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,10 @@ class BagSchedule:
     @classmethod
     def from_steps(cls, phases: list[tuple[int, float]], total_steps: int, samples_per_step: int) -> "BagSchedule":
         """`stage.superposition` phases, [(bag, until)] with `until` a fraction of the run's optimizer
-        steps, at `samples_per_step` samples per optimizer step on all ranks."""
-        return cls(tuple((bag, round(until * total_steps) * samples_per_step) for bag, until in phases))
+        steps (a phase holds the steps before that fraction), at `samples_per_step` samples per optimizer
+        step on all ranks."""
+        # exactly: 0.3 * 10 is 3.0000000000000004 in floats, which would give the phase a fourth step
+        return cls(tuple((bag, math.ceil(Fraction(until) * total_steps) * samples_per_step) for bag, until in phases))
 
     def bag(self, sample: int) -> int:
         """Tokens per position of the step that global sample `sample` belongs to."""

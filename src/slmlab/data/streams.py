@@ -85,8 +85,8 @@ class TrainBatches(SampleStream):
                 if blocks.num_blocks == 0 and mixture.counts[index] > 0:
                     raise DataError(f"{blocks.out_dir}: its train split has no run of {bag_row_len(self.seq_len, bag)} "
                                     f"tokens within a shard, needed for bags of {bag} (stage.superposition)")
-        self.orders = {bag: [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(sources)]
-                       for bag, sources in self.blockings.items()}
+        self.orders = {bag: [ShuffledBlocks(blocks.num_blocks, seed, i) for i, blocks in enumerate(blocking)]
+                       for bag, blocking in self.blockings.items()}
 
     def collate(self, samples: np.ndarray) -> Batch:
         bag = self.bags.bag(int(samples[0])) if self.bags else 1
