@@ -29,12 +29,18 @@ def test_a_batch_folds_into_bags_whose_targets_are_the_next_bags():
 
 
 def test_a_bag_enters_as_the_mean_of_its_embeddings():
+    """`CausalLM.hidden` takes each bag's mean from the table (`F.embedding_bag`): the same values and
+    embedding gradients as averaging the bag's looked-up embeddings."""
     model = CausalLM(CFG).eval()
     bags = torch.randint(0, 64, (2, 5, 4))
+    bags[0, 0] = 7  # a bag of one token four times
     x = to_residual_stream(model.embed(bags).mean(-2))
     for block in model.blocks:
         x = block(x)
-    torch.testing.assert_close(model.hidden(bags), model.norm(x))
+    want, got = model.norm(x), model.hidden(bags)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.square().sum(), model.embed.weight)[0] for out in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_the_bag_loss_is_the_multi_hot_cross_entropy():

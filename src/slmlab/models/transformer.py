@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -120,8 +121,11 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model). Bags of tokens,
         (batch, seq, bag), enter as the mean of their embeddings (token superposition training)."""
-        x = self.embed(input_ids)
-        x = to_residual_stream(x.mean(-2) if input_ids.dim() == 3 else x)
+        if input_ids.dim() == 3:  # each bag's mean straight from the table, not its bag of embeddings first
+            x = F.embedding_bag(input_ids.flatten(0, 1), self.embed.weight, mode="mean").unflatten(0, input_ids.shape[:2])
+        else:
+            x = self.embed(input_ids)
+        x = to_residual_stream(x)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, use_reentrant=False)
