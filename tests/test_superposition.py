@@ -110,3 +110,19 @@ def test_phases_end_after_the_steps_before_their_fraction_of_the_run():
     schedule = BagSchedule.from_steps([(4, 0.3), (2, 0.35)], total_steps=10, samples_per_step=8)
     # 0.3 of 10 steps is steps 0-2 (in floats 0.3 * 10 is a hair above 3); 0.35 adds step 3
     assert [schedule.bag(step * 8 + 7) for step in range(6)] == [4, 4, 4, 2, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_a_bag_phase_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Stopped at step 3 of 4 steps of bags of 4: the resumed run reads the same bag rows (the stream's
+    phase follows the sample position, the stage's the step) and ends with the same weights."""
+    from tests.test_train import final_weights
+
+    extra = ["stage.superposition=[[4,0.25],[2,0.5]]"]
+    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=16, val_every=8) + extra))
+    interrupted = tiny_run_overrides(tmp_path / "b", steps=16, val_every=8) + extra
+    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=3"]))
+    train(compose_config(interrupted + ["ckpt_path=last"]))
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
