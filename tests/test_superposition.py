@@ -126,3 +126,19 @@ def test_a_run_stopped_inside_a_bag_phase_resumes_to_the_uninterrupted_weights(t
     a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_data_module_that_cannot_read_bags_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    module = instantiate(compose_config(tiny_run_overrides(tmp_path) + ["stage.superposition=[[4,0.2]]"]).stage)
+
+    class ChatData:  # no read_bags
+        batch_size, vocab_size, seq_len = 4, 512, 32
+
+    module.trainer = SimpleNamespace(datamodule=ChatData(), callbacks=[], strategy=None, world_size=1,
+                                     accumulate_grad_batches=1, max_steps=8)
+    with pytest.raises(ValueError, match="stage.superposition: the data module ChatData cannot read bags"):
+        module.setup("fit")
