@@ -188,18 +188,9 @@ def test_muon_refuses_what_it_cannot_update(tmp_path):
 
 @pytest.mark.slow
 def test_a_muon_run_learns_and_resumes_exactly(tmp_path):
-    from tests.test_train import final_weights
-    from train import train
+    from tests.test_train import assert_resume_is_exact
 
-
-    extra = ["optim=muon", "optim.weight_decay=0.01"]
-    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=12, val_every=6) + extra))
-    interrupted = tiny_run_overrides(tmp_path / "b", steps=12, val_every=6) + extra
-    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=6"]))
-    train(compose_config(interrupted + ["ckpt_path=last"]))
-    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_resume_is_exact(tmp_path, ["optim=muon", "optim.weight_decay=0.01"], steps=12, val_every=6, stop_at=6)
     val = metric(tmp_path / "a" / "run", "val/loss")
     assert val[0] > val[1] and val[1] < math.log(512) - 0.25, val  # an untrained model scores ln(vocab)
     state = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]

@@ -116,16 +116,9 @@ def test_phases_end_after_the_steps_before_their_fraction_of_the_run():
 def test_a_run_stopped_inside_a_bag_phase_resumes_to_the_uninterrupted_weights(tmp_path):
     """Stopped at step 3 of 4 steps of bags of 4: the resumed run reads the same bag rows (the stream's
     phase follows the sample position, the stage's the step) and ends with the same weights."""
-    from tests.test_train import final_weights
+    from tests.test_train import assert_resume_is_exact
 
-    extra = ["stage.superposition=[[4,0.25],[2,0.5]]"]
-    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=16, val_every=8) + extra))
-    interrupted = tiny_run_overrides(tmp_path / "b", steps=16, val_every=8) + extra
-    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=3"]))
-    train(compose_config(interrupted + ["ckpt_path=last"]))
-    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_resume_is_exact(tmp_path, ["stage.superposition=[[4,0.25],[2,0.5]]"], steps=16, val_every=8, stop_at=3)
 
 
 def test_a_data_module_that_cannot_read_bags_is_named(tmp_path):

@@ -48,6 +48,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
+def assert_resume_is_exact(tmp_path: Path, extra: list[str], steps: int, val_every: int, stop_at: int) -> None:
+    """A tiny run with `extra` straight through (tmp_path / "a") and one stopped after step `stop_at`, then
+    resumed from its last checkpoint (tmp_path / "b"), end with the same weights, bit for bit."""
+    train(compose_config(tiny_run_overrides(tmp_path / "a", steps=steps, val_every=val_every) + extra))
+    interrupted = tiny_run_overrides(tmp_path / "b", steps=steps, val_every=val_every) + extra
+    train(compose_config(interrupted + ["+callbacks.stop._target_=tests.helpers.StopAtStep",
+                                        f"+callbacks.stop.step={stop_at}"]))
+    train(compose_config(interrupted + ["ckpt_path=last"]))
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
     # (resume across a pass over a source's blocks is tested on the datamodule itself)
     straight = tiny_run_overrides(tmp_path / "a", steps=12, val_every=6)
