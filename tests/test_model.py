@@ -121,6 +121,17 @@ def test_rotary_table_gives_the_angles_computed_per_call():
         torch.testing.assert_close(table(x, offset), no_table(x, int(offset)), rtol=0, atol=1e-6)
 
 
+def test_rotary_keeps_float32_tables_when_the_model_is_cast_to_bfloat16():
+    # A bf16 inv_freq times position 1900 is off by radians: CUDA-graph decoding (tensor offsets) of a
+    # model cast with .to(bfloat16) disagreed with its own forward by 0.8 in the logits.
+    exact = Rotary(64, 10_000.0, max_len=2048)
+    cast = Rotary(64, 10_000.0, max_len=2048).to(torch.bfloat16)
+    assert cast.inv_freq.dtype == cast.cos_sin.dtype == torch.float32
+    x = torch.randn(1, 1, 2, 64)
+    for offset in (1900, torch.tensor(1900)):  # the table, and the per-call angles
+        torch.testing.assert_close(cast(x, offset), exact(x, 1900), rtol=0, atol=1e-6)
+
+
 def test_cached_decoding_equals_full_forward(model):
     x = torch.randint(0, 97, (3, 17))
     full = model(x)

@@ -21,14 +21,15 @@ if TYPE_CHECKING:  # transformer.py imports this module for CausalLM.generate
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-    """logits: (batch, vocab) -> token ids (batch,). temperature 0 is greedy."""
+    """logits: (batch, vocab) -> token ids (batch,). temperature 0 is greedy; top_k 0 and top_p 1 are off,
+    as in Hugging Face (a float32 cumulative sum can pass 1 before the last token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p

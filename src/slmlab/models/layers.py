@@ -86,9 +86,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, max_len: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.head_dim, self.theta, self.max_len = head_dim, theta, max_len
+        self._build_tables(torch.device("cpu"))
+
+    def _build_tables(self, device: torch.device) -> None:
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                        / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos_sin", self.angles(torch.arange(max_len, dtype=torch.float32)), persistent=False)
+        self.register_buffer("cos_sin", self.angles(torch.arange(self.max_len, dtype=torch.float32, device=device)),
+                             persistent=False)
+
+    def _apply(self, fn, recurse: bool = True) -> "Rotary":
+        # `model.to(torch.bfloat16)` would round the tables too, and a bf16 inv_freq times a position in
+        # the thousands is off by radians. Rebuilt, they stay float32 on whichever device `fn` chose.
+        super()._apply(fn, recurse)
+        self._build_tables(self.inv_freq.device)
+        return self
 
     def angles(self, pos: Tensor) -> Tensor:
         """positions (seq,) -> their cos and sin stacked, (2, seq, head_dim / 2)."""
