@@ -110,6 +110,9 @@ def test_phases_end_after_the_steps_before_their_fraction_of_the_run():
     schedule = BagSchedule.from_steps([(4, 0.3), (2, 0.35)], total_steps=10, samples_per_step=8)
     # 0.3 of 10 steps is steps 0-2 (in floats 0.3 * 10 is a hair above 3); 0.35 adds step 3
     assert [schedule.bag(step * 8 + 7) for step in range(6)] == [4, 4, 4, 2, 1, 1]
+    # Fraction(0.2) is a hair above 1/5: the README's [[4, 0.2], [2, 0.3]] gives 60 and 30 of 300 steps
+    readme = BagSchedule.from_steps([(4, 0.2), (2, 0.3)], total_steps=300, samples_per_step=1)
+    assert readme.phases == ((4, 60), (2, 90))
 
 
 @pytest.mark.slow

@@ -23,8 +23,10 @@ class BagSchedule:
         """`stage.superposition` phases, [(bag, until)] with `until` a fraction of the run's optimizer
         steps (a phase holds the steps before that fraction), at `samples_per_step` samples per optimizer
         step on all ranks."""
-        # exactly: 0.3 * 10 is 3.0000000000000004 in floats, which would give the phase a fourth step
-        return cls(tuple((bag, math.ceil(Fraction(until) * total_steps) * samples_per_step) for bag, until in phases))
+        # as the decimal written: in floats 0.3 * 10 is 3.0000000000000004, which would give the phase a
+        # fourth step, and Fraction(0.2) is a hair above 1/5 (61 bag steps of 300)
+        return cls(tuple((bag, math.ceil(Fraction(str(until)) * total_steps) * samples_per_step)
+                         for bag, until in phases))
 
     def bag(self, sample: int) -> int:
         """Tokens per position of the step that global sample `sample` belongs to."""
