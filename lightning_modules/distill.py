@@ -11,8 +11,8 @@ from slmlab.training.losses import distill_loss, lm_loss
 
 
 class DistillModule(PretrainModule):
-    """loss = alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, on whatever data
-    the run uses (pretraining shards or chat data); validation is the pretraining one."""
+    """loss = alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ stage.z_loss's term),
+    on whatever data the run uses (pretraining shards or chat data); validation is the pretraining one."""
 
     def __init__(self, *args, teacher: str, temperature: float = 1.0, alpha: float = 0.5,
                  teacher_dtype: str | None = None, **kwargs) -> None:
@@ -39,7 +39,7 @@ class DistillModule(PretrainModule):
         with torch.no_grad():
             teacher_logits = self.teacher(batch["input_ids"])
         kd = distill_loss(logits, teacher_logits, batch["labels"], self.temperature)
-        _, ce = lm_loss(logits, batch["labels"])
-        loss = self.alpha * kd + (1 - self.alpha) * ce
+        ce_and_z, ce = lm_loss(logits, batch["labels"], self.z_loss)
+        loss = self.alpha * kd + (1 - self.alpha) * ce + (ce_and_z - ce)  # the z-loss whatever alpha
         self.log_dict({"train/loss": ce, "train/kd": kd, "train/total_loss": loss})
         return loss

@@ -330,6 +330,27 @@ def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
     assert distill_loss(s, t, labels, temperature=2.0).item() == pytest.approx(want.item())
 
 
+def test_distillation_adds_the_z_loss_to_its_objective(tmp_path):
+    from dataclasses import asdict
+    from functools import partial
+
+    from lightning_modules.distill import DistillModule
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, ffn_hidden=32)
+    student = CausalLM(cfg)
+    teacher = tmp_path / "teacher.ckpt"  # the student itself: the KL term is 0
+    torch.save({"model_config": asdict(cfg), "state_dict": {f"model.{k}": v for k, v in student.state_dict().items()}},
+               teacher)
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
+    module = DistillModule(cfg, partial(torch.optim.AdamW), partial(Constant), teacher=str(teacher), alpha=1.0,
+                           z_loss=0.5)
+    module.model.load_state_dict(student.state_dict())
+    module.log_dict = lambda *args, **kwargs: None
+    z_term = 0.5 * torch.logsumexp(student(batch["input_ids"]), dim=-1).square().mean()
+    assert module.training_step(batch, 0).item() == pytest.approx(z_term.item(), rel=1e-5)
+
+
 def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_loss_tracks_float32():
     """bf16 autocast: the blocks pass bf16 between them (fp16: float32), and loss and gradients stay
     close to the float32 model's."""
