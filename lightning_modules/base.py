@@ -144,6 +144,7 @@ class LMModule(L.LightningModule):
         pass over the gradients): the non-finite guard, `train/grad_norm` and clipping share it."""
         step = self.trainer.global_step
         if self._grad_norm is None or self._grad_norm[0] != step:
+            self._unscale_fp16_gradients()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if shards_parameters(self.trainer.strategy):
@@ -153,6 +154,18 @@ class LMModule(L.LightningModule):
                 norm = self.trainer.strategy.reduce(local.square(), reduce_op="sum").sqrt()
             self._grad_norm = (step, norm)
         return self._grad_norm[1]
+
+    def _unscale_fp16_gradients(self) -> None:
+        # Under fp16 Lightning unscales the gradients before on_before_optimizer_step, except those of an
+        # optimizer that unscales inside its own step (fused AdamW). Unscaled here, once a step: the norm,
+        # the non-finite guard and clipping see true gradients, and GradScaler records the overflow check
+        # that its update needs, also when the guard then drops the gradients.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                scaler.unscale_(optimizer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norm = self.gradient_norm()  # non-finite where NonFiniteGuard skips the step
@@ -164,14 +177,12 @@ class LMModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for optimizers that unscale fp16 gradients
-        # themselves (fused AdamW), even under bf16 where nothing is scaled: clip here, unscaling fp16 first
+        # themselves (fused AdamW), even under bf16 where nothing is scaled: clip here (the gradients are
+        # unscaled by now, see gradient_norm)
         if not gradient_clip_val:
             return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)  # Lightning has unscaled the gradients of any other optimizer already
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = self.gradient_norm() if scaler is None else None  # fp16: the norm of the unscaled gradients
+        norm = self.gradient_norm()
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         elif norm is not None and getattr(optimizer, "_step_supports_amp_scaling", False):

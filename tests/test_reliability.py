@@ -21,11 +21,13 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
+from lightning_modules.base import LMModule
 from slmlab.checkpoint import check_checkpoint_file, newest_checkpoint, resolve_ckpt_path
 from slmlab.data.errors import DataError
 from slmlab.data.readers import DocumentReader
 from slmlab.data.records import read_jsonl
 from slmlab.data.streams import ValBatches
+from slmlab.models import ModelConfig
 from slmlab.training.checkpoint_io import AtomicCheckpointIO
 from slmlab.training.faults import NonFiniteError, NonFiniteGuard, PreflightError
 from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
@@ -298,6 +300,43 @@ def test_a_skipped_step_changes_nothing_and_the_host_counts_it(fused, device):
         step(float("inf"))
         step(float("nan"))
         guard.state_dict()  # as a checkpoint is assembled
+
+
+class OverflowingFp16Module(LMModule):
+    """A step whose fp16 gradients overflow at GradScaler's initial scale (65536) and fit from 1024 down."""
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = self.model.lm_head(torch.ones(4, self.model_config.d_model))  # fp16 under 16-mixed autocast
+        assert out.dtype == torch.float16
+        return (8 * out).float().sum()  # d/d lm_head.weight = 32 per element
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unscaled-by-lightning", "unscaled-in-its-step"])
+def test_fp16_overflows_are_skipped_and_the_scale_backs_off_with_fused_adamw_too(fused):
+    """Lightning does not unscale the gradients of an optimizer that unscales them in its own step (fused
+    AdamW). The guard dropped those scaled, overflowing gradients before GradScaler had checked them, and
+    its update failed ("No inf checks were recorded"); `train/grad_norm` was the scaled gradients' norm."""
+    from functools import partial
+
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from slmlab.training.schedules import Constant
+
+    torch.manual_seed(0)
+    module = OverflowingFp16Module(
+        ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, ffn_hidden=32),
+        partial(torch.optim.AdamW, lr=1e-3, fused=fused), partial(Constant))
+    logged = []
+    module.on_before_optimizer_step = lambda optimizer: logged.append(module.gradient_norm().item())
+    scaler, guard = torch.amp.GradScaler("cpu"), NonFiniteGuard(max_bad_steps=10)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[guard])
+    trainer.fit(module, torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1))
+    assert trainer.global_step == 8 and scaler.get_scale() == 1024.0  # halved at each of six overflows
+    assert guard.skipped == 6 and guard.in_a_row == 0
+    assert logged[6:] == pytest.approx([32 * (64 * 16) ** 0.5] * 2, rel=1e-3)  # the unscaled gradients' norm
 
 
 # -- processes that must agree ---------------------------------------------------------------------

@@ -80,7 +80,10 @@ class NonFiniteGuard(Callback):
     checkpoint is written, or when training ends), to count, warn and stop: reading it at once would
     wait for the backward and leave the GPU idle while Python launches the update. Other optimizers
     (and fp16, whose GradScaler sets `found_inf` itself) get the verdict on the host and no gradients
-    (`grad = None`: torch optimizers then leave those parameters alone).
+    (`grad = None`: torch optimizers then leave those parameters alone). Under fp16 the gradients checked
+    are unscaled (`LMModule.gradient_norm`), and a step whose scaled gradients overflow counts too:
+    GradScaler skips it as well and halves its scale, so ten in a row mean gradients beyond fp16's range
+    at a thousandth of the scale.
 
     The step still counts (global step, LR schedule, data position). Logs `train/skipped_steps`, the
     run's total. The verdict is one for all ranks.
