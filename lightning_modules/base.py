@@ -80,6 +80,12 @@ class LMModule(L.LightningModule):
                                  "model.activation_checkpointing=true: use stage.compile=true")
         if shards_parameters(self.trainer.strategy):
             self.refuse_what_fsdp_cannot_do()
+        every, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
+        if isinstance(every, int) and every % accumulate:
+            # the validation's checkpoint would hold a data position inside an optimizer step
+            raise ValueError(f"trainer.val_check_interval={every} counts batches: with trainer.accumulate_grad_batches="
+                             f"{accumulate} it must be a multiple of {accumulate}, or a validation (and its "
+                             "checkpoint) lands inside an optimizer step")
         dm = self.trainer.datamodule
         if dm is None:
             return

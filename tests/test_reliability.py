@@ -170,6 +170,54 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(tmp_path, re
     assert_same_weights(tmp_path, reference)
 
 
+class Interrupt(Callback):
+    """After training batch `sleep_at` (a micro-batch under accumulation) waits `seconds`; after batch
+    `sigterm_at` sends this process SIGTERM."""
+
+    def __init__(self, sleep_at: int, seconds: float, sigterm_at: int) -> None:
+        self.sleep_at, self.seconds, self.sigterm_at = sleep_at, seconds, sigterm_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == self.sleep_at:  # the stream is one epoch: batch_idx counts from the start
+            time.sleep(self.seconds)
+        if batch_idx == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordSaves(Callback):
+    """Records the step and the data module's position of every checkpoint written."""
+
+    saves: list[tuple[int, int]] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        RecordSaves.saves.append((trainer.global_step, trainer.datamodule.state_dict()["samples_consumed"]))
+
+
+ACCUMULATE = ["trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * VAL_EVERY}"]
+
+
+@pytest.mark.slow
+def test_under_accumulation_checkpoints_hold_whole_steps_and_a_sigterm_resumes_exactly(tmp_path):
+    """A checkpoint written inside an optimizer step held the weights before it but a data position after
+    its first micro-batch, whose gradient was lost to the resumed run. The periodic checkpoint, due during
+    the first micro-batch of step 2, waits for the end of that step, and a SIGTERM after the first
+    micro-batch of step 4 stops the run once that step is complete."""
+    # batch size 4 (tiny_run_overrides), two micro-batches a step
+    train(compose_config(run_overrides(tmp_path / "reference", *ACCUMULATE)))
+    RecordSaves.saves = []
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_config(run_overrides(
+            tmp_path, *ACCUMULATE, "callbacks.periodic.every_n_train_steps=null",
+            "callbacks.periodic.train_time_interval={_target_:datetime.timedelta,seconds:1}",
+            "+callbacks.interrupt._target_=tests.test_reliability.Interrupt", "+callbacks.interrupt.sleep_at=2",
+            "+callbacks.interrupt.seconds=1.1", "+callbacks.interrupt.sigterm_at=6",
+            "+callbacks.record._target_=tests.test_reliability.RecordSaves")))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert RecordSaves.saves == [(2, 16), (4, 32)]  # (step, samples read): periodic, then last.ckpt
+    train(compose_config(run_overrides(tmp_path, *ACCUMULATE, "resume=true")))
+    assert_same_weights(tmp_path, tmp_path / "reference")
+
+
 WRITER = """
 import sys, torch
 from slmlab.training.checkpoint_io import AtomicCheckpointIO

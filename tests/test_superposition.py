@@ -135,6 +135,6 @@ def test_a_data_module_that_cannot_read_bags_is_named(tmp_path):
         batch_size, vocab_size, seq_len = 4, 512, 32
 
     module.trainer = SimpleNamespace(datamodule=ChatData(), callbacks=[], strategy=None, world_size=1,
-                                     accumulate_grad_batches=1, max_steps=8)
+                                     accumulate_grad_batches=1, val_check_interval=4, max_steps=8)
     with pytest.raises(ValueError, match="stage.superposition: the data module ChatData cannot read bags"):
         module.setup("fit")

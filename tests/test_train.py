@@ -205,6 +205,15 @@ def test_cuda_graph_blocks_refuse_what_they_would_get_wrong(tmp_path, setting, e
         train(compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhead", setting]))
 
 
+def test_a_validation_inside_an_optimizer_step_is_refused(tmp_path):
+    """val_check_interval counts batches: 3 with 2 micro-batches a step would validate (and checkpoint) in the
+    middle of step 2, with its first micro-batch read and not applied."""
+    with pytest.raises(ValueError, match="trainer.val_check_interval=3 counts batches: with "
+                                         "trainer.accumulate_grad_batches=2 it must be a multiple of 2"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["trainer.accumulate_grad_batches=2",
+                                                             "trainer.val_check_interval=3"]))
+
+
 def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
     """Fused AdamW (the optimizer on every device) under bf16-mixed, where Lightning's own clipping
     refuses it: the module clips. A clip far below the gradient norm leaves Adam's updates at

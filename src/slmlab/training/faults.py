@@ -4,12 +4,13 @@ output directory it could not write to. The callbacks are registered in `conf/ca
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -46,14 +47,72 @@ def preflight(output_dir: str | Path, module: torch.nn.Module) -> None:
                              f"this model takes {need / 2**30:.2f} GiB; free some space or choose another directory")
 
 
-class CheckpointOnSigterm(Callback):
-    """On SIGTERM (a scheduler's preemption, `kill`), write `last.ckpt` at the step reached, then exit
-    with status 143 (128 + SIGTERM), as a process the signal killed would: not done, to be resumed.
+def inside_accumulation(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether training batch `batch_idx` ended inside an optimizer step (gradient accumulation). A
+    checkpoint written there would hold the weights from before the step but a data position after its
+    first micro-batches, whose gradients it does not hold: the resumed run would never apply them."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches != 0
 
-    Lightning by itself finishes the current batch and stops, saving nothing (it saves only under
-    SLURM with auto-requeue), and exits with status 0. A SIGTERM during a validation stops it part way;
-    the resumed run goes on after it, without its metrics.
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, which with `train_time_interval` may save after any micro-batch, saving
+    at optimizer-step boundaries only (the first one after the interval)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not inside_accumulation(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a scheduler's preemption, `kill`), write `last.ckpt` at the end of the optimizer step
+    under way, then exit with status 143 (128 + SIGTERM), as a process the signal killed would: not done,
+    to be resumed.
+
+    Lightning by itself stops after the batch under way, also inside a gradient accumulation, saving
+    nothing (it saves only under SLURM with auto-requeue), and exits with status 0. Its signal handler is
+    replaced here by one that only records the signal; Lightning is told to stop at the next optimizer-step
+    boundary (`inside_accumulation`), on every rank at the same step. A SIGTERM during a validation stops it
+    part way (under DDP at its end); the resumed run goes on after it, without its metrics.
     """
+
+    def __init__(self) -> None:
+        self._received = False
+        self._launcher = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installed its handler before this hook, and puts the process's own back when fit ends
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._record)
+        self._launcher = trainer.strategy.launcher
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if not self._received and self._launcher is not None:
+            self._launcher.kill(signum)  # ranks this process started, as Lightning's handler does
+        self._received = True
+
+    def _stop_if_signalled(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stop = self._received
+        if trainer.world_size > 1:  # any rank's signal stops all of them after the same step
+            flag = torch.tensor(float(stop), device=pl_module.device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="max"))
+        if stop:  # Lightning raises SIGTERMException once the batch (or validation batch) has ended
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not inside_accumulation(trainer, batch_idx):
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        # ranks may hold different numbers of validation batches: under DDP they agree at its end
+        if trainer.world_size == 1 and not inside_accumulation(trainer, trainer.fit_loop.epoch_loop.batch_idx):
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and not inside_accumulation(trainer, trainer.fit_loop.epoch_loop.batch_idx):
+            self._stop_if_signalled(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
