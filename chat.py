@@ -17,7 +17,7 @@ import sys
 import torch
 from hydra.errors import HydraException
 
-from slmlab.config import training_config
+from slmlab.config import tokenizer_path, training_config
 from slmlab.data.chat import CHATML_TEMPLATE, encode_chat
 from slmlab.data.tokenizer import SPECIAL_TOKENS
 from slmlab.eval.seed import seed_everything
@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], str | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", help="answer this one message, then exit")
     parser.add_argument("args", nargs="*", help="ckpt=PATH and other key=value arguments")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # key=value arguments before or after --prompt
     if malformed := [a for a in ns.args if "=" not in a]:
         parser.error(f"arguments are key=value, got {malformed}")
     pairs = [a.split("=", 1) for a in ns.args]
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
         model = load_pretrained(args["ckpt"])
         if "device" in args:
             model = model.to(torch.device(args["device"]))
-        cfg_tokenizer = training_config(model.cfg, overrides).data.tokenizer.path
+        cfg_tokenizer = tokenizer_path(training_config(model.cfg, overrides).data)
         tokens = find_tokenizer(args["ckpt"], cfg_tokenizer, args.get("tokenizer"))
         tokens.check_fits(model.cfg.vocab_size)
     except (FileNotFoundError, ValueError, HydraException) as e:  # a wrong path or argument: no traceback

@@ -59,8 +59,6 @@ def train(cfg: DictConfig) -> float | None:
         # Lightning's own use of a torch pytree API that newer torch deprecates, once in every run
         warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.resume, trainer))
-        if cfg.test:
-            trainer.test(module, datamodule=datamodule)
     val_loss = trainer.callback_metrics.get("val/loss")
     return None if val_loss is None else float(val_loss)
 

@@ -153,10 +153,6 @@ class ChatDataModule(EpochDataModule):
                 loaders += loader if isinstance(loader, list) else [loader]
         return loaders
 
-    def test_dataloader(self) -> list[DataLoader]:
-        """The validation loaders: there is no separate test split."""
-        return self.val_dataloader()
-
 
 def _check_same_tokenizer(other: Path, ours: Path) -> None:
     """DataError unless two tokenizer files are the same tokenizer (by their fingerprint)."""

@@ -158,10 +158,6 @@ class TokenShardDataModule(StreamDataModule):
         return [self.loader(ValBatches(self.val_blocks[name], self.batch_size, rank, world_size))
                 for name in self.val_sources]
 
-    def test_dataloader(self) -> list[DataLoader]:
-        """The validation loaders: there is no separate test split."""
-        return self.val_dataloader()
-
 
 def _check_keys(config: Mapping, allowed: set[str], where: str, required: set[str]) -> None:
     if unknown := set(config) - allowed:

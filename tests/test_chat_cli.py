@@ -34,6 +34,15 @@ def test_one_shot_prompt_prints_the_greedy_chat_answer(run, capsys):
     assert printed == expected_answer(run, [{"role": "user", "content": "What is apt?"}], 10) + "\n"
 
 
+def test_the_tokenizer_comes_from_a_chat_data_config_and_arguments_may_follow_the_prompt(run, capsys):
+    # chat data configs name their tokenizer by its path alone, pretraining ones by a table
+    artifacts = run.tokenizer.parents[2]
+    main([f"ckpt={run.ckpt}", "data=chat_embedded", f"paths.artifacts={artifacts}", "--prompt", "What is apt?",
+          "temperature=0", "repetition_penalty=1.0", "max_new_tokens=10"])
+    printed = capsys.readouterr().out
+    assert printed == expected_answer(run, [{"role": "user", "content": "What is apt?"}], 10) + "\n"
+
+
 def test_history_is_kept_and_dropped_oldest_first_to_fit_the_context(run):
     tokens = TokenizerFiles.load(run.tokenizer)
     model = load_pretrained(run.ckpt)

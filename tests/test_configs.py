@@ -72,6 +72,10 @@ def test_helios_recipe_overrides_the_base():
     cfg = compose_config(["experiment=helios_nova_pretrain"])
     assert (cfg.model.d_model, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.trainer.accumulate_grad_batches) == (1024, 3e-4, 4000, 8)
     assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len == 393_216
+    # the card's 50B tokens of FineWeb-Edu sample-100BT, read once (not five passes over the 10BT sample)
+    source = cfg.data.sources.fineweb_edu
+    assert source.raw.hf_config == "sample-100BT" and "100bt" in source.path
+    assert cfg.trainer.max_steps * 393_216 <= source.raw.max_tokens
 
 
 def test_odinnext_recipe_trains_as_its_card_says():

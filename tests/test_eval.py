@@ -83,6 +83,17 @@ def test_the_shipped_probes_cover_both_languages():
     assert any("GNU General Public License" in i["prompt"] and i["correct"] == " 2 or higher" for i in items)
 
 
+def test_a_malformed_probes_file_names_its_line(tmp_path):
+    path = tmp_path / "probes.jsonl"
+    good = json.dumps({"prompt": "p", "correct": " a", "wrong": [" b"]})
+    path.write_text(f"{good}\n\n{{'prompt': 1}}\n")
+    with pytest.raises(ValueError, match=f"{path}:3: invalid JSON"):
+        load_probes(path)
+    path.write_text(f"{good}\n" + json.dumps({"prompt": "p", "correct": " a", "wrong": []}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: a probe needs prompt, correct and a non-empty wrong list"):
+        load_probes(path)
+
+
 def test_lm_eval_accuracy_is_the_argmax_of_the_adapters_loglikelihoods(tiny_runs, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager

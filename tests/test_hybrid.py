@@ -58,6 +58,12 @@ def test_layouts_expand_letters_names_and_counts():
         CausalLM(cfg(layout="lstm,A"))
 
 
+def test_a_typo_in_the_kernel_is_named_even_where_no_layer_dispatches():
+    # an all-attention model never asks ops/backend.py, and on CUDA 'troch' ran slmlab's Triton kernels
+    with pytest.raises(ValueError, match="model.kernel='troch' is not one of"):
+        cfg(layout="A*2", kernel="troch")
+
+
 def test_gated_residual_block_by_hand():
     torch.manual_seed(0)
     model = CausalLM(cfg(n_layers=1, residual="gated", norm="zc_rms")).double()

@@ -135,6 +135,12 @@ def training_config(model: ModelConfig, overrides: Sequence[str] = ()) -> DictCo
                            *overrides])
 
 
+def tokenizer_path(data: DictConfig) -> str:
+    """The tokenizer file a data config names: pretraining data gives a table (path, vocabulary, what to
+    train it on), post-training data (chat, preferences, prompts) just the path."""
+    return data.tokenizer if isinstance(data.tokenizer, str) else data.tokenizer.path
+
+
 _SIMPLE = (bool, int, float, str, type(None))
 
 

@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from slmlab.config import training_config
+from slmlab.config import tokenizer_path, training_config
 from slmlab.eval.bpb import bits_per_byte
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
@@ -63,7 +63,7 @@ def run_suite(suite: str, model: CausalLM, args: dict[str, str], cfg: DictConfig
     batch_size = int(args.get("batch_size", 16))
     if suite == "bpb":
         return table(bits_per_byte(model, instantiate(cfg.data)))
-    tokens = find_tokenizer(args["ckpt"], cfg.data.tokenizer.path, args.get("tokenizer"))
+    tokens = find_tokenizer(args["ckpt"], tokenizer_path(cfg.data), args.get("tokenizer"))
     if suite == "probes":
         return table(probe_report(model, tokens.tokenizer, load_probes(args.get("probes", DEFAULT_PROBES)), batch_size))
     # lm-eval is an optional dependency: imported only for its suite

@@ -7,12 +7,13 @@ NLL(wrong) - NLL(correct): positive when the model prefers the truth; accuracy i
 items with a positive margin. `probes/debian_en_de.jsonl` holds facts of the embedded corpus.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from slmlab.data.errors import DataError
+from slmlab.data.records import parse_jsonl
 from slmlab.eval.scoring import encode_pair, score_continuations
 from slmlab.models import CausalLM
 
@@ -20,11 +21,14 @@ DEFAULT_PROBES = Path(__file__).parent / "probes" / "debian_en_de.jsonl"
 
 
 def load_probes(path: str | Path = DEFAULT_PROBES) -> list[dict]:
-    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for n, item in enumerate(items, 1):
-        if not {"prompt", "correct", "wrong"} <= item.keys() or not item["wrong"]:
-            raise ValueError(f"{path}:{n}: a probe needs prompt, correct and a non-empty wrong list")
-    return items
+    """The items of a probes file; a malformed line is a `DataError` naming the file and line."""
+    return parse_jsonl(path, _check_probe)[0]
+
+
+def _check_probe(item: dict, where: str) -> dict:
+    if not {"prompt", "correct", "wrong"} <= item.keys() or not item["wrong"]:
+        raise DataError(f"{where}: a probe needs prompt, correct and a non-empty wrong list")
+    return item
 
 
 def item_margins(model: CausalLM, tokenizer: Tokenizer, items: Sequence[dict], batch_size: int = 16) -> list[float]:

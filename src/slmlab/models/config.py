@@ -3,6 +3,8 @@
 import re
 from dataclasses import dataclass
 
+from slmlab.ops.backend import KERNELS
+
 # one-letter names for layouts: "M*6,G*16,S*6" = 6 mamba2, 16 gla, 6 sparse_attention layers
 MIXER_LETTERS = {"A": "attention", "S": "sparse_attention", "G": "gla", "H": "hgrn2", "M": "mamba2"}
 
@@ -69,7 +71,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         for key, value, allowed in (("norm", self.norm, ("rms", "zc_rms")), ("residual", self.residual, ("plain", "gated")),
-                                    ("rope_layers", self.rope_layers, ("all", "even", "none"))):
+                                    ("rope_layers", self.rope_layers, ("all", "even", "none")),
+                                    ("kernel", self.kernel, KERNELS)):
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
         self.layer_mixers = self._parse_layout()

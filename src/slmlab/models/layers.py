@@ -87,9 +87,9 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float, max_len: int) -> None:
         super().__init__()
         self.head_dim, self.theta, self.max_len = head_dim, theta, max_len
-        self._build_tables(torch.device("cpu"))
+        self._build_tables(None)  # None: the default device (meta when the model is built there)
 
-    def _build_tables(self, device: torch.device) -> None:
+    def _build_tables(self, device: torch.device | None) -> None:
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
                                         / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

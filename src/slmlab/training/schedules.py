@@ -9,6 +9,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+DECAY_SHAPES = ("cosine", "linear", "sqrt")
+
 
 class WarmupSchedule(LRScheduler):
     """lr(step) = peak * factor(step): linear warmup over `warmup_steps`, then `after_warmup`."""
@@ -42,7 +44,7 @@ class WarmupSchedule(LRScheduler):
         elif shape == "sqrt":  # "1 - sqrt", the cooldown of the WSD papers
             down = 1 - math.sqrt(progress)
         else:
-            raise ValueError(f"unknown decay shape {shape!r}; use cosine, linear or sqrt")
+            raise ValueError(f"unknown decay shape {shape!r}; use {', '.join(DECAY_SHAPES)}")
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * down
 
 
@@ -53,6 +55,8 @@ class WSD(WarmupSchedule):
                  decay_shape: str = "cosine", min_lr_ratio: float = 0.0) -> None:
         if not 0 < decay_fraction <= 1:
             raise ValueError(f"decay_fraction={decay_fraction} must lie in (0, 1]")
+        if decay_shape not in DECAY_SHAPES:  # else the typo would surface only when the decay starts
+            raise ValueError(f"schedule.decay_shape={decay_shape!r}: use {', '.join(DECAY_SHAPES)}")
         self.decay_steps = max(1, round(decay_fraction * total_steps))
         self.decay_shape = decay_shape
         super().__init__(optimizer, total_steps, warmup_steps, min_lr_ratio)
