@@ -67,6 +67,22 @@ def test_schedule_state_round_trips_mid_run():
     assert a.get_last_lr() == b.get_last_lr() != [1.0]
 
 
+def test_a_run_resumed_with_more_steps_follows_the_longer_schedule():
+    """The checkpoint's schedule used to replace this run's: resumed with trainer.max_steps 10 -> 20, the
+    LR stayed at the floor it had reached at step 10."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    short = Cosine(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    for _ in range(10):
+        opt.step(); short.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    extended = Cosine(opt2, total_steps=20, warmup_steps=2, min_lr_ratio=0.1)
+    with pytest.warns(UserWarning, match=r"total_steps 10 -> 20\): the LR follows this run's schedule from step 10"):
+        extended.load_state_dict(short.state_dict())
+    opt2.step(); extended.step()
+    assert extended.get_last_lr() == pytest.approx(lrs(lambda o: Cosine(o, total_steps=20, warmup_steps=2,
+                                                                           min_lr_ratio=0.1), 20)[11:12])
+
+
 def test_bad_schedule_arguments_name_the_value():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=r"schedule.warmup_steps=30 must lie in \[0, trainer.max_steps=10\]"):

@@ -5,11 +5,13 @@ fraction of the peak (Helios Nova: 3e-5 / 3e-4 = 0.1).
 """
 
 import math
+import warnings
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 DECAY_SHAPES = ("cosine", "linear", "sqrt")
+SHAPE_KEYS = ("total_steps", "warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape")
 
 
 class WarmupSchedule(LRScheduler):
@@ -21,6 +23,16 @@ class WarmupSchedule(LRScheduler):
                              "(the schedule spans the run's optimizer steps): lower schedule.warmup_steps")
         self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
         super().__init__(optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The position in the schedule from a checkpoint, its shape from this run's settings: a run resumed
+        with a larger trainer.max_steps (or other schedule.* values) follows the new schedule from there."""
+        shape = {k for k in state_dict if k in SHAPE_KEYS}
+        if changed := [f"{k} {state_dict[k]} -> {getattr(self, k)}" for k in sorted(shape)
+                       if state_dict[k] != getattr(self, k)]:
+            warnings.warn(f"the LR schedule differs from the checkpoint's ({', '.join(changed)}): the LR follows "
+                          f"this run's schedule from step {state_dict['last_epoch']}", stacklevel=2)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in shape})
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
