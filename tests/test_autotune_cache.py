@@ -186,3 +186,51 @@ def test_start_up_time_counts_from_the_launch_of_the_process():
             "print(seconds_since_launch())")
     seconds = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.5 <= seconds < 60  # the sleep, plus the imports after it
+
+
+class FakeTuningPool:
+    """The worker pool of `tune_kernels.main` without a GPU: each job 'autotunes' one result file into
+    the scratch Triton cache, named after its mixer."""
+
+    def __init__(self, processes):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs):
+        for name, mixer, _, _ in jobs:
+            write(autotune_cache.triton_cache_dir() / f"new_{mixer}" / f"{mixer}_kernel.autotune.json", "{}")
+            yield name, mixer, 1.0, []
+
+
+@pytest.mark.parametrize("models,kept", [(["odinnext"], True), (["helix_hybrid", "odinnext"], False)])
+def test_tuning_replaces_the_gpu_folder_only_when_every_mixer_was_tuned(tmp_path, monkeypatch, models, kept):
+    """`--models odinnext` tunes hgrn2 only: the shipped GLA and Mamba-2 results must stay."""
+    import multiprocessing
+
+    import torch
+
+    from slmlab import tune_kernels
+
+    folder = tmp_path / "configs" / "NVIDIA_H200"
+    old = [folder / "gla_hash" / "chunk_gla_fwd_kernel.autotune.json",
+           folder / "ssd_hash" / "_bmm_chunk_fwd_kernel.autotune.json"]
+    for path in old:
+        write(path, "{}")
+    # main sets these for its workers: set here, so that they are restored after the test
+    for name in ("TRITON_CACHE_AUTOTUNING", "SLMLAB_TUNED_CONFIGS"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "user_cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "NVIDIA H200")
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Pool=FakeTuningPool))
+    monkeypatch.setattr(sys, "argv", ["tune_kernels", "--models", *models, "--out", str(tmp_path / "configs")])
+    tune_kernels.main()
+    tuned = {p.parent.name for p in folder.glob(autotune_cache.PATTERN) if p.parent.name.startswith("new_")}
+    assert tuned == {f"new_{mixer}" for _, mixer, _, _ in tuning_jobs(models, 2048, 16384)}
+    assert all(path.exists() == kept for path in old)
+    assert (tmp_path / "user_cache" / "new_hgrn2" / "hgrn2_kernel.autotune.json").exists()

@@ -194,3 +194,63 @@ def test_a_stage_with_compiled_blocks_trains_as_the_eager_stage_does(pretrained,
         losses[name] = metric(tmp_path / name / "run", key)
     assert losses["eager"]
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=rtol, atol=1e-6)
+
+
+def seqkd_source(tmp_path: Path, val_fraction: float, questions: list[str]) -> tuple[Path, list[dict], list[dict]]:
+    """A chat file like the embedded one (reference answers, `section`, `language`), with sections on
+    both sides of the split; returns it and its (train rows, held-out rows)."""
+    from slmlab.data.records import is_val_record
+
+    sections = [str(i) for i in range(100)]
+    val = [s for s in sections if is_val_record({"section": s}, "section", val_fraction, "test")][:2]
+    train = [s for s in sections if s not in val][:len(questions)]
+    rows = [{"id": f"{s}/en/{i}", "section": s, "language": "en",
+             "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "the reference answer"}]}
+            for i, (s, q) in enumerate(zip(train + val, questions + questions[:len(val)]))]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows[:len(train)], rows[len(train):]
+
+
+def test_seqkd_output_is_sft_data_split_as_its_source_with_the_held_out_rows_unanswered(pretrained, tmp_path):
+    """The README's two steps at the defaults: every prompt fits the teacher's context (32 positions
+    here), the rows keep `section`, and the SFT data module splits the output as it splits the source."""
+    from slmlab.seqkd import main as seqkd
+    from tests.conftest import ROOT
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={pretrained}"])
+    source, train_rows, val_rows = seqkd_source(tmp_path, cfg.data.val_fraction,
+                                                ["what is apt?", "was ist dpkg?", "what is sudo?"])
+    out = tmp_path / "seqkd.jsonl"
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    seqkd(["--teacher", str(pretrained), "--tokenizer", str(tokenizer), "--prompts", str(source), "--out", str(out)])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == len(train_rows) + len(val_rows)
+    for row, src in zip(written, train_rows + val_rows):
+        assert {k: v for k, v in row.items() if k != "messages"} == {k: v for k, v in src.items() if k != "messages"}
+    for row, src in zip(written, train_rows):  # the prompt, then the teacher's answer
+        assert row["messages"][:-1] == src["messages"][:-1] and row["messages"][-1]["role"] == "assistant"
+        assert row["messages"][-1]["content"] != "the reference answer"
+    assert written[len(train_rows):] == val_rows  # held out: copied with their reference answers
+
+    cfg.data.conversations = str(out)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (dm.num_train_conversations, len(dm.val_collate)) == (len(train_rows), len(val_rows))
+
+
+def test_seqkd_fails_and_writes_nothing_when_no_prompt_is_answered(pretrained, tmp_path):
+    from slmlab.seqkd import main as seqkd
+    from tests.conftest import ROOT
+
+    val_fraction = compose_config(["data=chat_embedded"]).data.val_fraction
+    source, _, _ = seqkd_source(tmp_path, val_fraction, ["apt " * 40])  # longer than the teacher's 32 positions
+    out = tmp_path / "seqkd.jsonl"
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    with pytest.raises(SystemExit) as failed:
+        seqkd(["--teacher", str(pretrained), "--tokenizer", str(tokenizer), "--prompts", str(source),
+               "--out", str(out)])
+    message = str(failed.value.code)  # a message as the code: exit status 1
+    assert message.startswith(f"error: {source}: no prompt answered: 1 prompts fill the teacher's max_seq_len=32")
+    assert not out.exists()

@@ -9,9 +9,11 @@ where slmlab ships them (`ops/kernel_configs/<GPU model>/`, see `ops/autotune_ca
 For each distinct Triton-backed mixer of the presets (gla, hgrn2, mamba2): one layer of the preset's
 shape runs forward + backward under bf16 autocast at `--seq-len`, then a prefill and one decoding step,
 in a Triton cache of its own, so every kernel on the training and generation paths autotunes from
-scratch. The winners replace that GPU's folder (with `--mixers`, only those mixers' results) and are
-also copied into this machine's Triton cache; the winners of kernels with pre_hooks, which Triton does
-not write, go into the folder's `prehook_configs.json` (see `ops/autotune_cache.py`).
+scratch. When every mixer of TUNED_MIXERS was tuned, the winners replace that GPU's folder; otherwise
+(`--mixers`, or presets without some of them) they only replace the results of the same kernel and
+tuning key, and the other mixers' results are kept. The winners are also copied into this machine's
+Triton cache; the winners of kernels with pre_hooks, which Triton does not write, go into the folder's
+`prehook_configs.json` (see `ops/autotune_cache.py`).
 Attention mixers use flash SDPA / FlexAttention (compiled by torch, cached by inductor): nothing to tune.
 With `--jobs` > 1 the mixers tune in parallel processes on the one GPU: several times faster, but
 each candidate is timed while the others run, so the choice between close configs is noisier.
@@ -48,6 +50,14 @@ def tuning_jobs(models: list[str], seq_len: int, tokens: int,
                 seen.add(mixer)
                 jobs.append((name, mixer, max(1, tokens // seq_len), seq_len))
     return jobs
+
+
+def replaces_folder(jobs: list[tuple[str, str, int, int]]) -> bool:
+    """Whether the new results replace the GPU's whole folder: only when `jobs` tune every mixer of
+    TUNED_MIXERS. A result file is not attributable to a mixer (Triton names it by a hash of the kernel
+    source and tuning key, and HGRN2 runs GLA's kernels), so a partial run cannot remove just
+    its mixers' old files; its new ones overwrite those of the same kernel and key."""
+    return {mixer for _, mixer, _, _ in jobs} == set(TUNED_MIXERS)
 
 
 def run_job(job: tuple[str, str, int, int]) -> tuple[str, str, float, list[dict]]:
@@ -107,7 +117,7 @@ def main() -> None:
             prehook += winners
 
     dest = args.out / gpu_dirname(torch.cuda.get_device_name())
-    if set(args.mixers) == set(TUNED_MIXERS):
+    if replaces_folder(jobs):
         shutil.rmtree(dest, ignore_errors=True)
     written = copy_autotune_results(scratch, dest, overwrite=True)
     held = merge_prehook_winners(dest / PREHOOK_FILE, prehook)
