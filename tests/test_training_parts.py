@@ -594,6 +594,24 @@ def test_callbacks_run_the_model_on_every_rank_under_fsdp_and_on_rank_zero_alone
     assert capsys.readouterr().out == ""
 
 
+def test_a_resumed_run_evaluates_after_the_same_validations(monkeypatch):
+    from slmlab.eval.callback import EvalSuites
+
+    evaluated = []
+    monkeypatch.setattr(EvalSuites, "evaluate", lambda self, model, dm, cuda_graph: {"eval/x": 1.0})
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, strategy=SimpleNamespace(
+        broadcast=lambda obj, src=0: obj), datamodule=None)
+    module = SimpleNamespace(model=None, log_dict=lambda metrics: evaluated.append(validation))
+    first = EvalSuites(every_n_validations=3)
+    for validation in (1, 2, 3, 4):
+        first.on_validation_epoch_end(trainer, module)
+    resumed = EvalSuites(every_n_validations=3)  # from the checkpoint of validation 4
+    resumed.load_state_dict(first.state_dict())
+    for validation in (5, 6, 7):
+        resumed.on_validation_epoch_end(trainer, module)
+    assert evaluated == [3, 6]
+
+
 @pytest.mark.parametrize("name,kind", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),

@@ -68,6 +68,12 @@ class EvalSuites(Callback):
         metrics = trainer.strategy.broadcast(metrics)
         pl_module.log_dict(metrics)
 
+    def state_dict(self) -> dict[str, int]:  # a resumed run evaluates after the same validations
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.validations = state_dict["validations"]
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, datamodule: L.LightningDataModule,
                  cuda_graph: bool = True) -> dict[str, float]:
