@@ -160,6 +160,15 @@ def test_tokenizer_config_holds_the_template_and_hugging_face_reads_it(tmp_path,
     assert hf.eos_token == IM_END
 
 
+@pytest.mark.parametrize("content, problem", [(b'{"chat_template": ', "not valid JSON"),
+                                              (b'{"chat_template": "\xff"}', "not valid JSON"),
+                                              (b"3", "no chat_template")])
+def test_a_malformed_tokenizer_config_is_named(tmp_path, content, problem):
+    (tmp_path / CONFIG_FILE).write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / CONFIG_FILE}: {problem}")):
+        apply_chat_template(MULTI_TURN, tmp_path)
+
+
 def test_convert_hf_writes_conversations_the_datamodule_reads(tmp_path, tokenizer_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     rows = [{"messages": conversation(i) + [{"role": "user", "content": "extra", "weight": 0}]} for i in range(30)]

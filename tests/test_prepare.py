@@ -82,6 +82,13 @@ def test_bad_files_are_named(tmp_path):
             list(DocumentReader(str(tmp_path / file.split(":")[0])))
 
 
+def test_a_null_split_key_in_parquet_is_named_not_hashed_as_none(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "section": ["s1", None, "s2"]}), path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: row 2: no 'section' (split_key)")):
+        list(DocumentReader(str(path), split_key="section").with_split_ids())
+
+
 # -- prepare -----------------------------------------------------------------------------------
 
 def documents_in_shards(out_dir, manifest: Manifest, split: str) -> list[list[int]]:
@@ -140,6 +147,20 @@ def test_max_tokens_stops_reading_after_the_batch_that_reaches_it(tmp_path, toke
     tokens = sum(s.tokens for s in manifest.splits.values())
     assert 3000 <= tokens < 3000 + 1500  # a 2000-character batch is well under 1500 tokens
     assert sum(s.documents for s in manifest.splits.values()) < 100
+
+
+def test_skipped_documents_count_only_the_batches_written_for_any_num_proc(tmp_path, tokenizer_path, monkeypatch):
+    # with num_proc > 1 the reader runs batches ahead; those past max_tokens are never written
+    monkeypatch.setattr(prepare, "_BATCH_CHARS", 2000)
+    lines = [json.dumps({"text": text}).encode() + b"\n" for text in documents(200)]
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"".join(line + (b'{"text": "caf\xe9"}\n' if i % 5 == 0 else b"") for i, line in enumerate(lines)))
+    manifests = [prepare_shards(DocumentReader(str(path)), tmp_path / str(num_proc), tokenizer_path, val_fraction=0.1,
+                                num_proc=num_proc, max_tokens=3000) for num_proc in (1, 2)]
+    assert manifests[0] == manifests[1]
+    written = sum(s.documents for s in manifests[0].splits.values())
+    # the bad lines before the last document written (the one after it is never read)
+    assert manifests[0].skipped_documents == len(range(0, written - 1, 5)) > 0
 
 
 def test_an_interrupted_preparation_never_loads_and_is_redone(tmp_path, tokenizer_path):

@@ -87,6 +87,19 @@ def test_malformed_manifest_is_named(tmp_path):
         open_shards(tmp_path)
 
 
+@pytest.mark.parametrize("shape, problem", [
+    (lambda m: [m], "the top level is a list"),
+    (lambda m: "manifest", "the top level is a str"),
+    (lambda m: {**m, "splits": list(m["splits"].values())}, "`splits` must be an object of objects"),
+    (lambda m: {**m, "splits": {**m["splits"], "train": []}}, "`splits` must be an object of objects"),
+], ids=["top-level list", "top-level string", "splits list", "split list"])
+def test_a_manifest_with_lists_for_objects_is_named(tmp_path, shape, problem):
+    write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)})
+    (tmp_path / MANIFEST).write_text(json.dumps(shape(json.loads((tmp_path / MANIFEST).read_text()))))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / MANIFEST}: malformed manifest") + ".*" + problem):
+        open_shards(tmp_path)
+
+
 def test_tokenizer_mismatch_names_both_tokenizers(tmp_path):
     manifest = write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)}, tokenizer_hash="aaaa")
     check_tokenizer(manifest, tmp_path, "aaaa", 300)

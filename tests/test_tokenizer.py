@@ -58,3 +58,11 @@ def test_too_small_vocab_and_missing_file_are_named(tmp_path):
         load_tokenizer(missing)
     with pytest.raises(DataError, match=re.escape(str(missing))):
         tokenizer_hash(missing)
+
+
+@pytest.mark.parametrize("content", ['{"version": "1.0", "trunc', "[]"])
+def test_a_malformed_tokenizer_file_is_named(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a valid tokenizer file")):
+        load_tokenizer(path)

@@ -68,8 +68,11 @@ def load_tokenizer_config(tokenizer_dir_or_config: str | Path | Mapping[str, Any
     path = path / CONFIG_FILE if path.is_dir() else path
     if not path.is_file():
         raise DataError(f"{path}: tokenizer config not found (write it with write_tokenizer_config)")
-    config = json.loads(path.read_text())
-    if "chat_template" not in config:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "chat_template" not in config:  # `in` on a JSON number: TypeError
         raise DataError(f"{path}: no chat_template")
     return config
 

@@ -96,57 +96,68 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     vocab_size = tokenizer.get_vocab_size()
     writers = {split: ShardWriter(out_dir, split, token_dtype(vocab_size), shard_tokens) for split in SPLITS}
     splits = {split: Split() for split in SPLITS}
-    batches = _encoded(_batches(reader.with_split_ids()), tokenizer_path, val_fraction, num_proc)
+    # skipped documents are counted per batch: with num_proc > 1 the reader runs batches ahead of the
+    # writer, and those past max_tokens are never written, so `reader.skipped` depends on num_proc
+    skipped = 0
+    batches = _encoded(_batches(reader), tokenizer_path, val_fraction, num_proc)
     with closing(batches):
-        for chunks in batches:
+        for chunks, batch_skipped in batches:
             for split, chunk in chunks.items():
                 writers[split].write(chunk.tokens)
                 splits[split].tokens += len(chunk.tokens)
                 splits[split].documents += chunk.documents
                 splits[split].bytes += chunk.bytes
+            skipped += batch_skipped
             if max_tokens is not None and sum(s.tokens for s in splits.values()) >= max_tokens:
                 break
     for split, writer in writers.items():
         splits[split].shards = writer.close()
     manifest = Manifest(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash(tokenizer_path),
                         eos_id=tokenizer.token_to_id(EOS), val_fraction=val_fraction, splits=splits,
-                        skipped_documents=reader.skipped, split_key=reader.split_key)
+                        skipped_documents=skipped, split_key=reader.split_key)
     manifest.save(out_dir)
     log.info("prepared %s: %s; skipped %d documents that are not valid UTF-8", out_dir,
              "; ".join(f"{name} {s.tokens:,} tokens, {s.documents:,} documents, {s.bytes:,} bytes"
-                       for name, s in splits.items()), reader.skipped)
+                       for name, s in splits.items()), skipped)
     return manifest
 
 
-def _batches(documents: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
-    batch, chars = [], 0
-    for doc in documents:
+def _batches(reader: DocumentReader) -> Iterator[tuple[list[tuple[str, bytes]], int]]:
+    """The reader's documents in batches of about `_BATCH_CHARS` characters, each with the number of
+    documents skipped since the previous batch; the last batch may be empty, carrying only the
+    documents skipped after the last one read."""
+    batch, chars, skipped = [], 0, 0
+    for doc in reader.with_split_ids():
         batch.append(doc)
         chars += len(doc[0])
         if chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+            yield batch, reader.skipped - skipped
+            batch, chars, skipped = [], 0, reader.skipped
+    if batch or reader.skipped > skipped:
+        yield batch, reader.skipped - skipped
 
 
-def _encoded(batches: Iterable[list[tuple[str, bytes]]], tokenizer_path: Path, val_fraction: float,
-             num_proc: int) -> Iterator[dict[str, _Chunk]]:
-    """Encode batches in order; with `num_proc` > 1 in worker processes, at most 2 batches each in flight
-    (so a huge streamed source is never read far ahead of what is written)."""
+def _encoded(batches: Iterable[tuple[list[tuple[str, bytes]], int]], tokenizer_path: Path, val_fraction: float,
+             num_proc: int) -> Iterator[tuple[dict[str, _Chunk], int]]:
+    """Encode batches in order, passing each one's skipped count along; with `num_proc` > 1 in worker
+    processes, at most 2 batches each in flight (so a huge streamed source is never read far ahead
+    of what is written)."""
     if num_proc == 1:
-        yield from map(_Encoder(tokenizer_path, val_fraction), batches)
+        encode = _Encoder(tokenizer_path, val_fraction)
+        yield from ((encode(batch), skipped) for batch, skipped in batches)
         return
     # spawn, not fork: the parent may already run tokenizer and torch threads
     context = multiprocessing.get_context("spawn")
     with context.Pool(num_proc, _start_worker, (tokenizer_path, val_fraction)) as pool:
         pending = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+        for batch, skipped in batches:
+            pending.append((pool.apply_async(_encode_in_worker, (batch,)), skipped))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                result, skipped = pending.popleft()
+                yield result.get(), skipped
         while pending:
-            yield pending.popleft().get()
+            result, skipped = pending.popleft()
+            yield result.get(), skipped
 
 
 _worker_encoder: _Encoder | None = None

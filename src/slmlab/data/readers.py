@@ -157,9 +157,11 @@ class DocumentReader:
                 row += 1
                 if raw is None:
                     raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
-                text = self._decode(raw, f"{path}: row {row}")
+                where = f"{path}: row {row}"
+                text = self._decode(raw, where)
                 if text is not None:
-                    yield text, text.encode("utf-8") if keys is None else str(keys[i]).encode("utf-8")
+                    # through _split_id, as jsonl records: a null key is an error, not the split id "None"
+                    yield text, self._split_id({} if keys is None else {self.split_key: keys[i]}, text, where)
 
     def _hf_documents(self) -> Iterator[tuple[str, bytes]]:
         try:

@@ -75,9 +75,15 @@ class Manifest:
                             "(never prepared, or preparation was interrupted)")
         try:
             record = json.loads(path.read_text())
-            version, dtype = record.pop("format_version"), record.pop("dtype")
+            # a list or scalar where an object belongs would fail below with an AttributeError, or a
+            # TypeError that does not say what is wrong
+            if not isinstance(record, dict):
+                raise TypeError(f"the top level is a {type(record).__name__}, expected an object")
+            version, dtype, splits = record.pop("format_version"), record.pop("dtype"), record.pop("splits")
+            if not isinstance(splits, dict) or not all(isinstance(split, dict) for split in splits.values()):
+                raise TypeError("`splits` must be an object of objects, one per split")
             splits = {name: Split([Shard(**s) for s in split.pop("shards")], **split)
-                      for name, split in record.pop("splits").items()}
+                      for name, split in splits.items()}
             manifest = cls(splits=splits, **record)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None

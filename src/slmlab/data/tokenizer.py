@@ -59,7 +59,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # `tokenizers` raises a bare Exception, naming no file, for any parse error
+        raise DataError(f"{path}: not a valid tokenizer file ({e})") from None
     ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(len(SPECIAL_TOKENS))):
         raise DataError(f"{path}: special tokens {SPECIAL_TOKENS} must have ids 0..{len(ids) - 1}, got {ids}")
