@@ -44,6 +44,7 @@ class LMModule(L.LightningModule):
         # parameter into a 1-D view of its shard before the optimizer is made
         self.param_groups = param_groups_for(optimizer, self.model, decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
+        self._step_tokens: torch.Tensor | None = None  # label tokens of this step so far (`token_weighted`)
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""
@@ -151,6 +152,7 @@ class LMModule(L.LightningModule):
         step = self.trainer.global_step
         if self._grad_norm is None or self._grad_norm[0] != step:
             self._unscale_fp16_gradients()
+            self._weigh_label_tokens_equally()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if shards_parameters(self.trainer.strategy):
@@ -172,6 +174,28 @@ class LMModule(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             if getattr(optimizer, "_step_supports_amp_scaling", False):
                 scaler.unscale_(optimizer)
+
+    def token_weighted(self, mean_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate for `mean_loss`, the mean over this micro-batch's label tokens, so
+        that every label token of the optimizer step weighs the same whichever micro-batch and rank it
+        is in (chat data, where micro-batches hold different numbers of them). A mean per micro-batch,
+        averaged over micro-batches and ranks, would weigh the tokens of short answers more, and results
+        would change with trainer.accumulate_grad_batches and the number of devices."""
+        tokens = (labels != IGNORE_INDEX).sum()
+        self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
+        return mean_loss * tokens
+
+    def _weigh_label_tokens_equally(self) -> None:
+        # Lightning divided each micro-batch's loss by the accumulation and DDP averages over ranks: the
+        # gradients are the sum over the step's label tokens over (accumulation x ranks); now their mean
+        if self._step_tokens is None:
+            return
+        tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
+        self._step_tokens = None
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norm = self.gradient_norm()  # non-finite where NonFiniteGuard skips the step

@@ -42,4 +42,4 @@ class DistillModule(PretrainModule):
         ce_and_z, ce = lm_loss(logits, batch["labels"], self.z_loss)
         loss = self.alpha * kd + (1 - self.alpha) * ce + (ce_and_z - ce)  # the z-loss whatever alpha
         self.log_dict({"train/loss": ce, "train/kd": kd, "train/total_loss": loss})
-        return loss
+        return self.token_weighted(loss, batch["labels"])  # chat data: micro-batches of unequal label counts

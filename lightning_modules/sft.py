@@ -37,7 +37,7 @@ class SFTModule(LMModule):
         self.log("train/loss", loss)
         dm = self.trainer.datamodule
         self.log("train/epoch", torch.tensor(dm.samples_consumed / dm.train_size))  # on the CPU: no copy to the GPU
-        return loss
+        return self.token_weighted(loss, batch["labels"])
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
