@@ -54,13 +54,18 @@ def test_cosine_and_constant():
     assert lrs(lambda o: Constant(o, total_steps=5, warmup_steps=1), 5) == pytest.approx([1.0] * 5)
 
 
-def test_schedule_state_round_trips_mid_run():
+def stepped(make, steps: int) -> tuple[torch.optim.Optimizer, WSD | Cosine]:
+    """A schedule made by `make(optimizer)` after `steps` optimizer steps."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    a = WSD(opt, total_steps=20, warmup_steps=3, decay_fraction=0.5)
-    for _ in range(12):
-        opt.step(); a.step()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    b = WSD(opt2, total_steps=20, warmup_steps=3, decay_fraction=0.5)
+    schedule = make(opt)
+    for _ in range(steps):
+        opt.step(); schedule.step()
+    return opt, schedule
+
+
+def test_schedule_state_round_trips_mid_run():
+    opt, a = stepped(lambda o: WSD(o, total_steps=20, warmup_steps=3, decay_fraction=0.5), 12)
+    opt2, b = stepped(lambda o: WSD(o, total_steps=20, warmup_steps=3, decay_fraction=0.5), 0)
     b.load_state_dict(a.state_dict())
     opt2.param_groups[0]["lr"] = b.get_last_lr()[0]
     opt.step(); a.step(); opt2.step(); b.step()
@@ -70,12 +75,8 @@ def test_schedule_state_round_trips_mid_run():
 def test_a_run_resumed_with_more_steps_follows_the_longer_schedule():
     """The checkpoint's schedule used to replace this run's: resumed with trainer.max_steps 10 -> 20, the
     LR stayed at the floor it had reached at step 10."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    short = Cosine(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    for _ in range(10):
-        opt.step(); short.step()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    extended = Cosine(opt2, total_steps=20, warmup_steps=2, min_lr_ratio=0.1)
+    _, short = stepped(lambda o: Cosine(o, total_steps=10, warmup_steps=2, min_lr_ratio=0.1), 10)
+    opt2, extended = stepped(lambda o: Cosine(o, total_steps=20, warmup_steps=2, min_lr_ratio=0.1), 0)
     with pytest.warns(UserWarning, match=r"total_steps 10 -> 20\): the LR follows this run's schedule from step 10"):
         extended.load_state_dict(short.state_dict())
     opt2.step(); extended.step()
