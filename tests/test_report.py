@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slmlab.report import gather, main, sft_tradeoff, write_report
+from slmlab.report import gather, main, read_metrics, sft_tradeoff, write_report
 from tests.conftest import ROOT, metric, tiny_run_overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -70,6 +70,13 @@ def fake_run(root: Path, name: str, config: dict, overrides: list[str], metrics:
             writer.writeheader()
             writer.writerows({"epoch": 0, **m} for m in metrics)
     return run
+
+
+def test_steps_a_resumed_run_redid_keep_their_later_values(tmp_path):
+    # resumed from step 20's checkpoint after logging up to step 40: the CSV log holds 20-40 twice
+    run = fake_run(tmp_path, "run", {}, [], [{"step": s, "train/loss": v} for s, v in
+                                             [(10, 5.0), (20, 4.0), (30, 3.5), (40, 3.3), (30, 3.6), (40, 3.4)]])
+    assert read_metrics(run / "csv" / "metrics.csv")["train/loss"] == [(10, 5.0), (20, 4.0), (30, 3.6), (40, 3.4)]
 
 
 def sft_runs(root: Path) -> Path:

@@ -151,6 +151,7 @@ def test_json_fenced_or_bare_but_only_objects_and_arrays():
     assert not check('```json\n{"a": 1}\n```\nHope this helps.', json_output)
     assert not check("42", json_output)
     assert not check('"just a string"', json_output)
+    assert not check("[" * 5000, json_output)  # deeper than json's recursion limit: no crash
 
 
 def test_bullets_with_both_markers_indentation_and_lookalikes():
@@ -224,6 +225,8 @@ def test_unknown_or_missing_kind_raises():
         check("Text.", {"kind": "max_letters", "n": 3})
     with pytest.raises(ValueError, match="'kind'"):
         check("Text.", {"n": 3})
+    with pytest.raises(ValueError, match=r"unknown constraint kind \['no_commas'\]"):  # not a TypeError
+        check("Text.", {"kind": ["no_commas"]})
 
 
 def test_parameters_from_yaml_like_containers_are_accepted():

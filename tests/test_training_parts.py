@@ -464,27 +464,44 @@ def test_timed_loader_counts_the_time_spent_producing_batches_not_the_time_betwe
     assert 0.08 <= loader.loading_seconds < total - 0.2, (loader.loading_seconds, total)
 
 
-def test_data_wait_is_the_loading_time_share_of_the_window():
+def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flops(monkeypatch):
+    """A window runs from one logging step's end to the next: each batch's loading (fetched before its
+    step starts) is in it once. FLOPs per token are those of each batch's own step, though the last
+    micro-batch ends after the step counter moved on (a superposition phase may end there). A resumed run
+    logs its start-up time at the end of its own first optimizer step."""
+    from slmlab.training import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
     loading = SimpleNamespace(train_loading_seconds=0.0)
-    trainer = SimpleNamespace(datamodule=loading, world_size=1, global_step=0)
-    module = SimpleNamespace(device=torch.device("cpu"), logged=[], log=lambda *a, **k: None)
+    trainer = SimpleNamespace(datamodule=loading, world_size=1, global_step=10, training=True)  # resumed at 10
+    module = SimpleNamespace(device=torch.device("cpu"), logged=[],
+                             flops_per_data_token=lambda seq_len: 100.0 if trainer.global_step < 12 else 50.0)
     module.log_dict = module.logged.append
-    monitor = ThroughputMonitor(log_every_n_steps=4)
-    monitor._startup_logged = True
-    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    monitor = ThroughputMonitor(log_every_n_steps=2, peak_flops_per_device=1e6)
+    startups = []
+    monitor._log_startup = lambda trainer, module: startups.append((trainer.global_step, clock[0]))
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}  # 16 tokens
+    monitor.on_train_start(trainer, module)
 
-    def window(load_per_batch: float) -> dict:
-        for _ in range(4):
-            monitor.on_train_batch_start(trainer, module, batch, 0)
-            trainer.global_step += 1
-            monitor.on_train_batch_end(trainer, module, None, batch, 0)
-            time.sleep(0.02)  # between batches, not loading: a host blocked on the GPU's full queue
-            loading.train_loading_seconds += load_per_batch
-        return module.logged[-1]
+    def micro_batch(load: float, compute: float, ends_step: bool) -> None:
+        clock[0] += load  # the loader fetching it
+        loading.train_loading_seconds += load
+        monitor.on_train_batch_start(trainer, module, batch, 0)
+        clock[0] += compute
+        trainer.global_step += ends_step
+        monitor.on_train_batch_end(trainer, module, None, batch, 0)
 
-    assert window(0.0)["perf/data_wait"] == 0.0
-    metrics = window(0.005)
-    assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/data_wait"] <= 0.25 + 1e-9, metrics
+    for step in range(2):  # steps 10 and 11, two micro-batches each, logged at the end of step 11
+        micro_batch(0.5, 1.5, False)
+        micro_batch(0.5, 1.5, True)
+    assert startups == [(11, 4.0)]  # after both micro-batches of step 10
+    assert module.logged == [{"perf/tokens_per_s": 64 / 8.0, "perf/data_wait": 2.0 / 8.0,
+                              "perf/mfu": 64 * 100.0 / 8.0 / 1e6}]  # step 11's FLOPs, not step 12's
+    for step in range(2):  # steps 12 and 13: one fast micro-batch each
+        micro_batch(1.0, 1.0, True)
+    assert module.logged[-1] == {"perf/tokens_per_s": 32 / 4.0, "perf/data_wait": 0.5, "perf/mfu": 32 * 50.0 / 4.0 / 1e6}
+    assert len(startups) == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -58,7 +58,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """CSVLogger's metrics.csv (one row per logging call, empty cells for metrics not logged then)."""
+    """CSVLogger's metrics.csv (one row per logging call, empty cells for metrics not logged then). A
+    resumed run appends the steps it redoes after its checkpoint: their later values replace those."""
     history: dict[str, list[tuple[int, float]]] = {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -67,7 +68,10 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
         for row in reader:
             for key, value in row.items():
                 if key not in ("step", "epoch") and value:
-                    history.setdefault(key, []).append((int(row["step"]), float(value)))
+                    points, step = history.setdefault(key, []), int(row["step"])
+                    while points and points[-1][0] >= step:
+                        points.pop()
+                    points.append((step, float(value)))
     return history
 
 

@@ -97,7 +97,7 @@ def _parse(constraint: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(constraint, Mapping) or "kind" not in constraint:
         raise ValueError(f"a constraint is a mapping with a 'kind' key, got {constraint!r}")
     kind = constraint["kind"]
-    if kind not in CONSTRAINTS:
+    if not isinstance(kind, str) or kind not in CONSTRAINTS:  # a list or dict: `in` raises TypeError
         raise ValueError(f"unknown constraint kind {kind!r}; known kinds: {', '.join(sorted(CONSTRAINTS))}")
     given = {name: value for name, value in constraint.items() if name != "kind"}
     expected = _PARAMETERS[kind]
@@ -298,7 +298,7 @@ def json_output(text: str) -> bool:
     fenced = _JSON_FENCE.fullmatch(body)
     try:
         value = json.loads(fenced.group(1) if fenced else body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return False
     return isinstance(value, (dict, list))
 

@@ -65,56 +65,69 @@ def seconds_since_launch() -> float | None:
 
 
 class ThroughputMonitor(Callback):
-    """Logs perf/tokens_per_s, perf/mfu (CUDA, from the model's own FLOPs per token) and
-    perf/data_wait: the fraction of wall time spent waiting for training batches (the datamodule's
-    `train_loading_seconds`, where it has one). The host runs ahead of the GPU, so that is the most
-    the GPU can have waited for data. Validation time is excluded. Once, perf/startup_s: launch to the
-    end of the first optimizer step (imports, data, model, compilation, kernel autotuning), also printed."""
+    """Logs perf/tokens_per_s (the positions of the batches, padding included), perf/mfu (CUDA, from the
+    model's own FLOPs per token at each batch's shape and step) and perf/data_wait: the fraction of wall
+    time spent waiting for training batches (the datamodule's `train_loading_seconds`, where it has one).
+    The host runs ahead of the GPU, so that is the most the GPU can have waited for data. A window runs
+    from the end of one logging step to the end of the next, so it holds each of its batches' loading
+    once; validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer
+    step this process ran (imports, data, model, compilation, kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.peak = peak_flops_per_device
-        self._last_logged_step = -1
-        self._startup_logged = False
-        self._reset()
+        self._first_step = self._seen_step = 0  # the step this process started from (a resumed run's), the last seen
+        self._t0: float | None = None
 
-    def _reset(self) -> None:
-        self._t0 = None
-        self._tokens = 0
-        self._loading0: float | None = None
+    def _start_window(self, trainer: L.Trainer) -> None:
+        self._t0 = time.perf_counter()
+        self._loading0 = train_loading_seconds(trainer)
+        self._tokens, self._flops = 0, 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = self._seen_step = trainer.global_step
+        self._peak = self.peak or peak_flops(pl_module.device)
+        self._start_window(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = None  # the window's steps so far are dropped with the validation's time
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training:
+            self._start_window(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._t0 is None:
-            self._t0 = time.perf_counter()
-            self._loading0 = train_loading_seconds(trainer)
+            self._start_window(trainer)
+        tokens = token_tensors(batch)
+        # at the batch's own step: the last micro-batch ends after the step counter has moved on (a token
+        # superposition phase may end there)
+        self._batch_flops = pl_module.flops_per_data_token(tokens[0].shape[1]) if self._peak and tokens else 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        tokens = token_tensors(batch)
-        self._tokens += sum(t.numel() for t in tokens) * trainer.world_size
+        tokens = sum(t.numel() for t in token_tensors(batch)) * trainer.world_size
+        self._tokens += tokens
+        self._flops += tokens * self._batch_flops
         step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
-        if step >= 1 and not self._startup_logged:
-            self._log_startup(trainer, pl_module)
-        if not tokens or step % self.log_every_n_steps or step == self._last_logged_step:
+        if step == self._seen_step:  # inside an accumulation
             return
-        self._last_logged_step = step
+        self._seen_step = step
+        if step == self._first_step + 1:
+            self._log_startup(trainer, pl_module)
+        if not tokens or step % self.log_every_n_steps:
+            return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._t0
-        if elapsed <= 0:
-            return
-        tps = self._tokens / elapsed
-        metrics = {"perf/tokens_per_s": tps}
+        metrics = {"perf/tokens_per_s": self._tokens / elapsed}
         if self._loading0 is not None:
             metrics["perf/data_wait"] = (train_loading_seconds(trainer) - self._loading0) / elapsed
-        peak = self.peak or peak_flops(pl_module.device)
-        if peak:
-            seq_len = tokens[0].shape[1]
-            metrics["perf/mfu"] = tps * pl_module.flops_per_data_token(seq_len) / (peak * trainer.world_size)
+        if self._peak:
+            metrics["perf/mfu"] = self._flops / elapsed / (self._peak * trainer.world_size)
         pl_module.log_dict(metrics)
-        self._reset()
+        self._start_window(trainer)
 
     def _log_startup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._startup_logged = True
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()  # the step has run, not just been queued
         seconds = seconds_since_launch()
@@ -123,9 +136,6 @@ class ThroughputMonitor(Callback):
         pl_module.log("perf/startup_s", seconds)
         if trainer.is_global_zero:
             print(f"first optimizer step done {seconds:.1f} s after launch", flush=True)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
 
 
 class ProgressBar(RichProgressBar):
