@@ -71,6 +71,7 @@ class DPOModule(PolicyModule):
                 # parameter, not a skipped step, so DDP ranks still all-reduce the same gradients
                 self.log_dict({"train/loss": 0.0, "train/skipped": 1.0})
                 return sum(p.sum() for p in self.model.parameters()) * 0.0
+            self.log("train/skipped", 0.0)  # logged every step: Lightning's rows would repeat a stale 1.0
         return self.step(batch, "train")
 
     # offline pairs validate on held-out pairs; on-policy runs validate the pass-rate (PolicyModule)

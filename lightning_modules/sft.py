@@ -25,8 +25,14 @@ class SFTModule(LMModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = self.trainer.datamodule
-        steps = dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches) * self.epochs
-        self.trainer.fit_loop.epoch_loop.max_steps = max(1, round(steps))  # what trainer.max_steps reads
+        steps = max(1, round(dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+                             * self.epochs))
+        warmup = self.scheduler_factory.keywords.get("warmup_steps", 0)
+        if warmup > steps:  # the schedule's own error would name trainer.max_steps, which this replaces
+            raise ValueError(f"schedule.warmup_steps={warmup} is more than the {steps} optimizer steps of "
+                             f"stage.epochs={self.epochs} ({dm.train_size} conversations, data.batch_size="
+                             f"{dm.batch_size}): lower schedule.warmup_steps or raise stage.epochs")
+        self.trainer.fit_loop.epoch_loop.max_steps = steps  # what trainer.max_steps reads
 
     def samples_on_each_rank(self) -> str | None:
         dm = self.trainer.datamodule

@@ -162,6 +162,14 @@ def test_sft_weights_every_answer_token_the_same_whatever_the_accumulation(pretr
         torch.testing.assert_close(accumulated[key], one[key], rtol=0, atol=5e-5, msg=key)
 
 
+def test_a_warmup_longer_than_the_sft_run_names_stage_epochs(pretrained, tmp_path):
+    # SFT's length comes from stage.epochs, not trainer.max_steps, which the schedule's own error names
+    with pytest.raises(ValueError, match=r"schedule.warmup_steps=30 is more than the \d+ optimizer steps of "
+                                         r"stage.epochs=0.01 \(\d+ conversations, data.batch_size=4\)"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={pretrained}",
+                                                             "stage.epochs=0.01", "schedule.warmup_steps=30"]))
+
+
 def test_init_from_another_architecture_or_a_missing_file_is_named(pretrained, tmp_path):
     # Hydra wraps errors raised while instantiating `stage` (InstantiationException), keeping the message
     with pytest.raises(InstantiationException, match="d_model: checkpoint 32, config 48"):
