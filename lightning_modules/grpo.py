@@ -22,6 +22,8 @@ class GRPOModule(PolicyModule):
         super().__init__(*args, **kwargs)
         if group_size < 2:
             raise ValueError(f"stage.group_size={group_size}: advantages are normalised within a group of >= 2")
+        if self.temperature <= 0:
+            raise ValueError(f"stage.temperature={self.temperature}: GRPO samples its groups (greedy gives one answer)")
         self.group_size, self.clip_eps, self.kl_beta = group_size, clip_eps, kl_beta
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
@@ -36,9 +38,10 @@ class GRPOModule(PolicyModule):
         seq = cat_right_padded(seqs, value=0, length=n + 1)
         lab = cat_right_padded(labels, value=IGNORE_INDEX, length=n)
         ids, mask = seq[:, :-1], (lab != IGNORE_INDEX).float()
-        logps = self.model.token_logprobs(ids, lab)
+        # of the distribution the completions were drawn from (as TRL's GRPO): the policy at its temperature
+        logps = self.model.token_logprobs(ids, lab, temperature=self.temperature)
         with torch.no_grad():
-            ref_logps = self.reference.token_logprobs(ids, lab)
+            ref_logps = self.reference.token_logprobs(ids, lab, temperature=self.temperature)
         rewards_t = torch.tensor(rewards, device=self.device, dtype=torch.float32)
         advantages = group_advantages(rewards_t, self.group_size)
         loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, self.clip_eps, self.kl_beta)

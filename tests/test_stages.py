@@ -178,6 +178,10 @@ def test_init_from_another_architecture_or_a_missing_file_is_named(pretrained, t
         train(compose_config(tiny_run_overrides(tmp_path) + ["stage=sft", f"init_from={tmp_path / 'nope.ckpt'}"]))
     with pytest.raises(InstantiationException, match="stage=dpo needs init_from"):
         train(compose_config(tiny_run_overrides(tmp_path) + ["stage=dpo"]))
+    # GRPO's log-probs are those of the distribution it samples from, at its temperature
+    with pytest.raises(InstantiationException, match="stage.temperature=0.0: GRPO samples its groups"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=grpo", f"init_from={pretrained}",
+                                                             "stage.temperature=0.0"]))
 
 
 def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretrained, tmp_path):

@@ -222,17 +222,17 @@ def test_token_logprobs_in_row_chunks_equal_a_full_log_softmax():
     torch.testing.assert_close(token_logprobs(logits, labels, chunk_rows=2), want.float())
 
 
-def full_token_logprobs(hidden, weight, labels, softcap):
+def full_token_logprobs(hidden, weight, labels, softcap, temperature=1.0):
     from slmlab.training.losses import token_logprobs
 
     logits = hidden @ weight.T
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return token_logprobs(logits, labels)
+    return token_logprobs(logits / temperature, labels)
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_token_logprobs_and_their_gradients_equal_the_full_computation(softcap):
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (3.0, 1.0), (3.0, 0.7)])
+def test_chunked_token_logprobs_and_their_gradients_equal_the_full_computation(softcap, temperature):
     from slmlab.training.losses import chunked_token_logprobs
 
     torch.manual_seed(0)
@@ -241,8 +241,9 @@ def test_chunked_token_logprobs_and_their_gradients_equal_the_full_computation(s
     labels = torch.randint(0, 50, (3, 7))
     labels[0, :4] = IGNORE_INDEX
     upstream = torch.randn(3, 7, dtype=torch.float64)  # per-token weights, as GRPO's advantages give
-    got = chunked_token_logprobs(hidden, weight, labels, softcap, chunk_tokens=5)  # 5 does not divide 21 rows
-    want = full_token_logprobs(hidden, weight, labels, softcap)
+    got = chunked_token_logprobs(hidden, weight, labels, softcap, chunk_tokens=5,  # 5 does not divide 21 rows
+                                 temperature=temperature)
+    want = full_token_logprobs(hidden, weight, labels, softcap, temperature)
     torch.testing.assert_close(got, want.float())
     assert (got[0, :4] == 0).all()
     grads = torch.autograd.grad((got.double() * upstream).sum(), (hidden, weight))

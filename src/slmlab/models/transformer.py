@@ -160,11 +160,12 @@ class CausalLM(nn.Module):
                                   chunk_tokens) for j in range(labels.size(-1))]
         return tuple(torch.stack(parts).mean() for parts in zip(*losses))
 
-    def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 1024) -> Tensor:
+    def token_logprobs(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 1024,
+                       temperature: float = 1.0) -> Tensor:
         """log p(label) per position, 0 where labels == IGNORE_INDEX: (batch, seq) float32, as
-        `token_logprobs(self(input_ids), labels)` computes it, without the whole batch's logits."""
+        `token_logprobs(self(input_ids) / temperature, labels)` computes it, without the whole batch's logits."""
         return chunked_token_logprobs(self.hidden(input_ids), self.lm_head.weight, labels, self.cfg.logit_softcap,
-                                      chunk_tokens)
+                                      chunk_tokens, temperature)
 
     def init_state(self, batch_size: int, max_len: int) -> list:
         """One decoding state per layer (KV cache for attention, fixed-size state for recurrent mixers)."""

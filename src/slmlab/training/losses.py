@@ -34,10 +34,11 @@ def compute_dtype_of(hidden: Tensor) -> torch.dtype:
 
 
 def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
-                       z_loss: float) -> tuple[Tensor, Tensor, Tensor]:
+                       z_loss: float, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """For one chunk of raw head outputs (rows, vocab): each row's logsumexp and target logit (float32,
-    after the softcap), and the gradient of sum_r row_scale_r (lse_r - z_r[y_r] + z_loss lse_r^2) with
-    respect to the raw outputs, in their dtype. Labels must be valid indices (mask through row_scale).
+    after the softcap and division by `temperature`), and the gradient of
+    sum_r row_scale_r (lse_r - z_r[y_r] + z_loss lse_r^2) with respect to the raw outputs, in their
+    dtype. Labels must be valid indices (mask through row_scale).
 
     Compiled on CUDA this is two passes over the bf16 logits and one bf16 write: none of the float32
     tensors autograd through `cross_entropy` writes and reads back (the logits' copy, their
@@ -47,10 +48,14 @@ def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: 
     if softcap:
         t = torch.tanh(z / softcap)
         z = softcap * t
+    if temperature != 1.0:  # a Python float: the compiled kernel of the LM loss has no division
+        z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
     target = z.gather(1, labels[:, None]).squeeze(1)
     onehot = torch.arange(z.shape[1], device=z.device) == labels[:, None]
     grad = torch.exp(z - lse[:, None]) * (row_scale * (1 + 2 * z_loss * lse))[:, None] - onehot * row_scale[:, None]
+    if temperature != 1.0:
+        grad = grad / temperature
     if t is not None:
         grad = grad * (1 - t * t)
     return lse, target, grad.to(raw.dtype)
@@ -62,10 +67,10 @@ def _compiled_softmax_xent_grad():
 
 
 def softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
-                      z_loss: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                      z_loss: float = 0.0, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """`_softmax_xent_grad`, fused by torch.compile on CUDA."""
     fn = _compiled_softmax_xent_grad() if raw.is_cuda else _softmax_xent_grad
-    return fn(raw, labels, row_scale, softcap, z_loss)
+    return fn(raw, labels, row_scale, softcap, z_loss, temperature)
 
 
 def _head(h: Tensor, w: Tensor) -> Tensor:
@@ -135,25 +140,26 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_rows: int = 4) -> Tenso
     return torch.cat(out)
 
 
-def _softcapped(raw: Tensor, softcap: float | None) -> Tensor:
+def _softcapped(raw: Tensor, softcap: float | None, temperature: float) -> Tensor:
     logits = raw.float()
-    return softcap * torch.tanh(logits / softcap) if softcap else logits
+    return (softcap * torch.tanh(logits / softcap) if softcap else logits) / temperature
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log p(label) per row of `softcap(hidden @ weight.T)`, a chunk of rows at a time. Per-row
+    """log p(label) per row of `softcap(hidden @ weight.T) / temperature`, a chunk of rows at a time. Per-row
     gradients arrive only in backward, which therefore recomputes each chunk's logits instead of
     autograd keeping them: neither pass ever holds the (tokens, vocab) logits or their float32 copy.
     The head runs in the autocast dtype of the forward, in both passes."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, chunk_rows: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, chunk_rows: int,
+                temperature: float) -> Tensor:
         dtype = compute_dtype_of(hidden)
         w = weight.to(dtype)  # cast once, not per chunk
-        out = torch.cat([token_logprobs(_softcapped(_head(h, w), softcap), lab, chunk_rows=len(h))
+        out = torch.cat([token_logprobs(_softcapped(_head(h, w), softcap, temperature), lab, chunk_rows=len(h))
                          for h, lab in zip(hidden.split(chunk_rows), labels.split(chunk_rows))])
         ctx.save_for_backward(hidden, weight, labels)
-        ctx.softcap, ctx.chunk_rows, ctx.dtype = softcap, chunk_rows, dtype
+        ctx.softcap, ctx.chunk_rows, ctx.dtype, ctx.temperature = softcap, chunk_rows, dtype, temperature
         return out
 
     @staticmethod
@@ -166,17 +172,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             h, lab = hidden[rows], labels[rows]
             # d log p(y) / d logits = onehot(y) - softmax: the cross-entropy gradient scaled by -grad
             scale = -grad_out[rows].float() * (lab != IGNORE_INDEX)
-            _, _, grad_logits = softmax_xent_grad(_head(h, w), lab.clamp(min=0), scale, ctx.softcap)
+            _, _, grad_logits = softmax_xent_grad(_head(h, w), lab.clamp(min=0), scale, ctx.softcap,
+                                                  temperature=ctx.temperature)
             _accumulate_head_grads(grad_logits, h, w, grad_hidden[rows], grad_weight)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def chunked_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None,
-                           chunk_tokens: int = 1024) -> Tensor:
-    """`token_logprobs(softcap(hidden @ weight.T), labels)` without the whole batch's logits, in the
-    forward or kept for the backward: hidden (batch, seq, d), weight (vocab, d), labels (batch, seq)
-    -> (batch, seq) float32. DPO's and GRPO's per-token log-probs."""
-    out = _ChunkedTokenLogprobs.apply(hidden.flatten(0, 1), weight, labels.flatten(), softcap, chunk_tokens)
+                           chunk_tokens: int = 1024, temperature: float = 1.0) -> Tensor:
+    """`token_logprobs(softcap(hidden @ weight.T) / temperature, labels)` without the whole batch's logits,
+    in the forward or kept for the backward: hidden (batch, seq, d), weight (vocab, d), labels (batch, seq)
+    -> (batch, seq) float32. DPO's and GRPO's per-token log-probs (GRPO's of the distribution it sampled
+    from, at its temperature)."""
+    out = _ChunkedTokenLogprobs.apply(hidden.flatten(0, 1), weight, labels.flatten(), softcap, chunk_tokens,
+                                      temperature)
     return out.view(labels.shape)
 
 
