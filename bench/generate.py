@@ -92,6 +92,7 @@ def main() -> None:
     if device.type == "cuda":
         rows["slmlab, no CUDA graph"] = decode_rate(
             lambda: generate(ours, prompt, args.new, temperature=0, cuda_graph=False), args.new, args.batch, device)
+    hf = None
     try:
         hf = hf_twin(cfg).to(device, dtype).eval()
         hf.load_state_dict(to_hf_state_dict(ours), strict=False)
@@ -103,13 +104,18 @@ def main() -> None:
     print(f"# {cfg.d_model}d x {cfg.n_layers}L  batch {args.batch}  prompt {args.prompt}  new {args.new}  {device.type}")
     for name, rate in rows.items():
         print(f"{name:>22}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
+    release_decoders(ours)
+    del ours, hf  # the state table's memory column: only the model it decodes with
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     contexts = (256, 1024, 4096) if args.smoke else tuple(args.contexts)
     print("# per context length: decoding state per sequence (MiB) | decode tokens/s after a prompt of that many "
           f"tokens | GPU memory of the decoding steps beyond the weights (GiB), batch {args.state_batch}")
     for mixer in args.mixers:
         shape = replace(cfg, mixer=mixer, layout=None, hgrn2_expand_ratio=cfg.head_dim)
-        sizes = [state_bytes(CausalLM(shape).to("meta"), n) / 2**20 for n in contexts]
-        model = CausalLM(replace(shape, max_seq_len=max(contexts) + args.new)).to(device, dtype).eval()
+        sizes = [state_bytes(CausalLM(shape).to("meta", dtype), n) / 2**20 for n in contexts]  # the dtype it decodes in
+        # + 1: decode_after's prefill token, so that the largest context times `new` steps too
+        model = CausalLM(replace(shape, max_seq_len=max(contexts) + args.new + 1)).to(device, dtype).eval()
         cells = []
         for n, size in zip(contexts, sizes):
             prompt = torch.randint(0, cfg.vocab_size, (args.state_batch, n), device=device)

@@ -25,7 +25,9 @@ def shipped(tmp_path, monkeypatch):
     write(root / "NVIDIA_H100_80GB_HBM3" / "def456" / "chunk_scan_bwd.autotune.json", '{"h100": 2}')
     write(root / "NVIDIA_H200" / "abc123" / "chunk_gla_fwd_kernel.autotune.json", '{"h200": 1}')
     monkeypatch.setattr(autotune_cache, "SHIPPED", root)
-    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    for name in ("TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR"):  # seeding sets them: restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return root
 
 
@@ -65,8 +67,20 @@ def test_the_triton_cache_is_where_triton_looks(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     assert autotune_cache.triton_cache_dir() == tmp_path
     monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.delenv("TRITON_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert autotune_cache.triton_cache_dir() == tmp_path / ".triton" / "cache"
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "th"))
+    assert autotune_cache.triton_cache_dir() == tmp_path / "th" / ".triton" / "cache"
+
+
+def test_seeding_pins_the_cache_folder_that_inductor_would_otherwise_move(shipped, tmp_path, monkeypatch):
+    # inductor sets TRITON_CACHE_DIR to its own folder on its first kernel unless it is set; Triton then
+    # looks there, past the seeded results
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    assert seed_autotune_cache("NVIDIA H100 80GB HBM3") == 2
+    assert autotune_cache.os.environ["TRITON_CACHE_DIR"] == str(tmp_path / ".triton" / "cache")
+    assert (tmp_path / ".triton" / "cache" / "abc123" / "chunk_gla_fwd_kernel.autotune.json").is_file()
 
 
 def test_tuning_covers_each_kernel_backed_mixer_of_the_presets_once():

@@ -465,6 +465,16 @@ def test_timed_loader_counts_the_time_spent_producing_batches_not_the_time_betwe
     assert 0.08 <= loader.loading_seconds < total - 0.2, (loader.loading_seconds, total)
 
 
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),
+                                       ("NVIDIA L4", 121e12), ("NVIDIA GeForce GTX 1080", None)])
+def test_mfu_peaks_are_those_of_the_named_gpu_not_of_a_name_inside_it(name, peak, monkeypatch):
+    from slmlab.training.callbacks import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_flops(SimpleNamespace(type="cuda")) == peak  # "L40" held "L4": MFU 1.5x too high
+
+
 def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flops(monkeypatch):
     """A window runs from one logging step's end to the next: each batch's loading (fetched before its
     step starts) is in it once. FLOPs per token are those of each batch's own step, though the last

@@ -42,8 +42,11 @@ def gpu_dirname(device_name: str) -> str:
 
 
 def triton_cache_dir() -> Path:
-    """Where Triton keeps compiled kernels and autotune results (its own default unless TRITON_CACHE_DIR)."""
-    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    """Where Triton keeps compiled kernels and autotune results: TRITON_CACHE_DIR, else its default,
+    .triton/cache under TRITON_HOME or the home folder."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
 
 
 def copy_autotune_results(source: Path, dest: Path, overwrite: bool) -> list[Path]:
@@ -67,12 +70,19 @@ def seed_autotune_cache(device_name: str, cache_dir: Path | None = None) -> int:
     """Turns Triton's on-disk autotune results on and copies the shipped ones for `device_name` into
     the Triton cache, keeping any result already there (one tuned on this machine wins). Returns how
     many files were copied. Must run before fla / mamba_ssm import: their autotuners read the switch
-    when their modules load."""
+    when their modules load.
+
+    The cache folder is pinned (TRITON_CACHE_DIR, unless set): inductor sets it to a folder of its own
+    when it first loads a kernel it compiled, unless it is set, and Triton reads the variable at every
+    lookup, so kernels autotuned after that (the LM loss is compiled) missed the results seeded here,
+    and those the kernel warm-up processes wrote."""
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    cache_dir = cache_dir or triton_cache_dir()
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir))
     shipped = SHIPPED / gpu_dirname(device_name)
     if not shipped.is_dir():
         return 0
-    return len(copy_autotune_results(shipped, cache_dir or triton_cache_dir(), overwrite=False))
+    return len(copy_autotune_results(shipped, cache_dir, overwrite=False))
 
 
 def _prehook_autotuners(packages: tuple[str, ...]) -> Iterator[tuple[str, object]]:

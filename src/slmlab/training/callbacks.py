@@ -16,9 +16,10 @@ from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
 from slmlab.training.strategies import shards_parameters
 
-# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name(): the first that matches,
+# so a name that contains another comes before it ("H100 PCIe" before "H100", "L40S" before "L40" before "L4")
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 def token_tensors(batch) -> list[torch.Tensor]:
