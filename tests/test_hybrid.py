@@ -58,6 +58,22 @@ def test_layouts_expand_letters_names_and_counts():
         CausalLM(cfg(layout="lstm,A"))
 
 
+def test_checkpoints_of_the_same_computation_load_however_their_config_was_written():
+    """init_from compares what shapes the weights and the computation: the mixer of each layer (not how
+    `layout` spells it) and a mixer's own fields only where a model has that mixer. A Hugging Face
+    export holds no `layout` or sparse-attention fields: its attention model was refused."""
+    from dataclasses import asdict
+
+    from slmlab.checkpoint import check_architecture
+
+    exported = asdict(cfg())  # what a Hugging Face folder gives back: defaults beyond its config.json
+    check_architecture(exported, cfg(layout="A*2", sliding_window=64, ssm_d_state=16, gla_decay_init=0.5), "hf")
+    with pytest.raises(ValueError, match="layer mixers: checkpoint attention,gla, config gla,gla"):
+        check_architecture(asdict(cfg(layout="A,G")), cfg(mixer="gla"), "ckpt")
+    with pytest.raises(ValueError, match="sliding_window: checkpoint 8, config 16"):
+        check_architecture(asdict(cfg(layout="S,A")), cfg(layout="S,A", sliding_window=16), "ckpt")
+
+
 def test_a_typo_in_the_kernel_is_named_even_where_no_layer_dispatches():
     # an all-attention model never asks ops/backend.py, and on CUDA 'troch' ran slmlab's Triton kernels
     with pytest.raises(ValueError, match="model.kernel='troch' is not one of"):

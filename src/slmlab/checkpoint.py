@@ -5,7 +5,7 @@ Exporting to other formats is `slmlab.export`.
 
 import logging
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -105,7 +105,12 @@ def load_model(path: str | Path) -> CausalLM:
 
 
 # fields that do not change what the weights mean: a later stage may set them differently
-FREE_FIELDS = {"kernel", "max_seq_len", "init_std", "activation_checkpointing"}
+# fields that neither shape the weights nor change what the model computes (initialisation included)
+FREE_FIELDS = {"kernel", "max_seq_len", "init_std", "activation_checkpointing", "gla_decay_init", "ssm_dt_min",
+               "ssm_dt_max"}
+# the fields of one mixer: compared only where a model has that mixer (a Hugging Face folder holds none)
+MIXER_FIELDS = {"sparse_attention": ("sliding_window", "global_tokens"), "hgrn2": ("hgrn2_expand_ratio",),
+                "mamba2": ("ssm_d_state", "ssm_d_conv", "ssm_expand", "ssm_headdim", "ssm_ngroups")}
 
 
 def load_weights(model: CausalLM, path: str | Path) -> None:
@@ -125,10 +130,18 @@ def load_weights(model: CausalLM, path: str | Path) -> None:
 
 
 def check_architecture(theirs: dict, ours: ModelConfig, source: str) -> None:
-    """ValueError naming each field (other than FREE_FIELDS) in which a checkpoint's `model_config`
-    differs from the configured model; `source` says which checkpoint."""
+    """ValueError naming each field in which a checkpoint's `model_config` differs from the configured
+    model, among those that shape its weights or computation: the mixer of each layer however written
+    (`mixer`, `layout`), and a mixer's own fields only where the model has that mixer; `source` says
+    which checkpoint."""
+    known = {f.name for f in fields(ModelConfig)}
+    mixers = ModelConfig(**{k: v for k, v in theirs.items() if k in known}).layer_mixers
+    ignored = FREE_FIELDS | {"mixer", "layout"} | {
+        key for mixer, keys in MIXER_FIELDS.items() if mixer not in mixers + ours.layer_mixers for key in keys}
     diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in asdict(ours).items()
-            if key not in FREE_FIELDS and theirs.get(key) != value]
+            if key not in ignored and theirs.get(key) != value]
+    if mixers != ours.layer_mixers:
+        diff.insert(0, f"layer mixers: checkpoint {','.join(mixers)}, config {','.join(ours.layer_mixers)}")
     if diff:
         raise ValueError(f"{source}: the checkpoint holds another architecture than model=... configures "
                          f"({'; '.join(diff)})")
