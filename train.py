@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import hydra
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from slmlab.checkpoint import resolve_ckpt_path
@@ -42,6 +43,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     # `callbacks.sample=null` / `logger.csv=null` switch one off
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    # a weight average first: its weights are in the module before the others' end-of-training hooks
+    callbacks.sort(key=lambda c: not isinstance(c, WeightAveraging))
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     # built on the training device: on a GPU the weights are drawn there (seconds saved for 1B models);

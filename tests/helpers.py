@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from slmlab.training.callbacks import GenerateSample
+
 
 class StopAtStep(Callback):
     """Ends fit after the validation (and checkpoint) of optimizer step `step`, as a preemption would."""
@@ -62,3 +64,15 @@ class RecordWeights(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(self.weights, self.path)
+
+
+class RecordSampledWeights(GenerateSample):
+    """The end-of-run sample, saving the model weights it samples from to `path`."""
+
+    def __init__(self, path: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}, self.path)
+        super().on_train_end(trainer, pl_module)

@@ -85,7 +85,7 @@ def test_odinnext_recipe_trains_as_its_card_says():
     optimizer = module.optimizer_factory(module.param_groups)
     assert type(optimizer).__name__ == "Muon" and optimizer.defaults["neuron_beta2"] == 0.95  # NorMuon
     ema = instantiate(cfg.callbacks.ema)
-    assert type(ema).__name__ == "WeightAveraging" and cfg.callbacks.ema.multi_avg_fn.decay == 0.999
+    assert type(ema).__name__ == "AveragedWeights" and cfg.callbacks.ema.multi_avg_fn.decay == 0.999
     assert (cfg.trainer.precision, cfg.stage.z_loss, cfg.stage.compile, cfg.data.seq_len) == ("16-mixed", 1e-4, True, 2048)
 
 

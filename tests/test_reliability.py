@@ -184,6 +184,17 @@ class Interrupt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermInValidation(Callback):
+    """Sends this process SIGTERM after the first batch of the validation at `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.global_step == self.step and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class RecordSaves(Callback):
     """Records the step and the data module's position of every checkpoint written."""
 
@@ -216,6 +227,24 @@ def test_under_accumulation_checkpoints_hold_whole_steps_and_a_sigterm_resumes_e
     assert RecordSaves.saves == [(2, 16), (4, 32)]  # (step, samples read): periodic, then last.ckpt
     train(compose_config(run_overrides(tmp_path, *ACCUMULATE, "resume=true")))
     assert_same_weights(tmp_path, tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_a_validation_of_a_weight_average_resumes_exactly(tmp_path):
+    """During a validation the module holds the average. The SIGTERM checkpoint written there swapped the
+    two sets: the resumed run trained on from the average."""
+    ema = ["+callbacks/ema=default", "callbacks.ema.multi_avg_fn.decay=0.8"]
+    train(compose_config(run_overrides(tmp_path / "reference", *ema)))
+    with pytest.raises(SystemExit):
+        train(compose_config(run_overrides(
+            tmp_path, *ema, "+callbacks.interrupt._target_=tests.test_reliability.SigtermInValidation",
+            f"+callbacks.interrupt.step={VAL_EVERY}")))
+    assert load(checkpoint_dir(tmp_path) / "last.ckpt")["global_step"] == VAL_EVERY
+    train(compose_config(run_overrides(tmp_path, *ema, "resume=true")))
+    resumed, reference = (load(checkpoint_dir(run) / "last.ckpt") for run in (tmp_path, tmp_path / "reference"))
+    for key in ("state_dict", "current_model_state"):
+        for name, weight in reference[key].items():
+            torch.testing.assert_close(resumed[key][name], weight, rtol=0, atol=0, msg=f"{key} {name}")
 
 
 WRITER = """

@@ -177,6 +177,30 @@ def test_ema_weights_fill_the_checkpoint_and_the_run_resumes_exactly(tmp_path):
             torch.testing.assert_close(resumed[key][name], weight, rtol=0, atol=0, msg=f"{key} {name}")
 
 
+def test_the_evaluation_suites_and_the_end_of_run_sample_read_the_average(tmp_path):
+    """Lightning swaps the average in and out at the validation epoch's start and end: an evaluation suite
+    whose hook came after the swap-back scored the training weights, and the end-of-run sample, its hook
+    before the average was copied in, sampled them."""
+    from slmlab.eval import load_probes, probe_report
+    from slmlab.eval.probes import DEFAULT_PROBES
+    from slmlab.export.load import load_pretrained
+    from slmlab.export.tokenizer import TokenizerFiles
+
+    sampled = tmp_path / "sampled.pt"
+    overrides = tiny_run_overrides(tmp_path, steps=8, val_every=4) + [
+        "+callbacks/ema=default", "callbacks.ema.multi_avg_fn.decay=0.8", "+callbacks/eval=probes",
+        "callbacks.eval.batch_size=4", "callbacks.sample._target_=tests.helpers.RecordSampledWeights",
+        f"+callbacks.sample.path={sampled}"]
+    train(compose_config(overrides))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    average = torch.load(last, weights_only=False)["state_dict"]
+    for name, weight in torch.load(sampled).items():
+        torch.testing.assert_close(weight, average[f"model.{name}"], rtol=0, atol=0, msg=name)
+    tokenizer = TokenizerFiles.load(compose_config(overrides).data.tokenizer.path).tokenizer
+    report = probe_report(load_pretrained(last), tokenizer, load_probes(DEFAULT_PROBES), batch_size=4)
+    assert metric(tmp_path / "run", "eval/probes/all/margin")[-1] == pytest.approx(report["all"]["margin"], rel=1e-5)
+
+
 def test_ema_refuses_fsdp_before_the_first_step(tmp_path):
     from types import SimpleNamespace
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
 
 from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
@@ -239,6 +239,43 @@ class ConsoleSummary(Callback):
         if self.tokens_per_s:
             lines.append(f"{'tokens/s':<12} {sum(self.tokens_per_s) / len(self.tokens_per_s):,.0f} (mean)")
         console_print(trainer, "\n".join(lines))
+
+
+class AveragedWeights(WeightAveraging):
+    """Lightning's `WeightAveraging` (an average of the weights, updated after every optimizer step) with
+    the average in the module for all that should read it, whatever the order of the callbacks:
+    - for the whole validation, from its start to its end. Lightning swaps at the validation epoch's
+      start and end, so an evaluation suite whose epoch-end hook came after it scored the training weights;
+    - from the end of training on, before the other callbacks' `on_train_end` (the end-of-run sample):
+      train.py puts averaging callbacks first.
+    A checkpoint written while the average is in the module (a SIGTERM during a validation) still keeps
+    the average as its `state_dict` and the training weights beside it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._swapped = False
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # on_validation_start swaps
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # on_validation_end swaps back
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None and not self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:  # before the checkpoint callbacks, which Lightning runs last
+            self._swap_models(pl_module)
+            self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._swapped and "current_model_state" in checkpoint:  # the module holds the average
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (checkpoint["current_model_state"],
+                                                                           checkpoint["state_dict"])
 
 
 class GenerateSample(Callback):
