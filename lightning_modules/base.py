@@ -183,16 +183,23 @@ class LMModule(L.LightningModule):
         would change with trainer.accumulate_grad_batches and the number of devices."""
         tokens = (labels != IGNORE_INDEX).sum()
         self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
-        return mean_loss * tokens
+        # over a constant of every micro-batch and rank, the positions a batch can hold: a sum over the
+        # tokens, kept near the mean's magnitude (fp16's loss scale would overflow a plain sum)
+        return mean_loss * tokens / self._token_scale()
+
+    def _token_scale(self) -> int:
+        return self.trainer.datamodule.batch_size * self.model_config.max_seq_len
 
     def _weigh_label_tokens_equally(self) -> None:
         # Lightning divided each micro-batch's loss by the accumulation and DDP averages over ranks: the
-        # gradients are the sum over the step's label tokens over (accumulation x ranks); now their mean
+        # gradients are the sum over the step's label tokens over (accumulation x ranks x token scale);
+        # now their mean
         if self._step_tokens is None:
             return
         tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
         self._step_tokens = None
-        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
+        factor = (self.trainer.accumulate_grad_batches * self.trainer.world_size * self._token_scale()
+                  / tokens.clamp(min=1.0))
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)

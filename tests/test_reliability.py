@@ -229,6 +229,30 @@ def test_under_accumulation_checkpoints_hold_whole_steps_and_a_sigterm_resumes_e
     assert_same_weights(tmp_path, tmp_path / "reference")
 
 
+def test_a_sigterm_before_training_starts_is_held_to_a_step_boundary_and_state_keys_stay_lightnings():
+    """A signal that reaches Lightning's handler before the callback installs its own (a resumed run
+    restoring its loaders) is taken over, or Lightning would stop after the first micro-batch. The
+    callbacks that replace Lightning's keep their state under Lightning's keys, so a checkpoint written by
+    either resumes with its state."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from slmlab.training.callbacks import AveragedWeights
+    from slmlab.training.faults import CheckpointOnSigterm, PeriodicCheckpoint
+
+    callback = CheckpointOnSigterm()
+    connector = SimpleNamespace(received_sigterm=True)
+    trainer = SimpleNamespace(_signal_connector=connector, strategy=SimpleNamespace(launcher=None))
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        callback.on_train_start(trainer, None)
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert callback._received and not connector.received_sigterm
+    periodic, lightnings = PeriodicCheckpoint(every_n_train_steps=2), ModelCheckpoint(every_n_train_steps=2)
+    assert periodic.state_key == lightnings.state_key
+    assert AveragedWeights().state_key == "WeightAveraging"
+
+
 @pytest.mark.slow
 def test_a_sigterm_during_a_validation_of_a_weight_average_resumes_exactly(tmp_path):
     """During a validation the module holds the average. The SIGTERM checkpoint written there swapped the

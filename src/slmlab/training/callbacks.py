@@ -255,6 +255,10 @@ class AveragedWeights(WeightAveraging):
         super().__init__(*args, **kwargs)
         self._swapped = False
 
+    @property
+    def state_key(self) -> str:  # WeightAveraging's: a run resumed from a checkpoint it wrote keeps its state
+        return WeightAveraging.__qualname__
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # on_validation_start swaps
 

@@ -58,6 +58,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint`, which with `train_time_interval` may save after any micro-batch, saving
     at optimizer-step boundaries only (the first one after the interval)."""
 
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's: a run resumed from a checkpoint it wrote keeps its state
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not inside_accumulation(trainer, batch_idx):
@@ -81,9 +85,12 @@ class CheckpointOnSigterm(Callback):
         self._launcher = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning installed its handler before this hook, and puts the process's own back when fit ends
+        # Lightning installed its handler before this hook, and puts the process's own back when fit ends;
+        # a signal that reached its handler before (while a resumed run restored its loaders) is held too
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._record)
+        self._received |= trainer._signal_connector.received_sigterm
+        trainer._signal_connector.received_sigterm = False
         self._launcher = trainer.strategy.launcher
 
     def _record(self, signum: int, frame: Any) -> None:

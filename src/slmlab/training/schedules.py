@@ -33,6 +33,10 @@ class WarmupSchedule(LRScheduler):
             warnings.warn(f"the LR schedule differs from the checkpoint's ({', '.join(changed)}): the LR follows "
                           f"this run's schedule from step {state_dict['last_epoch']}", stacklevel=2)
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in shape})
+        if changed:  # the optimizer, restored before, holds the old schedule's LR for the next step
+            self._last_lr = self.get_lr()
+            for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+                group["lr"] = lr
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
