@@ -12,7 +12,6 @@ from contextlib import nullcontext
 
 import hydra
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from slmlab.checkpoint import resolve_ckpt_path
@@ -29,6 +28,7 @@ def train(cfg: DictConfig) -> float | None:
     warmup = instantiate(cfg.kernel_warmup) if cfg.get("kernel_warmup") else KernelWarmup()
     # imported once the warm-up compiles: Lightning alone takes seconds to import
     import lightning as L
+    from lightning.pytorch.callbacks import WeightAveraging
 
     from slmlab.training.faults import preflight
     from slmlab.training.strategies import shards_parameters
