@@ -148,12 +148,13 @@ class LMModule(L.LightningModule):
     def gradient_norm(self) -> torch.Tensor | None:
         """The total norm of the model's gradients at this optimizer step, before clipping (under FSDP over
         every rank's shards); None when no parameter has one. Computed once per step (foreach kernels, one
-        pass over the gradients): the non-finite guard, `train/grad_norm` and clipping share it."""
+        pass over the gradients): the non-finite guard, `train/grad_norm` and clipping share it. The first
+        call of a step finishes its gradients: unscaled (fp16), label tokens weighed equally (`token_weighted`)."""
         step = self.trainer.global_step
         if self._grad_norm is None or self._grad_norm[0] != step:
             self._unscale_fp16_gradients()
-            self._weigh_label_tokens_equally()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._weigh_label_tokens_equally(grads)
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if shards_parameters(self.trainer.strategy):
                 # each rank holds a shard of every gradient: clipped by its shard's norm, the ranks would
@@ -190,7 +191,7 @@ class LMModule(L.LightningModule):
     def _token_scale(self) -> int:
         return self.trainer.datamodule.batch_size * self.model_config.max_seq_len
 
-    def _weigh_label_tokens_equally(self) -> None:
+    def _weigh_label_tokens_equally(self, grads: list[torch.Tensor]) -> None:
         # Lightning divided each micro-batch's loss by the accumulation and DDP averages over ranks: the
         # gradients are the sum over the step's label tokens over (accumulation x ranks x token scale);
         # now their mean
@@ -200,7 +201,6 @@ class LMModule(L.LightningModule):
         self._step_tokens = None
         factor = (self.trainer.accumulate_grad_batches * self.trainer.world_size * self._token_scale()
                   / tokens.clamp(min=1.0))
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
 
