@@ -438,6 +438,16 @@ def test_the_progress_bar_names_no_last_epoch_when_max_steps_ends_the_run(max_ep
     assert bar._get_train_description(4).strip() == description
 
 
+@pytest.mark.parametrize("global_step,accumulate,batches,total", [
+    (20, 1, math.inf, 40), (0, 2, math.inf, 80), (10, 2, math.inf, 80), (10, 2, 30, 30)])
+def test_the_progress_bar_total_counts_the_epochs_batches_after_a_resume_and_with_accumulation(
+        global_step, accumulate, batches, total):
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=40, global_step=global_step,
+                                   accumulate_grad_batches=accumulate, num_training_batches=batches)
+    assert bar.total_train_batches == total
+
+
 def test_training_logs_no_metric_lightning_would_read_back_every_step(tmp_path):
     """Lightning turns each metric logged with `prog_bar=True` into a number after every batch: on a GPU,
     a wait for the whole queued step each time. Pretraining logs none; the bar reads its keys every n steps."""

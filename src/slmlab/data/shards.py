@@ -74,7 +74,7 @@ class Manifest:
             raise DataError(f"{path} not found: {out_dir} holds no prepared shards "
                             "(never prepared, or preparation was interrupted)")
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             # a list or scalar where an object belongs would fail below with an AttributeError, or a
             # TypeError that does not say what is wrong
             if not isinstance(record, dict):

@@ -28,7 +28,7 @@ def load_pretrained(path: str | Path) -> CausalLM:
         return checkpoint.load_model(path)
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path}: a folder without {CONFIG_FILE}: not an exported model")
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     if "model_type" in config:
         cfg = model_config_from_hf(config)
         state = from_hf_state_dict(_read_weights(path), cfg)
@@ -46,7 +46,7 @@ def load_pretrained(path: str | Path) -> CausalLM:
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (index := folder / HF_INDEX_FILE).is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         shards = [WEIGHTS_FILE]
     state = {}

@@ -34,7 +34,7 @@ class TokenizerFiles:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {path}")
         config_path = path.parent / TOKENIZER_CONFIG
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         return cls(path, Tokenizer.from_file(str(path)), config)
 
     def token_id(self, token: str) -> int | None:

@@ -134,7 +134,7 @@ def merge_prehook_winners(path: Path, entries: list[dict]) -> int:
 
 
 def _read_entries(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def seed_prehook_winners(device_name: str, packages: tuple[str, ...] = KERNEL_PACKAGES) -> int:

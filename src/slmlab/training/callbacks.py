@@ -165,6 +165,15 @@ class ProgressBar(RichProgressBar):
         self._shown = metrics
         return metrics
 
+    @property
+    def total_train_batches(self) -> int | float:
+        # Lightning gives the optimizer steps left, but the bar counts the epoch's batches from its first: a
+        # resumed run read "40/19", accumulation "20/10". The stream is one epoch that max_steps ends.
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps > 0:
+            return min(trainer.num_training_batches, trainer.max_steps * trainer.accumulate_grad_batches)
+        return super().total_train_batches
+
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning writes "Epoch 0/{max_epochs - 1}", "Epoch 0/-2" for the runs max_steps ends (max_epochs -1)
         if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
