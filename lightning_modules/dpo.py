@@ -46,8 +46,7 @@ class DPOModule(PolicyModule):
         """Preference batch from the policy's own samples: per prompt, best vs worst by reward."""
         rows = {"chosen_ids": [], "chosen_labels": [], "rejected_ids": [], "rejected_labels": []}
         sampled = []
-        for item in prompts:
-            seq, labels, texts = self.sample(item, self.candidates, self.temperature)
+        for item, (seq, labels, texts) in zip(prompts, self.sample(prompts, self.candidates, self.temperature)):
             rewards = torch.tensor([score(t, item["constraints"]) for t in texts])
             sampled.append(rewards)
             best, worst = int(rewards.argmax()), int(rewards.argmin())

@@ -28,8 +28,7 @@ class GRPOModule(PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         seqs, labels, rewards, passed = [], [], [], []
-        for item in batch:
-            seq, lab, texts = self.sample(item, self.group_size, self.temperature)
+        for item, (seq, lab, texts) in zip(batch, self.sample(batch, self.group_size, self.temperature)):
             rewards += [score(t, item["constraints"]) for t in texts]
             passed += [all_pass(t, item["constraints"]) for t in texts]
             seqs.append(seq)

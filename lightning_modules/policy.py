@@ -1,9 +1,12 @@
 """What the stages that improve a policy against a frozen reference share (DPO, GRPO): the reference,
 sampling completions of prompts, and the constraint-following pass-rate as validation."""
 
+from time import perf_counter
+
 import torch
 
 from lightning_modules.base import LMModule
+from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.rollout import PassRate, completion_labels, completion_texts, rollout
 
 
@@ -28,15 +31,21 @@ class PolicyModule(LMModule):
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
 
-    def sample(self, item: dict, n: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """n completions of a prompt: ids (n, T), completion labels (n, T - 1), decoded texts."""
+    def sample(self, prompts: list[dict], n: int, temperature: float) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """n completions of each prompt: per prompt, ids (n, T), completion labels (n, T - 1), decoded texts.
+        Logs perf/rollout_tokens_per_s: the completion tokens per second of sampling (this rank's)."""
         dm = self.trainer.datamodule
         was_training = self.model.training
         self.model.eval()
-        seq = rollout(self.model, item["prompt_ids"], n, self.max_new_tokens, dm.eos_id, temperature, self.top_p)
+        start, tokens, out = perf_counter(), 0, []
+        for item in prompts:
+            seq = rollout(self.model, item["prompt_ids"], n, self.max_new_tokens, dm.eos_id, temperature, self.top_p)
+            labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
+            tokens += int((labels != IGNORE_INDEX).sum())  # generate has waited for the GPU at each token anyway
+            out.append((seq, labels, completion_texts(dm.tokenizer, seq, labels, dm.eos_id)))
         self.model.train(was_training)
-        labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
-        return seq, labels, completion_texts(dm.tokenizer, seq, labels, dm.eos_id)
+        self.log("perf/rollout_tokens_per_s", tokens / (perf_counter() - start))
+        return out
 
     # -- validation: greedy answers to held-out constraint prompts ------------------------------------
 

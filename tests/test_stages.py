@@ -1,5 +1,6 @@
 """Post-training stages end to end at tiny size, each from a pretrained checkpoint."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_grpo_raises_an_easy_reward(pretrained, tmp_path):
     # learning the gap closed scatters by about +-0.2 around 0
     assert last - first >= 0.4 * (1 - first), reward
     assert metric(tmp_path / "run", "val/pass_rate")
+
+
+def test_grpo_logs_its_rollouts_completion_tokens_per_second(pretrained, tmp_path, monkeypatch):
+    # a clock that advances one second per reading: each step's sampling takes 1 s
+    monkeypatch.setattr("lightning_modules.policy.perf_counter", itertools.count(0.0).__next__)
+    train(compose_config(tiny_run_overrides(tmp_path, steps=4, val_every=4) + [
+        "stage=grpo", f"init_from={pretrained}", f"data.prompts={lowercase_prompts(tmp_path)}", "data.batch_size=2",
+        "stage.group_size=4", "stage.max_new_tokens=6"]))
+    speed, lengths = metric(tmp_path / "run", "perf/rollout_tokens_per_s"), metric(tmp_path / "run", "train/completion_len")
+    # completion_len is the mean over the step's 2 x 4 completions, each counted to its end-of-turn
+    assert len(speed) == 2 and speed == pytest.approx([8 * n for n in lengths]), (speed, lengths)
 
 
 @pytest.mark.parametrize("overrides,what", [(["stage=dpo"], "stage=dpo"), (["stage=grpo"], "stage=grpo"),
