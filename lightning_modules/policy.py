@@ -7,7 +7,7 @@ import torch
 
 from lightning_modules.base import LMModule
 from slmlab.training.losses import IGNORE_INDEX
-from slmlab.training.rollout import PassRate, completion_labels, completion_texts, rollout
+from slmlab.training.rollout import PassRate, completion_labels, completion_texts, rollouts
 
 
 class PolicyModule(LMModule):
@@ -38,8 +38,9 @@ class PolicyModule(LMModule):
         was_training = self.model.training
         self.model.eval()
         start, tokens, out = perf_counter(), 0, []
-        for item in prompts:
-            seq = rollout(self.model, item["prompt_ids"], n, self.max_new_tokens, dm.eos_id, temperature, self.top_p)
+        seqs = rollouts(self.model, [item["prompt_ids"] for item in prompts], n, self.max_new_tokens, dm.eos_id,
+                        temperature, self.top_p)
+        for item, seq in zip(prompts, seqs):
             labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
             tokens += int((labels != IGNORE_INDEX).sum())  # generate has waited for the GPU at each token anyway
             out.append((seq, labels, completion_texts(dm.tokenizer, seq, labels, dm.eos_id)))

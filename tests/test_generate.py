@@ -33,6 +33,36 @@ def test_greedy_generation_equals_argmax_of_full_forwards(layout):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("layout", [None, "G,M"])
+def test_rows_with_prompts_of_different_lengths_generate_what_each_prompt_generates_alone(layout):
+    """The shorter prompts' rows sample while the longer ones still read their prompts, all at one position."""
+    model = tiny_model(layout=layout)
+    prompts = [torch.randint(0, 97, (n,)) for n in (3, 8, 5)]
+    batch = torch.zeros(3, 8, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, :len(p)] = p
+    out = generate(model, batch, 6, temperature=0, prompt_lens=torch.tensor([3, 8, 5]))
+    for row, p in enumerate(prompts):
+        assert torch.equal(out[row, :len(p) + 6], generate(model, p[None], 6, temperature=0)[0]), row
+
+
+@pytest.mark.parametrize("layout", [None, "M,A"])
+def test_rollouts_decode_prompts_of_near_lengths_together_and_give_each_prompts_own_completions(layout, monkeypatch):
+    import slmlab.training.rollout as rollout
+
+    model = tiny_model(layout=layout)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 5, 30)]
+    eos = int(generate(model, torch.tensor([prompts[0]]), 3, temperature=0)[0, -1])  # prompt 0's rows stop early
+    calls = []
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(a[1].shape) or generate(*a, **k))
+    out = rollout.rollouts(model, prompts, 2, 6, eos, temperature=0.0)
+    assert calls == [(6, 9), (2, 30)]  # lengths 3, 5, 9 within 6 of each other; 30 alone
+    for p, seq in zip(prompts, out):
+        alone = generate(model, torch.tensor([p] * 2), 6, temperature=0, stop_ids=eos)
+        assert torch.equal(seq[:, :alone.shape[1]], alone) and (seq[:, alone.shape[1]:] == eos).all()
+    assert (out[0][:, 3:] == eos).any()
+
+
 def test_decoding_runs_compiled_blocks_eagerly():
     """With `stage.compile=true` the sample callback, pass-rate evaluation and GRPO rollouts decode through
     the compiled blocks. The prompt, the state and the one-token steps each recompiled every kind of block,

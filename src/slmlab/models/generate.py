@@ -58,12 +58,15 @@ def eager_blocks() -> AbstractContextManager:
 @torch.no_grad()
 def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-           generator: torch.Generator | None = None, cuda_graph: bool = True) -> Iterator[Tensor]:
+           generator: torch.Generator | None = None, cuda_graph: bool = True,
+           forced: Tensor | None = None) -> Iterator[Tensor]:
     """Yields the next token of each row, (batch,), up to `max_new_tokens` or the context's end.
 
     Prefills the state with the prompt (batch, prompt_len), then feeds one token at a time: O(1) per
     token for recurrent mixers. On CUDA each step replays a CUDA graph of the whole model
     (`models/decode_graph.py`) unless `cuda_graph=False`. The caller stops early by not asking for more.
+    forced (batch, k): at the first k steps, the token fed and yielded where it is >= 0 instead of the
+    sampled one (the rest of a longer prompt; see `generate`'s `prompt_lens`).
     """
     batch, prompt_len = prompt.shape
     if prompt_len >= model.cfg.max_seq_len:
@@ -84,6 +87,8 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
         token = sample_next(logits, temperature, top_k, top_p, generator)
+        if forced is not None and step < forced.shape[1]:
+            token = torch.where(forced[:, step] >= 0, forced[:, step], token)
         yield token
         if step == steps - 1:
             return  # no forward for a token that will not be sampled from
@@ -97,23 +102,38 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
 
 
 def generate(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, stop_ids: int | Sequence[int] = (),
-             **sampling) -> Tensor:
-    """prompt: (batch, prompt_len) ids, same length per row -> (batch, prompt_len + new) ids.
+             prompt_lens: Tensor | None = None, **sampling) -> Tensor:
+    """prompt: (batch, prompt_len) ids -> (batch, prompt_len + new) ids.
 
     A row stops at its first token in `stop_ids` and is padded with `stop_ids[0]` after it, so the
     batch stays rectangular; generation ends when every row has stopped. `sampling`: the keyword
     arguments of `decode` (temperature 0 is greedy; a seeded `generator` makes sampling repeatable).
+
+    prompt_lens (batch,): the rows' own prompt lengths when they differ (`prompt` right-padded). Every
+    row steps at the same position, as in Meta's first LLaMA `generate`: the shortest prompt's length
+    is prefilled, then a row still inside its prompt is fed its next prompt token while the others
+    sample, so attention and recurrent states need no padding mask. Row r's completion starts at
+    prompt_lens[r] and ends at its stop or after `max_new_tokens` tokens; the columns after that
+    budget are not a completion (the caller cuts them).
     """
     stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
                          device=prompt.device)
-    out = [prompt]
+    lens = torch.full((prompt.shape[0],), prompt.shape[1], device=prompt.device) if prompt_lens is None \
+        else prompt_lens.to(prompt.device)
+    start, longest = int(lens.min()), int(lens.max())
+    if longest >= model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
+    columns = torch.arange(start, longest, device=prompt.device)
+    forced = prompt[:, start:longest].masked_fill(columns >= lens[:, None], -1) if longest > start else None
+    out = [prompt[:, :start]]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for token in decode(model, prompt, max_new_tokens, **sampling):
+    tokens = decode(model, prompt[:, :start], max_new_tokens + longest - start, forced=forced, **sampling)
+    for position, token in enumerate(tokens, start):
         if len(stops):
             token = token.masked_fill(done, stops[0])
-            done |= torch.isin(token, stops)
+            done |= (position >= lens) & torch.isin(token, stops)
         out.append(token[:, None])
-        if done.all():
+        if (done | (position + 1 - lens >= max_new_tokens)).all():
             break
     return torch.cat(out, dim=1)
 
