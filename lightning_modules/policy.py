@@ -6,8 +6,9 @@ from time import perf_counter
 import torch
 
 from lightning_modules.base import LMModule
+from slmlab.models.generate import generate_prompts
 from slmlab.training.losses import IGNORE_INDEX
-from slmlab.training.rollout import PassRate, completion_labels, completion_texts, rollouts
+from slmlab.training.rollout import PassRate, completion_labels, completion_texts
 
 
 class PolicyModule(LMModule):
@@ -38,8 +39,8 @@ class PolicyModule(LMModule):
         was_training = self.model.training
         self.model.eval()
         start, tokens, out = perf_counter(), 0, []
-        seqs = rollouts(self.model, [item["prompt_ids"] for item in prompts], n, self.max_new_tokens, dm.eos_id,
-                        temperature, self.top_p)
+        seqs = generate_prompts(self.model, [item["prompt_ids"] for item in prompts], self.max_new_tokens,
+                                stop_id=dm.eos_id, n=n, temperature=temperature, top_p=self.top_p)
         for item, seq in zip(prompts, seqs):
             labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
             tokens += int((labels != IGNORE_INDEX).sum())  # generate has waited for the GPU at each token anyway

@@ -146,6 +146,12 @@ def test_adapter_rolling_loglikelihood_and_generation(tiny_runs):
     stop = full[3:5]  # a stop string the greedy text contains
     (out,) = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 12}))])
     assert out == full[:full.index(stop)]
+    # requests of other lengths and budgets, decoded batch_size at a time: what each gives alone
+    requests = [SimpleNamespace(args=(text, {"until": [], "max_gen_toks": budget})) for text, budget in [
+        ("Das Debian-Paketsystem", 12), ("apt", 8), ("Die Paketquellen für APT stehen in", 12), ("dpkg", 12),
+        ("Mit sudo apt install", 8)]]
+    alone = [lm.generate_until([r])[0] for r in requests]
+    assert lm.generate_until(requests) == alone and len(set(alone)) > 1
 
 
 def test_eval_cli_prints_the_same_tables_twice(tiny_runs, capsys):

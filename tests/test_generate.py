@@ -47,16 +47,17 @@ def test_rows_with_prompts_of_different_lengths_generate_what_each_prompt_genera
 
 
 @pytest.mark.parametrize("layout", [None, "M,A"])
-def test_rollouts_decode_prompts_of_near_lengths_together_and_give_each_prompts_own_completions(layout, monkeypatch):
-    import slmlab.training.rollout as rollout
+def test_prompts_of_near_lengths_decode_together_and_each_gets_its_own_completions(layout, monkeypatch):
+    import slmlab.models.generate as module
 
     model = tiny_model(layout=layout)
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 5, 30)]
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 5, 30, 4)]
     eos = int(generate(model, torch.tensor([prompts[0]]), 3, temperature=0)[0, -1])  # prompt 0's rows stop early
     calls = []
-    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(a[1].shape) or generate(*a, **k))
-    out = rollout.rollouts(model, prompts, 2, 6, eos, temperature=0.0)
-    assert calls == [(6, 9), (2, 30)]  # lengths 3, 5, 9 within 6 of each other; 30 alone
+    monkeypatch.setattr(module, "generate", lambda *a, **k: calls.append(a[1].shape) or generate(*a, **k))
+    out = module.generate_prompts(model, prompts, 6, stop_id=eos, n=2, max_rows=6, temperature=0)
+    # by length 3, 4, 5 | 9 | 30: within 6 tokens of the shortest and 6 rows at most
+    assert calls == [(6, 5), (2, 9), (2, 30)]
     for p, seq in zip(prompts, out):
         alone = generate(model, torch.tensor([p] * 2), 6, temperature=0, stop_ids=eos)
         assert torch.equal(seq[:, :alone.shape[1]], alone) and (seq[:, alone.shape[1]:] == eos).all()

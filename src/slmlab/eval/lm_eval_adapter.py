@@ -13,8 +13,8 @@ entry point for models, so its `lm_eval` command knows `slmlab` only when starte
         run --model slmlab --model_args ckpt=DIR_OR_CKPT,tokenizer=tokenizer.json --batch_size 16 --tasks ...
 
 (`python -m slmlab.eval` imports this module itself). Scores use `scoring.py` (contexts start
-at `<|endoftext|>`); generation is greedy, one request at a time, cut at the request's `until`
-strings, `<|endoftext|>` or `<|im_end|>`.
+at `<|endoftext|>`); generation is greedy, `batch_size` requests at a time, cut at the request's
+`until` strings, `<|endoftext|>` or `<|im_end|>`.
 """
 
 import logging
@@ -30,7 +30,7 @@ from slmlab.eval.scoring import encode, encode_pair, score_continuations
 from slmlab.export.load import load_pretrained
 from slmlab.export.tokenizer import EOS, IM_END, TokenizerFiles
 from slmlab.models import CausalLM
-from slmlab.models.generate import generate
+from slmlab.models.generate import generate_prompts
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +100,25 @@ class SlmlabLM(TemplateLM):
         return results
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context (sampling arguments are ignored), cut before the first
-        stop string; special tokens are decoded as text so that they can be stops."""
-        results = []
+        """Greedy continuation of each context (sampling arguments are ignored), `batch_size` contexts
+        decoded together, cut before the first stop string; special tokens are decoded as text so that
+        they can be stops."""
+        jobs = []
         for request in requests:
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else [*until]
-            until += [EOS, IM_END]  # the end of a document, of a chat turn
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            ids = generate(self.model, torch.tensor([prompt], device=self._device), max_new, temperature=0,
-                           stop_ids=self.eot_token_id, cuda_graph=self.cuda_graph)[0, len(prompt):]
-            text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
-            results.append(min((text.split(stop)[0] for stop in until), key=len))
-            self.cache_hook.add_partial("generate_until", request.args, results[-1])
+            jobs.append((self.tok_encode(context)[-max(1, self.max_length - max_new):], max_new,
+                         until + [EOS, IM_END]))  # the end of a document, of a chat turn
+        results = [""] * len(jobs)
+        for max_new in sorted({max_new for _, max_new, _ in jobs}):
+            index = [i for i, job in enumerate(jobs) if job[1] == max_new]
+            seqs = generate_prompts(self.model, [jobs[i][0] for i in index], max_new, stop_id=self.eot_token_id,
+                                    max_rows=self.batch_size, temperature=0, cuda_graph=self.cuda_graph)
+            for i, seq in zip(index, seqs):
+                prompt, _, until = jobs[i]
+                text = self.tokenizer.decode(seq[0, len(prompt):].tolist(), skip_special_tokens=False)
+                results[i] = min((text.split(stop)[0] for stop in until), key=len)
+                self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
         return results

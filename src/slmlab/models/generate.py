@@ -1,7 +1,8 @@
 """Sampling from a `CausalLM` with its decoding state (KV cache / recurrent state).
 
 `decode` yields one token per row per step; `generate` collects a batch of them with stop tokens;
-`stream_text` turns one row into text pieces with stop strings, for chat.
+`generate_prompts` batches prompts of different lengths; `stream_text` turns one row into text pieces
+with stop strings, for chat.
 """
 
 import sys
@@ -136,6 +137,31 @@ def generate(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, stop_ids
         if (done | (position + 1 - lens >= max_new_tokens)).all():
             break
     return torch.cat(out, dim=1)
+
+
+def generate_prompts(model: "CausalLM", prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop_id: int,
+                     n: int = 1, max_rows: int | None = None, **sampling) -> list[Tensor]:
+    """n completions of each prompt (token ids, any lengths): per prompt, (n, prompt_len + new) ids,
+    right-padded with `stop_id` after each row's end.
+
+    Prompts whose lengths lie within `max_new_tokens` of the shortest among them decode as one batch of
+    at most `max_rows` rows (`generate`'s `prompt_lens`: every row at the same position), which takes at
+    most twice the steps of a single prompt's decoding, however many prompts it holds."""
+    device = next(model.parameters()).device
+    per_batch = max(1, (max_rows or n * len(prompts)) // n)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Tensor] = [torch.empty(0)] * len(prompts)
+    while order:
+        group = [i for i in order[:per_batch] if len(prompts[i]) - len(prompts[order[0]]) <= max_new_tokens]
+        order = order[len(group):]
+        lens = torch.tensor([len(prompts[i]) for i in group], device=device).repeat_interleave(n)
+        batch = torch.zeros(len(lens), int(lens.max()), dtype=torch.long, device=device)  # the padding is never read
+        for g, i in enumerate(group):
+            batch[g * n:(g + 1) * n, :len(prompts[i])] = torch.tensor(prompts[i], device=device)
+        seq = generate(model, batch, max_new_tokens, prompt_lens=lens, stop_ids=stop_id, **sampling)
+        for g, i in enumerate(group):
+            out[i] = seq[g * n:(g + 1) * n, :len(prompts[i]) + max_new_tokens]
+    return out
 
 
 def held_back(text: str, stop_strings: Sequence[str]) -> int:

@@ -1,40 +1,13 @@
 """Sampling completions of chat prompts from the policy being trained, and reading them back:
 the rollouts of GRPO and of on-policy DPO, and the constraint pass-rate of greedy answers."""
 
-from collections.abc import Sequence
-
 import torch
 from tokenizers import Tokenizer
 
 from slmlab.models import CausalLM
-from slmlab.models.generate import generate
+from slmlab.models.generate import generate_prompts
 from slmlab.rewards import all_pass, score
 from slmlab.training.losses import IGNORE_INDEX
-
-
-def rollouts(model: CausalLM, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, eos_id: int,
-             temperature: float = 1.0, top_p: float | None = None) -> list[torch.Tensor]:
-    """n completions of each prompt with the model's cached generation: per prompt, (n, prompt_len + new)
-    ids, right-padded with `eos_id` after each row's end.
-
-    Prompts whose lengths lie within `max_new_tokens` of the shortest among them decode as one batch
-    (`generate`'s `prompt_lens`: every row at the same position), which takes at most twice the steps
-    of a single prompt's decoding, however many prompts it holds."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    while order:
-        group = [i for i in order if len(prompts[i]) - len(prompts[order[0]]) <= max_new_tokens]
-        order = order[len(group):]
-        lens = torch.tensor([len(prompts[i]) for i in group], device=device).repeat_interleave(n)
-        batch = torch.full((len(lens), int(lens.max())), eos_id, dtype=torch.long, device=device)
-        for g, i in enumerate(group):
-            batch[g * n:(g + 1) * n, :len(prompts[i])] = torch.tensor(prompts[i], device=device)
-        seq = generate(model, batch, max_new_tokens, prompt_lens=lens, temperature=temperature, top_p=top_p,
-                       stop_ids=eos_id)
-        for g, i in enumerate(group):
-            out[i] = seq[g * n:(g + 1) * n, :len(prompts[i]) + max_new_tokens]
-    return out
 
 
 def completion_labels(seq: torch.Tensor, prompt_len: int, eos_id: int) -> torch.Tensor:
@@ -65,7 +38,8 @@ class PassRate:
     def add(self, model: CausalLM, items: list[dict], tokenizer: Tokenizer, eos_id: int) -> None:
         was_training = model.training
         model.eval()
-        seqs = rollouts(model, [item["prompt_ids"] for item in items], 1, self.max_new_tokens, eos_id, temperature=0.0)
+        seqs = generate_prompts(model, [item["prompt_ids"] for item in items], self.max_new_tokens, stop_id=eos_id,
+                                temperature=0)
         for item, seq in zip(items, seqs):
             text = completion_texts(tokenizer, seq, completion_labels(seq, len(item["prompt_ids"]), eos_id), eos_id)[0]
             self.passed.append(all_pass(text, item["constraints"]))
