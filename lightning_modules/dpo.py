@@ -1,6 +1,7 @@
 """Direct preference optimisation against a frozen copy of the initial policy: offline on
 (prompt, chosen, rejected) pairs, or on-policy on pairs ranked by a reward from the policy's samples."""
 
+import numpy as np
 import torch
 
 from lightning_modules.policy import PolicyModule
@@ -12,28 +13,59 @@ from slmlab.training.losses import IGNORE_INDEX, dpo_loss
 class DPOModule(PolicyModule):
     """on_policy: batches are constraint prompts (data=ifeval_prompts); for each, `candidates`
     samples are scored by the constraint reward and the best and worst form the pair (prompts whose
-    samples all score the same are skipped). Validation is then the pass-rate, as for GRPO."""
+    samples all score the same are skipped). Validation is then the pass-rate, as for GRPO.
+
+    precompute_reference (offline pairs): the reference's log-probs of every pair are computed once
+    when training starts (each rank a share), and the reference model is then freed: its memory, and
+    one forward per step, for one pass over the pairs up front."""
 
     stage = "dpo"
 
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                 on_policy: bool = False, candidates: int = 4, **kwargs) -> None:
+                 on_policy: bool = False, candidates: int = 4, precompute_reference: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if precompute_reference and on_policy:
+            raise ValueError("stage.precompute_reference=true needs fixed pairs: on-policy pairs are new each step "
+                             "(set stage.on_policy=false, or stage.precompute_reference=false)")
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
-        self.on_policy, self.candidates = on_policy, candidates
+        self.on_policy, self.candidates, self.precompute_reference = on_policy, candidates, precompute_reference
+        self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2): chosen, rejected
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed log-prob of each row's response tokens: (batch,)."""
         return model.token_logprobs(ids, labels).sum(dim=1)
 
+    @staticmethod
+    def both_sides(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen then rejected rows as one batch (one forward each for policy and reference)."""
+        return (cat_right_padded([batch["chosen_ids"], batch["rejected_ids"]], value=0),
+                cat_right_padded([batch["chosen_labels"], batch["rejected_labels"]], value=IGNORE_INDEX))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.precompute_reference:
+            return
+        dm, rank, world = self.trainer.datamodule, self.trainer.global_rank, self.trainer.world_size
+        for split, collate in (("train", dm.train_collate), ("val", dm.val_collate)):
+            table = torch.zeros(len(collate), 2, device=self.device)
+            mine = torch.arange(rank * dm.batch_size, len(collate), world * dm.batch_size)
+            for start in mine.tolist():
+                batch = collate(np.arange(start, min(start + dm.batch_size, len(collate))))
+                ids, labels = (t.to(self.device) for t in self.both_sides(batch))
+                with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                    table[batch["pair_index"]] = self.sequence_logps(self.reference, ids, labels).view(2, -1).T.float()
+            self.reference_logps[split] = self.trainer.strategy.reduce(table, reduce_op="sum")
+        self.__dict__["reference"] = None  # freed: its log-probs are all that was needed
+
     def step(self, batch: dict, prefix: str) -> torch.Tensor:
         n = batch["chosen_ids"].shape[0]
-        # chosen and rejected in one forward each (policy and reference)
-        ids = cat_right_padded([batch["chosen_ids"], batch["rejected_ids"]], value=0)
-        labels = cat_right_padded([batch["chosen_labels"], batch["rejected_labels"]], value=IGNORE_INDEX)
+        ids, labels = self.both_sides(batch)
         policy = self.sequence_logps(self.model, ids, labels)
-        with torch.no_grad():
-            ref = self.sequence_logps(self.reference, ids, labels)
+        if self.reference_logps:
+            ref = self.reference_logps[prefix][batch["pair_index"]].T.reshape(-1)
+        else:
+            with torch.no_grad():
+                ref = self.sequence_logps(self.reference, ids, labels)
         loss, chosen_r, rejected_r = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta,
                                               self.label_smoothing, self.loss_type)
         self.log_dict({f"{prefix}/loss": loss, f"{prefix}/reward_accuracy": (chosen_r > rejected_r).float().mean(),

@@ -77,6 +77,27 @@ def test_dpo_trains_the_policy_and_leaves_the_reference(pretrained, tmp_path):
     assert not any(k.startswith("reference") for k in weights)  # the frozen copy is not saved
 
 
+def test_dpo_with_the_reference_log_probs_precomputed_trains_as_with_the_reference_and_frees_it(
+        pretrained, tmp_path, monkeypatch):
+    from lightning_modules import DPOModule
+
+    modules, on_fit_start = [], DPOModule.on_fit_start
+    monkeypatch.setattr(DPOModule, "on_fit_start", lambda self: (on_fit_start(self), modules.append(self)))
+    runs = {}
+    for precompute in (False, True):
+        run = tmp_path / str(precompute)
+        train(compose_config(tiny_run_overrides(run, steps=6, val_every=3) + [
+            "stage=dpo", f"init_from={pretrained}", "optim.lr=1e-3", f"stage.precompute_reference={precompute}"]))
+        runs[precompute] = {key: metric(run / "run", key) for key in ("train/loss", "val/loss", "train/reward_margin")}
+    assert runs[True] == {key: pytest.approx(values, rel=1e-5, abs=1e-6) for key, values in runs[False].items()}
+    assert len(runs[True]["val/loss"]) == 2 and modules[0].reference is not None and modules[1].reference is None
+    dm_pairs = modules[1].reference_logps
+    assert dm_pairs["train"].shape[1] == 2 and dm_pairs["train"].shape[0] > dm_pairs["val"].shape[0] > 0
+    with pytest.raises(InstantiationException, match="stage.precompute_reference=true needs fixed pairs"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["stage=dpo", f"init_from={pretrained}",
+                                                             "stage.on_policy=true", "stage.precompute_reference=true"]))
+
+
 @pytest.mark.parametrize("stage,frozen", [("dpo", "reference"), ("distill", "teacher")])
 def test_the_weight_average_shares_the_frozen_model_rather_than_copying_it(pretrained, tmp_path, stage, frozen):
     """`+callbacks/ema=default` deep-copies the stage module to hold the average: the copy holds

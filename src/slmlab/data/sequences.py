@@ -91,7 +91,8 @@ class PaddedBatches:
 
 class PairBatches:
     """Collate: pair indices [B] -> {"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"},
-    each LongTensor[B, seq_len], as `PaddedBatches` makes them."""
+    each LongTensor[B, seq_len], as `PaddedBatches` makes them, and "pair_index" [B] (the indices, for
+    values kept per pair such as a reference's log-probs)."""
 
     def __init__(self, chosen: Sequences, rejected: Sequences, seq_len: int, pad_id: int):
         self.chosen = PaddedBatches(chosen, seq_len, pad_id)
@@ -103,4 +104,5 @@ class PairBatches:
     def __call__(self, items: np.ndarray) -> Batch:
         chosen, rejected = self.chosen(items), self.rejected(items)
         return {"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-                "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+                "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+                "pair_index": torch.as_tensor(np.asarray(items), dtype=torch.long)}
