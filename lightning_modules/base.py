@@ -2,6 +2,7 @@
 logging, weights from a previous stage (`init_from`), and per-source validation loss sums."""
 
 import copy
+import logging
 from dataclasses import asdict
 from functools import partial
 
@@ -12,10 +13,13 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.lora import add_lora, merge_lora
 from slmlab.models.transformer import COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import param_groups_for
 from slmlab.training.strategies import shards_parameters
+
+log = logging.getLogger(__name__)
 
 
 class LMModule(L.LightningModule):
@@ -25,11 +29,13 @@ class LMModule(L.LightningModule):
     length is the trainer's `max_steps`. `compile`: false, true (torch.compile each block) or a
     torch.compile mode for the blocks ("reduce-overhead": CUDA graphs). `init_from` loads the weights
     (only) of a checkpoint of another run, typically the previous stage, and refuses one of another
-    architecture.
+    architecture. `lora_rank` > 0 freezes the model and trains LoRA adapters of that rank on the blocks'
+    linear layers named in `lora_targets` (all of them when null), scaled by `lora_alpha / lora_rank`.
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: partial, scheduler: partial,
-                 decay_embeddings: bool = False, compile: bool | str = False, init_from: str | None = None) -> None:
+                 decay_embeddings: bool = False, compile: bool | str = False, init_from: str | None = None,
+                 lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: list[str] | None = None) -> None:
         super().__init__()
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"stage.compile={compile!r}: expected true, false or a torch.compile mode "
@@ -38,6 +44,12 @@ class LMModule(L.LightningModule):
         self.model = CausalLM(model_config)
         if init_from is not None:
             load_weights(self.model, init_from)
+        self.lora_rank = lora_rank
+        if lora_rank:
+            add_lora(self.model, lora_rank, lora_alpha, lora_targets)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("LoRA rank %d: %s trainable parameters of %s", lora_rank, f"{trainable:,}",
+                     f"{sum(p.numel() for p in self.model.parameters()):,}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
         # which parameters decay is decided on the model as built (matrices only): FSDP turns each
@@ -48,7 +60,7 @@ class LMModule(L.LightningModule):
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""
-        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        ref = merge_lora(copy.deepcopy(self.model)).eval().requires_grad_(False)
         return ref.to(dtype) if dtype is not None else ref
 
     def hold_frozen(self, name: str, model: CausalLM) -> None:
@@ -105,6 +117,9 @@ class LMModule(L.LightningModule):
         if getattr(self.optimizer_factory.func, "needs_whole_matrices", False):
             raise ValueError(f"optim={self.optimizer_factory.func.__name__} updates each matrix as a whole, and FSDP "
                              "gives each rank a flat shard of it: use trainer=ddp or one device, or optim=adamw")
+        if self.lora_rank:
+            raise ValueError(f"stage.lora_rank={self.lora_rank}: LoRA adapters are parametrizations of the weights, "
+                             "which FSDP's flat shards do not keep: use trainer=ddp or one device")
         if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
             raise ValueError("callbacks.ema (weight averaging) keeps an unsharded copy and swaps it with FSDP's "
                              "shards: use trainer=ddp or one device")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from slmlab.models import CausalLM, ModelConfig
+from slmlab.models.lora import merged_state
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ def newest_checkpoint(dirpath: str | Path) -> str | None:
 
 
 def _model_state(ckpt: dict) -> dict:
-    return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    """The plain model's state dict (LoRA adapters folded into their weights)."""
+    return merged_state({k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items()
+                         if k.startswith(MODEL_PREFIX)})
 
 
 def load_model(path: str | Path) -> CausalLM:

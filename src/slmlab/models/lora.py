@@ -1,0 +1,66 @@
+"""LoRA (Hu et al. 2021): a linear layer's weight W trained as W + (alpha / rank) * B A, W frozen.
+
+The adapter is a parametrization of the layer's `weight` (`torch.nn.utils.parametrize`): every path
+that reads the weight (the fused q/k/v projection, the SwiGLU op, compiled blocks, decoding) computes
+with the adapted one. B starts at zero, so an adapted model starts as its base. A checkpoint holds
+the base weights and the adapters; `merged_state` folds them into a plain model's state dict, which is
+how `init_from`, `load_model` and the exports read such a checkpoint.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+ORIGINAL = ".parametrizations.weight.original"  # where parametrize keeps the base weight
+ADAPTER = ".parametrizations.weight.0."
+
+
+class LoRA(nn.Module):
+    def __init__(self, weight: Tensor, rank: int, alpha: float) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        self.register_buffer("scale", torch.tensor(alpha / rank))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:
+    """Freezes every parameter of `model` and adapts its blocks' linear layers whose name is in `targets`
+    (q, k, v, o, gate, up, down, in_proj, ...), or all of them; ValueError naming a target that names
+    no linear layer of the blocks."""
+    if rank < 1:
+        raise ValueError(f"stage.lora_rank={rank}: an adapter has rank >= 1 (0 trains every weight without adapters)")
+    model.requires_grad_(False)
+    linears = [(name, m) for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, nn.Linear)]
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+    if targets is not None and (unknown := sorted(set(targets) - set(names))):
+        raise ValueError(f"stage.lora_targets: {unknown} name no linear layer of this model's blocks (they are {names})")
+    for name, module in linears:
+        if targets is None or name.rsplit(".", 1)[-1] in targets:
+            parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, alpha))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds each adapter into its layer's weight, leaving a plain model (in place)."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def merged_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of an adapted model as its plain model's: `<layer>.weight` = W + scale * B A."""
+    out = {k: v for k, v in state.items() if ".parametrizations.weight." not in k}
+    for key in state:
+        if key.endswith(ORIGINAL):
+            layer = key.removesuffix(ORIGINAL)
+            a, b, scale = (state[layer + ADAPTER + name].float() for name in ("lora_A", "lora_B", "scale"))
+            out[layer + ".weight"] = (state[key].float() + scale * (b @ a)).to(state[key].dtype)
+    return out
