@@ -342,8 +342,9 @@ def test_preference_batches_label_only_the_replies(tmp_path, tokenizer_path):
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
     dm.setup()
     batch = take(dm, 1)[0]
-    assert set(batch) == {"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}
-    assert all(t.shape == (4, SEQ_LEN) for t in batch.values()) and dm.state_dict()["samples_consumed"] == 4
+    assert set(batch) == {"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "pair_index"}
+    assert all(batch[k].shape == (4, SEQ_LEN) for k in batch if k != "pair_index")
+    assert dm.state_dict()["samples_consumed"] == 4 and len(set(batch["pair_index"].tolist())) == 4
     decode = lambda ids: dm.tokenizer.decode(ids.tolist(), skip_special_tokens=False)  # noqa: E731
     for side in ("chosen", "rejected"):
         for ids, labels in zip(batch[f"{side}_ids"], batch[f"{side}_labels"]):
