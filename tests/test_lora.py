@@ -50,6 +50,17 @@ def test_only_the_adapters_of_the_named_layers_train_and_unknown_names_are_refus
         add_lora(tiny(None), rank=0, alpha=4)
 
 
+def test_under_muon_the_adapters_take_adamw():
+    from slmlab.training.muon import muon_groups
+
+    model = tiny(None)
+    add_lora(model, rank=2, alpha=4)
+    groups = muon_groups(model, weight_decay=0.1)
+    adapters = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(adapters) == 28 and not any(g["use_muon"] for g in groups)
+    assert {id(p) for g in groups for p in g["params"]} == adapters
+
+
 def test_sft_with_lora_keeps_the_base_weights_and_the_next_stage_loads_the_merged_model(tmp_path):
     base_run, lora_run = tmp_path / "base", tmp_path / "lora"
     train(compose_config(tiny_run_overrides(base_run, steps=4, val_every=4)))

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from slmlab.models.lora import LoRA
 from slmlab.training.optim import embedding_and_head, weight_decay_groups
 
 # the quintic iteration's coefficients (Muon's): steepest at zero, so small singular values grow
@@ -62,8 +63,10 @@ def orthogonalize_reference(g: Tensor) -> Tensor:
 
 def muon_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
     """AdamW's groups (`weight_decay_groups`) with the hidden matrices moved into a first group of their
-    own, for Muon: every 2-D parameter but the embedding and the LM head."""
+    own, for Muon: every 2-D parameter but the embedding, the LM head and LoRA's low-rank factors (Muon's
+    orthogonalised step of a rank-r factor barely moved a LoRA SFT run: val loss 5.93 -> 5.92)."""
     outer = {id(p) for p in embedding_and_head(model)}
+    outer |= {id(p) for m in model.modules() if isinstance(m, LoRA) for p in m.parameters()}
     decay, no_decay = weight_decay_groups(model, weight_decay, decay_embeddings)
     hidden = [p for p in decay["params"] if p.dim() == 2 and id(p) not in outer]
     hidden_ids = {id(p) for p in hidden}
