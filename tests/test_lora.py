@@ -50,6 +50,18 @@ def test_only_the_adapters_of_the_named_layers_train_and_unknown_names_are_refus
         add_lora(tiny(None), rank=0, alpha=4)
 
 
+def test_mfu_counts_no_weight_gradients_for_the_frozen_matrices():
+    model = tiny(None)
+    full = model.flops_per_token(32)
+    add_lora(model, rank=2, alpha=4, targets=["q", "k", "v", "o"])
+    # 2 layers of q 32x32, k and v 16x32, o 32x32 (base weights), gate/up/down 64x32 (not adapted); the
+    # head, tied to the frozen embedding, 97x32: 2 FLOPs per frozen weight and token fewer
+    blocks, head = 2 * (32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 64 * 32), 97 * 32
+    assert model.flops_per_token(32) == full - 2 * (blocks + head)
+    # token superposition: the blocks run once per bag of 2 tokens, the head once per token
+    assert model.flops_per_token(32, bag=2) == tiny(None).flops_per_token(32, bag=2) - 2 * (blocks / 2 + head)
+
+
 def test_under_muon_the_adapters_take_adamw():
     from slmlab.training.muon import muon_groups
 

@@ -78,6 +78,12 @@ def to_residual_stream(x: Tensor) -> Tensor:
     return x.to(torch.bfloat16) if autocast_dtype(x.device) == torch.bfloat16 else x
 
 
+def frozen_weights(linear: nn.Linear) -> int:
+    """The number of weights of a linear layer that do not train (its base weight under LoRA)."""
+    weight = linear.parametrizations.weight.original if hasattr(linear, "parametrizations") else linear.weight
+    return 0 if weight.requires_grad else weight.numel()
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -192,4 +198,7 @@ class CausalLM(nn.Module):
         per_layer_mlp = 2 * 3 * d * h
         mixers = sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
         head = 2 * d * self.cfg.vocab_size
-        return 3 * ((mixers + self.cfg.n_layers * per_layer_mlp) / bag + head)
+        # a frozen matrix (the base weights under LoRA) needs no weight gradient: 2 FLOPs per weight fewer
+        frozen_blocks = sum(frozen_weights(m) for m in self.blocks.modules() if isinstance(m, nn.Linear))
+        return 3 * ((mixers + self.cfg.n_layers * per_layer_mlp) / bag + head) \
+            - 2 * (frozen_blocks / bag + frozen_weights(self.lm_head))
