@@ -30,12 +30,14 @@ class LMModule(L.LightningModule):
     torch.compile mode for the blocks ("reduce-overhead": CUDA graphs). `init_from` loads the weights
     (only) of a checkpoint of another run, typically the previous stage, and refuses one of another
     architecture. `lora_rank` > 0 freezes the model and trains LoRA adapters of that rank on the blocks'
-    linear layers named in `lora_targets` (all of them when null), scaled by `lora_alpha / lora_rank`.
+    linear layers named in `lora_targets` (all of them when null), scaled by `lora_alpha / lora_rank`
+    (`lora_dora`: DoRA's trained row magnitudes too).
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: partial, scheduler: partial,
                  decay_embeddings: bool = False, compile: bool | str = False, init_from: str | None = None,
-                 lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: list[str] | None = None) -> None:
+                 lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: list[str] | None = None,
+                 lora_dora: bool = False) -> None:
         super().__init__()
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"stage.compile={compile!r}: expected true, false or a torch.compile mode "
@@ -45,8 +47,10 @@ class LMModule(L.LightningModule):
         if init_from is not None:
             load_weights(self.model, init_from)
         self.lora_rank = lora_rank
+        if lora_dora and not lora_rank:
+            raise ValueError("stage.lora_dora=true adapts with DoRA, which needs stage.lora_rank >= 1")
         if lora_rank:
-            add_lora(self.model, lora_rank, lora_alpha, lora_targets)
+            add_lora(self.model, lora_rank, lora_alpha, lora_targets, lora_dora)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             log.info("LoRA rank %d: %s trainable parameters of %s", lora_rank, f"{trainable:,}",
                      f"{sum(p.numel() for p in self.model.parameters()):,}")

@@ -19,16 +19,19 @@ def tiny(layout: str | None) -> CausalLM:
                                 hgrn2_expand_ratio=16)).eval()
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("layout", [None, "M,G,A,H"])  # attention's fused q/k/v and every recurrent mixer
-def test_an_adapted_model_starts_as_its_base_and_merges_into_what_it_computes(layout):
+def test_an_adapted_model_starts_as_its_base_and_merges_into_what_it_computes(layout, dora):
     model, ids = tiny(layout), torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         base = model(ids)
-        add_lora(model, rank=4, alpha=8)
-        assert torch.equal(model(ids), base)  # B = 0
+        add_lora(model, rank=4, alpha=8, dora=dora)
+        torch.testing.assert_close(model(ids), base, rtol=1e-5, atol=1e-6)  # B = 0 (and m = |W| per row)
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(std=0.1)
+            if name.endswith("magnitude"):
+                p.mul_(torch.rand_like(p) + 0.5)
         adapted = model(ids)
         assert (adapted - base).abs().max() > 1e-2
         plain = tiny(layout)
@@ -48,6 +51,20 @@ def test_only_the_adapters_of_the_named_layers_train_and_unknown_names_are_refus
         add_lora(tiny(None), rank=2, alpha=4, targets=["q", "qkv"])
     with pytest.raises(ValueError, match="stage.lora_rank=0"):
         add_lora(tiny(None), rank=0, alpha=4)
+
+
+def test_dora_rows_have_the_trained_magnitudes_whatever_the_low_rank_update():
+    layer = torch.nn.Linear(8, 6)
+    add_lora_layer = torch.nn.Module()
+    add_lora_layer.blocks = torch.nn.ModuleList([torch.nn.Sequential(layer)])
+    add_lora(add_lora_layer, rank=2, alpha=2, dora=True)
+    adapter = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+        adapter.magnitude.copy_(torch.arange(1.0, 7.0))
+    torch.testing.assert_close(torch.linalg.vector_norm(layer.weight, dim=1), torch.arange(1.0, 7.0))
+    assert sorted(n for n, p in add_lora_layer.named_parameters() if p.requires_grad) == [
+        f"blocks.0.0.parametrizations.weight.0.{name}" for name in ("lora_A", "lora_B", "magnitude")]
 
 
 def test_mfu_counts_no_weight_gradients_for_the_frozen_matrices():
