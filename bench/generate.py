@@ -1,5 +1,6 @@
 """Batched decoding speed and memory: our cached generation vs Hugging Face `generate` on the same
-weights (an exported dense model), and the decoding state of every mixer against context length.
+weights (an exported dense model), GRPO-style rollouts of prompts of different lengths decoded together
+or one prompt at a time, and the decoding state of every mixer against context length.
 
     python bench/generate.py                     # helios_nova shape, batch 32, 128-token prompts, 256 new
     python bench/generate.py --mixers attention --contexts 1024 8192   # a part of the decoding-state table
@@ -20,7 +21,7 @@ from slmlab.config import compose_config
 from slmlab.export.hf import hf_twin, to_hf_state_dict
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.decode_graph import release_decoders
-from slmlab.models.generate import decode, generate
+from slmlab.models.generate import decode, generate, generate_prompts
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt of the rollout rows")
     parser.add_argument("--mixers", nargs="+", default=["attention", "gla", "hgrn2", "mamba2"],
                         help="mixers of the decoding-state table (each at the model's shape, every layer that mixer)")
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
@@ -82,7 +84,7 @@ def main() -> None:
     cfg: ModelConfig = instantiate(compose_config([f"model={args.model}"]).model)
     if args.smoke:
         cfg = replace(cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128)
-        args.batch, args.prompt, args.new, args.state_batch = 4, 16, 64, 2
+        args.batch, args.prompt, args.new, args.state_batch, args.group = 4, 16, 64, 2, 2
     cfg = replace(cfg, max_seq_len=args.prompt + args.new)
     torch.manual_seed(0)
     ours = CausalLM(cfg).to(device, dtype).eval()
@@ -100,10 +102,19 @@ def main() -> None:
         rows["transformers generate"] = decode_rate(run, args.new, args.batch, device)
     except ImportError:
         pass
+    # GRPO's rollouts: batch / group prompts of different lengths, `group` samples each, decoded as one
+    # batch (`generate_prompts`) or one prompt at a time; every row runs to `new` tokens
+    lengths = torch.linspace(args.prompt // 2, args.prompt, args.batch // args.group).long().tolist()
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in lengths]
+    rollout = lambda group: generate_prompts(ours, group, args.new, stop_id=-1, n=args.group, temperature=0)  # noqa: E731
+    rows[f"rollouts, {len(prompts)} prompts together"] = decode_rate(lambda: rollout(prompts), args.new,
+                                                                        args.batch, device)
+    rows[f"rollouts, {len(prompts)} one by one"] = decode_rate(lambda: [rollout([p]) for p in prompts], args.new,
+                                                                  args.batch, device)
     base = rows.get("transformers generate")
     print(f"# {cfg.d_model}d x {cfg.n_layers}L  batch {args.batch}  prompt {args.prompt}  new {args.new}  {device.type}")
     for name, rate in rows.items():
-        print(f"{name:>22}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
+        print(f"{name:>30}  {rate:12,.0f} tokens/s" + (f"  {rate / base:.2f}x" if base else ""))
     release_decoders(ours)
     del ours, hf  # the state table's memory column: only the model it decodes with
     if device.type == "cuda":
