@@ -48,8 +48,7 @@ class DPOModule(PolicyModule):
         dm, rank, world = self.trainer.datamodule, self.trainer.global_rank, self.trainer.world_size
         for split, collate in (("train", dm.train_collate), ("val", dm.val_collate)):
             table = torch.zeros(len(collate), 2, device=self.device)
-            mine = torch.arange(rank * dm.batch_size, len(collate), world * dm.batch_size)
-            for start in mine.tolist():
+            for start in range(rank * dm.batch_size, len(collate), world * dm.batch_size):  # this rank's share
                 batch = collate(np.arange(start, min(start + dm.batch_size, len(collate))))
                 ids, labels = (t.to(self.device) for t in self.both_sides(batch))
                 with torch.no_grad(), self.trainer.precision_plugin.forward_context():

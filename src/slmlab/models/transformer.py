@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from slmlab import mixers  # a module reference: mixers import models.config, so no names yet
@@ -80,7 +81,7 @@ def to_residual_stream(x: Tensor) -> Tensor:
 
 def frozen_weights(linear: nn.Linear) -> int:
     """The number of weights of a linear layer that do not train (its base weight under LoRA)."""
-    weight = linear.parametrizations.weight.original if hasattr(linear, "parametrizations") else linear.weight
+    weight = linear.parametrizations.weight.original if parametrize.is_parametrized(linear, "weight") else linear.weight
     return 0 if weight.requires_grad else weight.numel()
 
 
