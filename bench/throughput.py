@@ -267,7 +267,7 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
                  f"trainer.max_steps={args.pipeline_steps}", "trainer.val_check_interval=100000",
                  "trainer.log_every_n_steps=10", "callbacks.sample=null", "callbacks.periodic=null",
                  "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false", f"run_name={run_name}",
-                 f"stage.compile={(args.compile_mode or 'true') if args.compile else 'false'}"]
+                 f"stage.compile={(args.compile_mode or 'true') if args.compile else 'false'}", *args.pipeline_overrides]
     if device.type == "cuda":
         overrides.append("trainer=gpu")
     root = Path(__file__).resolve().parents[1]
@@ -358,6 +358,8 @@ def main() -> None:
                         help="change the presets (models), e.g. ffn_hidden=1344")
     parser.add_argument("--pipeline-model", default="helios_nova")
     parser.add_argument("--pipeline-steps", type=int, default=60, help="optimizer steps of the train.py run")
+    parser.add_argument("--pipeline-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more overrides of the train.py run, e.g. data.num_workers=2")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")
     parser.add_argument("--only", nargs="+", help="only these layers (gla, mamba2, ...) or models (helix_hybrid, ...)")
     args = parser.parse_args()

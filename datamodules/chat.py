@@ -41,9 +41,10 @@ class ChatDataModule(EpochDataModule):
         elsewhere and on the right padding. Epoch e visits every training sample once, in an order
         seeded by (seed, e); the stream position is saved in checkpoints for an exact resume.
     packing: fill each row with whole conversations (next-fit, never splitting one) instead of one
-        padded conversation per row. Attention is *not* blocked between the conversations of a row
-        (the mixers have no document masks yet), so later ones see the earlier ones as context;
-        hence off by default. Validation rows are never packed.
+        padded conversation per row. The batches then carry "positions", each token's position in its
+        own conversation, and every mixer keeps the conversations of a row apart (attention's document
+        mask, the recurrent states cleared at each start): each is modelled as if alone, so the loss
+        is the one without packing, in fewer rows. Validation rows are never packed.
     pretrain_val: a TokenShardDataModule of the same tokenizer; its validation loaders follow the
         chat one (`val_sources = ["chat", *its sources]`) to measure forgetting.
     constraint_val: a PromptDataModule of the same tokenizer; its held-out constraint prompts come

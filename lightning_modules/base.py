@@ -285,7 +285,7 @@ class LMModule(L.LightningModule):
         self._val_sums = torch.zeros(n, 2, dtype=torch.float64, device=self.device)
 
     def accumulate_val_loss(self, batch: dict, dataloader_idx: int) -> None:
-        logits = self.model(batch["input_ids"])
+        logits = self.model(batch["input_ids"], positions=batch.get("positions"))
         nats = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         self._val_sums[dataloader_idx, 0] += nats.double()

@@ -35,9 +35,10 @@ class DistillModule(PretrainModule):
         self.teacher.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])
+        positions = batch.get("positions")  # packed chat data
+        logits = self.model(batch["input_ids"], positions=positions)
         with torch.no_grad():
-            teacher_logits = self.teacher(batch["input_ids"])
+            teacher_logits = self.teacher(batch["input_ids"], positions=positions)
         kd = distill_loss(logits, teacher_logits, batch["labels"], self.temperature)
         ce_and_z, ce = lm_loss(logits, batch["labels"], self.z_loss)
         loss = self.alpha * kd + (1 - self.alpha) * ce + (ce_and_z - ce)  # the z-loss whatever alpha

@@ -6,6 +6,7 @@ import torch
 
 from lightning_modules.base import LMModule
 from slmlab.data.bags import BagSchedule, bag_row_len
+from slmlab.training.batching import document_positions
 
 
 def loss_and_bpb(sums: dict[str, tuple[float, float]], bytes_per_token, prefix: str = "val") -> dict[str, float]:
@@ -60,12 +61,18 @@ class PretrainModule(LMModule):
     mean of their embeddings) and predicts the next bag (multi-hot cross-entropy), then bags of 2 up to
     30%, then ordinary next-token training. As published, a step of bag s keeps the positions (and about
     the compute) of a next-token step and reads s times the tokens: the data module reads each row as
-    s * (seq_len + 1) tokens (`slmlab/data/bags.py`). Validation stays next-token."""
+    s * (seq_len + 1) tokens (`slmlab/data/bags.py`). Validation stays next-token.
 
-    def __init__(self, *args, z_loss: float = 0.0, superposition: list | None = None, **kwargs) -> None:
+    `document_mask`: each document of the stream (they end with the tokenizer's EOS) is modelled alone,
+    training and validation: a row's documents do not see each other (`CausalLM.hidden`'s positions)."""
+
+    def __init__(self, *args, z_loss: float = 0.0, superposition: list | None = None, document_mask: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.z_loss = z_loss
+        self.z_loss, self.document_mask = z_loss, document_mask
         self.superposition = check_superposition(superposition or [])
+        if document_mask and self.superposition:
+            raise ValueError("stage.document_mask with stage.superposition: bags of tokens cross document ends")
         self.bag_schedule: BagSchedule | None = None
 
     def setup(self, stage: str) -> None:
@@ -106,12 +113,22 @@ class PretrainModule(LMModule):
                         "number of devices and trainer.accumulate_grad_batches")
                 input_ids, labels = superposed(input_ids, labels, bag)
             self.log("train/bag_size", torch.tensor(float(bag)))  # on the CPU, as `train/lr` (see `LMModule`)
-        loss, ce = self.model.loss(input_ids, labels, self.z_loss)  # no whole-batch logits
+        loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.positions(input_ids))  # no whole-batch logits
         self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
 
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Each token's position in its document with `document_mask`, else None (the row as one sequence)."""
+        if not self.document_mask:
+            return None
+        eos_id = self.trainer.datamodule.eos_id
+        if eos_id is None:
+            raise ValueError(f"stage.document_mask: the data module {type(self.trainer.datamodule).__name__} "
+                             "names no end-of-document token (eos_id)")
+        return document_positions(input_ids, eos_id)
+
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.accumulate_val_loss(batch, dataloader_idx)
+        self.accumulate_val_loss(batch | {"positions": self.positions(batch["input_ids"])}, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self.log_metrics(loss_and_bpb(self.val_loss_sums(), self.trainer.datamodule.bytes_per_token))

@@ -39,7 +39,7 @@ class SFTModule(LMModule):
         return "data.constraint_val (the pass-rate validation)" if dm and CONSTRAINTS_SOURCE in dm.val_sources else None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.model.loss(batch["input_ids"], batch["labels"])
+        loss, _ = self.model.loss(batch["input_ids"], batch["labels"], positions=batch.get("positions"))  # packed
         self.log("train/loss", loss)
         dm = self.trainer.datamodule
         self.log("train/epoch", torch.tensor(dm.samples_consumed / dm.train_size))  # on the CPU: no copy to the GPU

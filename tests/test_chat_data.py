@@ -463,3 +463,23 @@ def test_the_data_configs_instantiate_with_the_pretraining_tokenizer():
                       ("smoltalk", ChatDataModule)):
         dm = instantiate(compose_config([f"data={data}"]).data)
         assert isinstance(dm, cls) and dm.tokenizer_path == chat.tokenizer_path
+
+
+def test_packed_batches_carry_each_tokens_position_in_its_conversation(make_chat):
+    plain, packed = make_chat(seq_len=100, batch_size=4), make_chat(seq_len=100, batch_size=4, packing=True)
+    assert "positions" not in plain.train_collate(np.arange(4))
+    batch = packed.train_collate(np.arange(4))
+    im_start = packed.tokenizer.token_to_id("<|im_start|>")
+    conversations = []
+    for row in range(4):
+        sequence = packed.train_collate.sequences[row][0]
+        n = len(sequence) - 1  # the inputs; the rest of the row is padding
+        starts = (batch["positions"][row, :n] == 0).nonzero().flatten()
+        # a conversation starts at each position 0 and counts up from there until the next one
+        assert starts[0] == 0 and all(batch["input_ids"][row, s] == im_start for s in starts.tolist())
+        conversations.append(len(starts))
+        ends = [*starts.tolist()[1:], n]
+        for a, b in zip(starts.tolist(), ends):
+            assert batch["positions"][row, a:b].tolist() == list(range(b - a))
+        assert batch["positions"][row, n:].tolist() == list(range(100 - n))
+    assert max(conversations) > 1

@@ -185,18 +185,19 @@ MIXER_KERNELS = [
 
 
 def check_bf16_autocast_against_float32(fast: torch.nn.Module, reference: torch.nn.Module,
-                                        compiled: bool = False) -> None:
+                                        compiled: bool = False, positions: torch.Tensor | None = None) -> None:
     """Training as Lightning's bf16-mixed runs it (float32 weights, bf16 autocast, kernels) against the
     reference module in float32, with attention on SDPA's math backend: outputs and all gradients.
-    `compiled`: `fast` runs under torch.compile as one graph (fullgraph: a graph break is an error)."""
+    `compiled`: `fast` runs under torch.compile as one graph (fullgraph: a graph break is an error).
+    `positions` (2, 200): rows of packed documents."""
     reference.load_state_dict(fast.state_dict())
     x = torch.randn(2, 200, 256, device="cuda")
     dy = torch.randn(2, 200, 256, device="cuda")
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_fast = (torch.compile(fast, fullgraph=True) if compiled else fast)(xs[0])
+        y_fast = (torch.compile(fast, fullgraph=True) if compiled else fast)(xs[0], positions=positions)
     with sdpa_kernel(SDPBackend.MATH):
-        y_ref = reference(xs[1])
+        y_ref = reference(xs[1], positions=positions)
     with skip_on_fla_issue_640():
         (y_fast.float() * dy).sum().backward()
     (y_ref * dy).sum().backward()
@@ -228,6 +229,18 @@ def test_a_compiled_mixer_is_one_graph_running_its_kernels(mixer, kernel, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "GLA: no kernel package imports ..."
         check_bf16_autocast_against_float32(fast, mixer(mixer_config("torch"), 0).cuda(), compiled=True)
+
+
+@pytest.mark.parametrize("mixer,kernel", [*MIXER_KERNELS, pytest.param(Attention, "auto", id="attention"),
+                                          pytest.param(SparseAttention, "auto", id="sparse_attention")])
+def test_mixer_over_packed_documents_matches_the_float32_reference(mixer, kernel):
+    """Document-masked packing on the kernels (fla's variable-length GLA, mamba-ssm's seq_idx, SDPA with
+    the documents' mask): documents of 5, 70, 1 and 124 tokens in one row, one of 200 in the other."""
+    torch.manual_seed(0)
+    config = lambda kernel: replace(mixer_config(kernel), n_kv_heads=2, sliding_window=64, global_tokens=4)  # noqa: E731
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in [(5, 70, 1, 124), (200,)]], device="cuda")
+    fast = mixer(config(kernel), 0).cuda()
+    check_bf16_autocast_against_float32(fast, mixer(config("torch"), 0).cuda(), positions=positions)
 
 
 @pytest.mark.parametrize("mixer", [Attention, SparseAttention], ids=["attention-sdpa", "sparse_attention-flex"])
@@ -332,3 +345,23 @@ def test_cuda_graph_decoding_equals_eager_decoding(layout):
         graphed = model.generate(prompt, 40, temperature=0)
         eager = model.generate(prompt, 40, temperature=0, cuda_graph=False)
         assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("layout", ["A,S,A", "G,H,M"])
+def test_cuda_graph_rollouts_of_prompts_of_different_lengths_equal_each_prompt_decoded_alone(layout):
+    """GRPO's batched rollouts on CUDA (`generate_prompts`: the shortest prompt prefilled into the CUDA-graph
+    decoder, the longer ones' remaining tokens forced) against each prompt decoded alone, eagerly, greedy
+    in float64 so that batch shapes cannot flip an argmax."""
+    from slmlab.models import CausalLM
+    from slmlab.models.generate import generate_prompts
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=256,
+                      layout=layout, sliding_window=16, global_tokens=4, hgrn2_expand_ratio=32, init_std=0.1,
+                      kernel="torch")
+    model = CausalLM(cfg).cuda().double().eval()
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 30, 17, 44)]
+    batched = generate_prompts(model, prompts, 24, stop_id=-1, n=2, temperature=0)
+    for prompt, rows in zip(prompts, batched):
+        alone = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0, cuda_graph=False)
+        assert torch.equal(rows, alone.expand(2, -1)), f"prompt of {len(prompt)} tokens"

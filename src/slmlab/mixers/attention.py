@@ -49,33 +49,35 @@ class Attention(nn.Module):
         half = self.head_dim // 2
         self.one_pass_qk = self.use_kernels and HAS_TRITON and self.rotary is not None and half & (half - 1) == 0
 
-    def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache."""
+    def forward(self, x: Tensor, state: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, appends to the cache. positions
+        (batch, seq): each token's position in its document, for rows of packed documents (training);
+        a token then sees only its own document's."""
         B, T, _ = x.shape
         offset = state.pos if state is not None else 0
-        q, k, v = self.heads(x, offset)
+        q, k, v = self.heads(x, offset, positions)
         # heads to the front as views: SDPA's flash and cuDNN kernels read (batch, seq, heads, dim) memory
         # as it is, and their gradients come back in it, with no transposing copies
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(offset, Tensor):  # static shapes: write on the device, attend over the whole cache
-            positions = offset + torch.arange(T, device=x.device)
-            state.k.index_copy_(2, positions, k.to(state.k.dtype))  # float32 caches under autocast
-            state.v.index_copy_(2, positions, v.to(state.v.dtype))
+            slots = offset + torch.arange(T, device=x.device)
+            state.k.index_copy_(2, slots, k.to(state.k.dtype))  # float32 caches under autocast
+            state.v.index_copy_(2, slots, v.to(state.v.dtype))
             k, v = state.k, state.v
         elif state is not None:
             state.k[:, :, offset : offset + T] = k
             state.v[:, :, offset : offset + T] = v
             k, v = state.k[:, :, : offset + T], state.v[:, :, : offset + T]
-        y = self.attend(q, k, v, offset)
+        y = self.attend(q, k, v, offset) if positions is None else self.document_attend(q, k, v, positions)
         if state is not None:
             state.pos += T  # after attending: a device position is `offset` itself, advanced in place
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def heads(self, x: Tensor, offset: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (batch, seq, d_model) at positions offset.. -> q, k, v as (batch, seq, heads, head_dim),
-        q and k normalised (QK-norm) and rotated (RoPE)."""
+    def heads(self, x: Tensor, offset: int | Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (batch, seq, d_model) at positions offset.. (or `positions`) -> q, k, v as (batch, seq,
+        heads, head_dim), q and k normalised (QK-norm) and rotated (RoPE)."""
         B, T, _ = x.shape
-        from_start = isinstance(offset, int) and offset == 0
+        from_start = isinstance(offset, int) and offset == 0 and positions is None
         if self.one_pass_qk and x.is_cuda and from_start and T <= self.rotary.cos_sin.shape[1]:
             qkv = concat_linear(x, self.q, self.k, self.v)  # the op splits it
             norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
@@ -87,7 +89,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
@@ -112,6 +114,15 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * T, hd), k, v,
                                            attn_mask=mask.repeat(groups, 1))
         return y.reshape(B, H, T, hd)
+
+    def document_attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """`attend` over rows of packed documents: query i sees key j of its own document where `visible`
+        at their positions in it. A document starts where its position is 0."""
+        doc = (positions == 0).cumsum(1)
+        mask = (doc[:, :, None] == doc[:, None, :]) & self.visible(positions[:, :, None], positions[:, None, :])
+        if q.shape[1] != k.shape[1]:  # SDPA's kernels that take a mask do not take GQA's shared heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
     def init_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -51,14 +51,16 @@ class GLA(nn.Module):
         p = cfg.gla_decay_init
         nn.init.constant_(self.decay.bias, math.log(p / (1 - p)))
 
-    def forward(self, x: Tensor, state: RecurrentState | None = None) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in place."""
+    def forward(self, x: Tensor, state: RecurrentState | None = None, positions: Tensor | None = None) -> Tensor:
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in
+        place. positions (batch, seq): as `Attention`'s; the state is cleared where a document starts."""
         B, T, _ = x.shape
         heads = (B, T, self.n_heads, self.head_dim)
         q, k, v = self.q(x).view(heads), self.k(x).view(heads), self.v(x).view(heads)
         alpha = F.logsigmoid(self.decay(x).to(compute_dtype(x.dtype))).view(heads)  # summed over the sequence
         o, S = gla(q, k, v, alpha, initial_state=None if state is None else state.S,
-                   output_final_state=state is not None, kernel=self.kernel)
+                   output_final_state=state is not None, kernel=self.kernel,
+                   starts=None if positions is None else positions == 0)
         if state is not None:
             state.S.copy_(S)
         return self.o(torch.sigmoid(self.g(x)) * o.reshape(B, T, -1))

@@ -44,8 +44,9 @@ class HGRN2(nn.Module):
         self.o = nn.Linear(d, d, bias=False)
         self.rotary = Rotary(self.key_dim, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_on(layer_idx) else None
 
-    def forward(self, x: Tensor, state: RecurrentState | None = None) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in place."""
+    def forward(self, x: Tensor, state: RecurrentState | None = None, positions: Tensor | None = None) -> Tensor:
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in
+        place. positions (batch, seq): as `Attention`'s; the state is cleared where a document starts."""
         B, T, d = x.shape
         keys = (B, T, self.n_heads, self.key_dim)
         q = F.silu(self.q(x)).view(keys)
@@ -55,9 +56,10 @@ class HGRN2(nn.Module):
         v = self.i(x).view(B, T, self.n_heads, self.value_dim)
         if self.rotary is not None:
             offset = 0 if state is None else state.pos
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         o, S = gla(q, k, v, g, initial_state=None if state is None else state.S,
-                   output_final_state=state is not None, kernel=self.kernel)
+                   output_final_state=state is not None, kernel=self.kernel,
+                   starts=None if positions is None else positions == 0)
         if state is not None:
             state.S.copy_(S)
             state.pos += T

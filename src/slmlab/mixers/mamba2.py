@@ -89,26 +89,30 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, cfg.norm_eps, cfg.kernel)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
-    def forward(self, u: Tensor, state: Mamba2State | None = None) -> Tensor:
-        """u: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in place."""
+    def forward(self, u: Tensor, state: Mamba2State | None = None, positions: Tensor | None = None) -> Tensor:
+        """u: (batch, seq, d_model) -> (batch, seq, d_model). With `state`, continues it and updates it in
+        place. positions (batch, seq): as `Attention`'s; convolution and state stop where a document starts."""
         batch, T, _ = u.shape
+        starts = None if positions is None else positions == 0
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         BC = self.ngroups * self.d_state
-        x, B, C = self._conv(xBC, state).split([self.d_inner, BC, BC], dim=-1)
+        x, B, C = self._conv(xBC, state, starts).split([self.d_inner, BC, BC], dim=-1)
         x = x.view(batch, T, self.nheads, self.headdim)
         B, C = B.view(batch, T, self.ngroups, self.d_state), C.view(batch, T, self.ngroups, self.d_state)
         dtype = compute_dtype(u.dtype)  # the step and decay are summed over the sequence
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
         A = -torch.exp(self.A_log.to(dtype))
         y, S = ssd(x, dt, A, B, C, D=self.D, initial_state=None if state is None else state.ssm,
-                   output_final_state=state is not None, kernel=self.kernel)
+                   output_final_state=state is not None, kernel=self.kernel, starts=starts)
         if state is not None:
             state.ssm.copy_(S)
         return self.out_proj(self.norm(y.reshape(batch, T, self.d_inner), z))
 
-    def _conv(self, xBC: Tensor, state: Mamba2State | None) -> Tensor:
+    def _conv(self, xBC: Tensor, state: Mamba2State | None, starts: Tensor | None = None) -> Tensor:
         """silu(causal depthwise conv): (batch, seq, conv_dim) -> same; continues and updates `state.conv`."""
         weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if starts is not None:  # packed documents: the reference's masked taps on every device
+            return causal_conv1d_silu_reference(xBC, weight, bias, starts=starts)
         if state is None:  # the kernel on CUDA, unless the reference is asked for
             conv = causal_conv1d_silu_reference if self.kernel == "torch" else causal_conv1d_silu
             return conv(xBC, weight, bias)

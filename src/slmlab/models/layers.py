@@ -108,15 +108,17 @@ class Rotary(nn.Module):
         freqs = torch.outer(pos, self.inv_freq.float())
         return torch.stack((freqs.cos(), freqs.sin()))
 
-    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int | Tensor = 0, positions: Tensor | None = None) -> Tensor:
         """x: (batch, seq, heads, head_dim), the layout projections give and flash attention reads ->
         same shape, rotated by position offset..offset+seq (an int, or a 0-dim device tensor for
-        CUDA-graph decoding)."""
+        CUDA-graph decoding), or by each token's own position (batch, seq) (packed documents)."""
         T = x.shape[1]
-        if isinstance(offset, int) and offset + T <= self.cos_sin.shape[1]:
+        if positions is not None:
+            cos_sin = self.cos_sin[:, positions]  # (2, batch, seq, head_dim / 2)
+        elif isinstance(offset, int) and offset + T <= self.cos_sin.shape[1]:
             cos_sin = self.cos_sin[:, offset : offset + T].float()
         else:
             cos_sin = self.angles(offset + torch.arange(T, device=x.device, dtype=torch.float32))
-        cos, sin = cos_sin[:, :, None]  # broadcast over heads
+        cos, sin = cos_sin.unsqueeze(-2)  # broadcast over heads
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

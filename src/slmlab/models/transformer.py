@@ -63,8 +63,8 @@ class Block(nn.Module):
         self.mixer_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.mlp_gate = nn.Parameter(torch.zeros(())) if gated else None
 
-    def forward(self, x: Tensor, state: object | None = None) -> Tensor:
-        x = x + _gate(self.mixer(self.mixer_norm(x), state), self.mixer_gate)
+    def forward(self, x: Tensor, state: object | None = None, positions: Tensor | None = None) -> Tensor:
+        x = x + _gate(self.mixer(self.mixer_norm(x), state, positions), self.mixer_gate)
         return x + _gate(self.mlp(self.mlp_norm(x)), self.mlp_gate)
 
 
@@ -125,9 +125,11 @@ class CausalLM(nn.Module):
         for block in self.blocks:
             block.compile(mode=mode)
 
-    def hidden(self, input_ids: Tensor, state: list | None = None) -> Tensor:
+    def hidden(self, input_ids: Tensor, state: list | None = None, positions: Tensor | None = None) -> Tensor:
         """input_ids: (batch, seq) -> the final normed hidden states (batch, seq, d_model). Bags of tokens,
-        (batch, seq, bag), enter as the mean of their embeddings (token superposition training)."""
+        (batch, seq, bag), enter as the mean of their embeddings (token superposition training).
+        positions (batch, seq): rows of packed documents, each token's position in its own document (0
+        where one starts); every mixer then keeps the documents apart, so each is modelled as if alone."""
         if input_ids.dim() == 3:  # each bag's mean straight from the table, not its bag of embeddings first
             x = F.embedding_bag(input_ids.flatten(0, 1), self.embed.weight, mode="mean").unflatten(0, input_ids.shape[:2])
         else:
@@ -135,14 +137,15 @@ class CausalLM(nn.Module):
         x = to_residual_stream(x)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and state is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, positions, use_reentrant=False)
             else:
-                x = block(x, None if state is None else state[i])
+                x = block(x, None if state is None else state[i], positions)
         return self.norm(x)
 
-    def forward(self, input_ids: Tensor, state: list | None = None) -> Tensor:
-        """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on."""
-        return self.head(self.hidden(input_ids, state))
+    def forward(self, input_ids: Tensor, state: list | None = None, positions: Tensor | None = None) -> Tensor:
+        """input_ids: (batch, seq) -> logits (batch, seq, vocab). `state` (from `init_state`) decodes on;
+        `positions`: packed documents (`hidden`)."""
+        return self.head(self.hidden(input_ids, state, positions))
 
     def next_token_logits(self, input_ids: Tensor, state: list) -> Tensor:
         """Feeds input_ids (batch, seq) into the decoding state -> logits of the last position only,
@@ -155,12 +158,13 @@ class CausalLM(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
 
-    def loss(self, input_ids: Tensor, labels: Tensor, z_loss: float = 0.0, chunk_tokens: int = 8192) -> tuple[Tensor, Tensor]:
+    def loss(self, input_ids: Tensor, labels: Tensor, z_loss: float = 0.0, chunk_tokens: int = 8192,
+             positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Training loss without the whole batch's logits: (loss with z-loss, cross-entropy), as
-        `lm_loss(self(input_ids), labels, z_loss)` computes them (`chunked_lm_loss`). Labels of shape
-        (batch, seq, bag) are bags of targets, each with 1/bag of the probability: the multi-hot
-        cross-entropy, the mean of the bag's cross-entropies (token superposition training)."""
-        hidden = self.hidden(input_ids)
+        `lm_loss(self(input_ids, positions=positions), labels, z_loss)` computes them (`chunked_lm_loss`).
+        Labels of shape (batch, seq, bag) are bags of targets, each with 1/bag of the probability: the
+        multi-hot cross-entropy, the mean of the bag's cross-entropies (token superposition training)."""
+        hidden = self.hidden(input_ids, positions=positions)
         if labels.dim() == 2:
             return chunked_lm_loss(hidden, self.lm_head.weight, labels, self.cfg.logit_softcap, z_loss, chunk_tokens)
         losses = [chunked_lm_loss(hidden, self.lm_head.weight, labels[..., j], self.cfg.logit_softcap, z_loss,

@@ -19,16 +19,26 @@ from torch import Tensor
 from slmlab.ops.backend import HAS_TRITON, kernel_available
 
 
-def causal_conv1d_silu_reference(x: Tensor, weight: Tensor, bias: Tensor, history: Tensor | None = None) -> Tensor:
+def causal_conv1d_silu_reference(x: Tensor, weight: Tensor, bias: Tensor, history: Tensor | None = None,
+                                 starts: Tensor | None = None) -> Tensor:
     """x: (batch, seq, channels); weight: (channels, width); bias: (channels,); history: the width - 1
     inputs before x, (batch, channels, width - 1), zeros when None -> (batch, seq, channels): output t
-    sees inputs t - width + 1 .. t."""
-    batch, _, channels = x.shape
+    sees inputs t - width + 1 .. t. starts (batch, seq), True at each packed document's first step:
+    output t then sees only the inputs of its own document (the history is the first one's)."""
+    batch, T, channels = x.shape
+    width = weight.shape[-1]
     xt = x.transpose(1, 2)
     if history is None:
-        history = xt.new_zeros(batch, channels, weight.shape[-1] - 1)
+        history = xt.new_zeros(batch, channels, width - 1)
     xt = torch.cat([history.to(xt.dtype), xt], dim=-1)
-    return F.silu(F.conv1d(xt, weight.unsqueeze(1), bias, groups=channels)).transpose(1, 2)
+    if starts is None:
+        return F.silu(F.conv1d(xt, weight.unsqueeze(1), bias, groups=channels)).transpose(1, 2)
+    doc = F.pad(starts.long().cumsum(1), (width - 1, 0))[:, None]  # (batch, 1, width - 1 + seq)
+    out = bias[:, None].to(xt.dtype)
+    for tap in range(width):  # tap `width - 1` reads step t itself
+        same = doc[..., tap : tap + T] == doc[..., width - 1 :]
+        out = out + weight[:, tap, None] * xt[..., tap : tap + T] * same
+    return F.silu(out).transpose(1, 2)
 
 
 class _CausalConv1dSilu(torch.autograd.Function):

@@ -9,6 +9,8 @@ A scalar log-decay per head (g of shape [B, T, H]) is the special case "simple G
 Mamba-2's SSD (see `ops/ssd.py`).
 
 Layout everywhere: q, k [B, T, H, K], v [B, T, H, V], g [B, T, H, K] or [B, T, H], states [B, H, K, V].
+Packed rows of several documents pass `starts` [B, T] (bool, True at each document's first step): the
+state is cleared before such a step, so no document sees another (S_{t-1} is dropped at a start).
 
     gla_recurrent   step-by-step recurrence, the oracle
     gla_chunked     chunked PyTorch reference, the CPU training path
@@ -47,6 +49,7 @@ def gla_recurrent(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One time step at a time: q, k [B, T, H, K], v [B, T, H, V], g [B, T, H, K] or [B, T, H].
 
@@ -59,6 +62,8 @@ def gla_recurrent(
     decay = (g if g.dim() == 4 else g.unsqueeze(-1)).exp()  # [B, T, H, K or 1]
     S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
     outputs = []
+    if starts is not None:  # a start keeps none of the state before it
+        decay = decay.masked_fill(starts[:, :, None, None], 0.0)
     for t in range(T):
         S = decay[:, t, :, :, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
         outputs.append((q[:, t, :, :, None] * scale * S).sum(-2))
@@ -73,6 +78,7 @@ def gla_chunked(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    starts: Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked form of `gla_recurrent` (same arguments and returns): parallel inside chunks of
@@ -82,7 +88,8 @@ def gla_chunked(
         o_i = sum_{j<=i} (q_i . (k_j * exp(b_i - b_j))) v_j  +  (q_i * exp(b_i)) S_prev
     Every exponent here is <= 0, so nothing overflows however strong the decay: per key channel
     this costs a [C, C, K] tensor per chunk (hence the small default chunk), with a scalar decay
-    per head it factors out of q.k and becomes a [C, C] mask.
+    per head it factors out of q.k and becomes a [C, C] mask. With `starts`, a pair (i, j) counts
+    only inside one document, and S_prev only for the steps of the document it ends in.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -100,21 +107,36 @@ def gla_chunked(
     b = chunks(g if g.dim() == 4 else g.unsqueeze(-1)).cumsum(dim=3)  # [B, H, n, C, K or 1]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    doc = None  # with starts: each step's document, [B, 1, n, C]; 0 is the one the initial state belongs to
+    if starts is not None:
+        doc = starts.long().cumsum(1)
+        doc = torch.cat([doc, doc[:, -1:].expand(B, pad)], dim=1).view(B, 1, n, C)  # padding: the last one's
     # pairwise decay exp(b_i - b_j), masked before exp so that j > i never overflows
     decay = (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf")).exp()
     if b.shape[-1] == 1:
         scores = (q @ k.transpose(-1, -2)) * decay.squeeze(-1)
     else:
         scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
+    if doc is not None:
+        scores = scores * (doc.unsqueeze(-1) == doc.unsqueeze(-2))
     o_intra = scores @ v  # [B, H, n, C, V]
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
     o_inter = []
+    doc_before = None if doc is None else doc.new_zeros(B, 1, 1)  # the document S belongs to
     for c in range(n):
-        b_c = b[:, :, c]  # [B, H, C, K or 1]
-        o_inter.append((q[:, :, c] * b_c.exp()) @ S)
+        b_c, k_c = b[:, :, c], k[:, :, c]  # [B, H, C, K or 1], [B, H, C, K]
         b_end = b_c[:, :, -1:]  # decay over the whole chunk
-        S = b_end.transpose(-1, -2).exp() * S + (k[:, :, c] * (b_end - b_c).exp()).transpose(-1, -2) @ v[:, :, c]
+        o_c = (q[:, :, c] * b_c.exp()) @ S
+        S = b_end.transpose(-1, -2).exp() * S
+        if doc is not None:  # S reaches its own document's steps; only the chunk's last document carries on
+            d = doc[:, :, c]  # [B, 1, C]
+            o_c = o_c * (d == doc_before).unsqueeze(-1)
+            S = S * (d[..., -1:] == doc_before).unsqueeze(-1)
+            k_c = k_c * (d == d[..., -1:]).unsqueeze(-1)
+            doc_before = d[..., -1:]
+        o_inter.append(o_c)
+        S = S + (k_c * (b_end - b_c).exp()).transpose(-1, -2) @ v[:, :, c]
     o = o_intra + torch.stack(o_inter, dim=2)
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
     return o.to(out_dtype), S if output_final_state else None
@@ -129,6 +151,7 @@ def gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     kernel: str = "auto",
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """GLA on the backend `kernel` selects (see `ops/backend.py`); arguments as `gla_recurrent`.
 
@@ -136,10 +159,16 @@ def gla(
     kernels for inputs of at most 64 steps, as fla's own layers do (decoding, short prompts). Without
     states (training), per-channel decay runs as the custom op `fla_chunk_gla`, which torch.compile
     keeps inside a block's graph (where the installed fla still takes its arguments, `custom_op_usable`).
+    With `starts` (packed documents, training only), fla runs its variable-length kernels on the batch
+    flattened into one row of sequences (`cu_seqlens`).
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
     if resolve_backend(kernel, q.device, ("fla",), "GLA") == "torch":
-        return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
+        return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, starts)
+    if starts is not None:
+        if initial_state is not None or output_final_state:
+            raise ValueError("GLA over packed documents (starts) takes no initial state and returns no final state")
+        return fla_gla_varlen(q, k, v, g, scale, starts), None
     short = q.shape[1] <= 64
     training = initial_state is None and not output_final_state
     if g.dim() == 4 and not short and training and custom_op_usable("fla_chunk_gla"):
@@ -155,6 +184,26 @@ def gla(
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     return (fused_recurrent_simple_gla if short else chunk_simple_gla)(q, k, v, g=g, **kwargs)
+
+
+def fla_gla_varlen(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None, starts: Tensor) -> Tensor:
+    """fla's chunked GLA over the documents of packed rows: the batch as one row of sequences whose
+    boundaries (`cu_seqlens`) are the rows' and the documents' starts. Not a custom op: the boundaries'
+    count depends on the data, and fla reads them on the host."""
+    B, T = starts.shape
+    bounds = starts.clone()
+    bounds[:, 0] = True
+    cu_seqlens = F.pad(bounds.flatten().nonzero().flatten(), (0, 1), value=B * T)
+    flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g)]
+    if g.dim() == 4:
+        from fla.ops.gla import chunk_gla
+
+        o, _ = chunk_gla(*flat[:3], flat[3].float(), scale=scale, cu_seqlens=cu_seqlens)
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        o, _ = chunk_simple_gla(*flat[:3], g=flat[3].float(), scale=scale, cu_seqlens=cu_seqlens)
+    return o.view(B, T, *o.shape[2:])
 
 
 # fla's chunked GLA as custom ops: a compiled block calls them as one opaque op each way. fla marks its

@@ -10,7 +10,8 @@ log-decay dt * A and scale 1; its state is GLA's transposed ([K, V] = [N, P]). T
 reference and fla's kernels run it that way; mamba-ssm's own kernel runs it directly.
 
 Layout: x [b, T, H, P], dt [b, T, H] (the step, softplus already applied), A [H] (negative),
-B, C [b, T, G, N], D [H], states [b, H, P, N] (mamba-ssm's).
+B, C [b, T, G, N], D [H], states [b, H, P, N] (mamba-ssm's); `starts` [b, T] as in `ops/gla.py` (packed
+documents: the state is cleared before each document's first step).
 
     ssd_recurrent   step-by-step recurrence, the oracle
     ssd_chunked     chunked PyTorch reference (through `gla_chunked`), the CPU training path
@@ -40,6 +41,7 @@ def ssd_recurrent(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One time step at a time. Returns y [b, T, H, P] in x's dtype and, if asked, the final state [b, H, P, N]."""
     batch, T, H, P = x.shape
@@ -50,6 +52,8 @@ def ssd_recurrent(
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t] * A)[..., None, None]  # [b, H, 1, 1]
+        if starts is not None:
+            decay = decay.masked_fill(starts[:, t, None, None, None], 0.0)
         S = decay * S + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * B[:, t].unsqueeze(-2)
         ys.append((S @ C[:, t].unsqueeze(-1)).squeeze(-1))
     y = torch.stack(ys, dim=1)
@@ -60,14 +64,14 @@ def ssd_recurrent(
 
 def _ssd_as_gla(
     gla_fn: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-    initial_state: Tensor | None, output_final_state: bool,
+    initial_state: Tensor | None, output_final_state: bool, starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD through a GLA implementation, by the mapping in the module docstring."""
     heads_per_group = x.shape[2] // B.shape[2]
     q, k = (t.repeat_interleave(heads_per_group, dim=2) for t in (C, B))
     v = (x * dt.unsqueeze(-1)).to(x.dtype)
     h0 = None if initial_state is None else initial_state.transpose(-1, -2)
-    y, S = gla_fn(q, k, v, dt * A, scale=1.0, initial_state=h0, output_final_state=output_final_state)
+    y, S = gla_fn(q, k, v, dt * A, scale=1.0, initial_state=h0, output_final_state=output_final_state, starts=starts)
     if D is not None:
         y = (y + D[:, None] * x).to(x.dtype)
     return y, None if S is None else S.transpose(-1, -2)
@@ -82,11 +86,12 @@ def ssd_chunked(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    starts: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked form of `ssd_recurrent` (same arguments and returns), chunks of `chunk_size` steps."""
     chunked = partial(gla_chunked, chunk_size=chunk_size)
-    return _ssd_as_gla(chunked, x, dt, A, B, C, D, initial_state, output_final_state)
+    return _ssd_as_gla(chunked, x, dt, A, B, C, D, initial_state, output_final_state, starts)
 
 
 def ssd(
@@ -99,27 +104,32 @@ def ssd(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     kernel: str = "auto",
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD on the backend `kernel` selects (`auto` tries mamba_ssm, then fla); arguments as `ssd_recurrent`.
 
     mamba_ssm without states (training) runs as the custom op `mamba_chunk_scan`, which torch.compile
     keeps inside a block's graph (where the installed mamba-ssm still takes its arguments,
-    `custom_op_usable`).
+    `custom_op_usable`). With `starts`, mamba-ssm's own `seq_idx` (each step's document) resets the state.
 
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
     backend = resolve_backend(kernel, x.device, ("mamba_ssm", "fla"), "SSD")
     if backend == "torch":
-        return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state)
+        return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state, starts)
     if backend == "fla":
-        return _ssd_as_gla(partial(gla, kernel="fla"), x, dt, A, B, C, D, initial_state, output_final_state)
-    if initial_state is None and not output_final_state and custom_op_usable("mamba_chunk_scan"):  # training
+        return _ssd_as_gla(partial(gla, kernel="fla"), x, dt, A, B, C, D, initial_state, output_final_state, starts)
+    training = initial_state is None and not output_final_state
+    if training and starts is None and custom_op_usable("mamba_chunk_scan"):
         return mamba_chunk_scan(x, dt, A, B, C, x.new_zeros(A.shape) if D is None else D), None
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
+    if starts is not None and initial_state is not None:
+        raise ValueError("SSD over packed documents (starts) takes no initial state")
     out = mamba_chunk_scan_combined(
         x, dt, A, B, C, chunk_size=MAMBA_CHUNK, D=D,
         initial_states=None if initial_state is None else initial_state.float(),
+        seq_idx=None if starts is None else starts.int().cumsum(1, dtype=torch.int32),
         return_final_states=output_final_state,
     )
     if not output_final_state:

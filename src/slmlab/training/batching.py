@@ -1,4 +1,4 @@
-"""Joining rows of different lengths into one batch."""
+"""Joining rows of different lengths into one batch; the documents inside a row of a token stream."""
 
 import torch
 import torch.nn.functional as F
@@ -20,3 +20,11 @@ def cat_right_padded(tensors: list[Tensor], value: int, length: int | None = Non
     longest T_i. Right padding never changes a causal model's outputs at the real positions."""
     length = max(t.shape[1] for t in tensors) if length is None else length
     return torch.cat([F.pad(t, (0, length - t.shape[1]), value=value) for t in tensors])
+
+
+def document_positions(input_ids: Tensor, eos_id: int) -> Tensor:
+    """(batch, seq) ids of a token stream -> each token's position in its document: 0 at a row's first
+    token and after every `eos_id`, counting up in between (the `positions` of `CausalLM.hidden`)."""
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    starts = F.pad(input_ids[:, :-1] == eos_id, (1, 0), value=True)
+    return steps - torch.where(starts, steps, 0).cummax(dim=1).values
