@@ -113,7 +113,8 @@ class PretrainModule(LMModule):
                         "number of devices and trainer.accumulate_grad_batches")
                 input_ids, labels = superposed(input_ids, labels, bag)
             self.log("train/bag_size", torch.tensor(float(bag)))  # on the CPU, as `train/lr` (see `LMModule`)
-        loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.positions(input_ids))  # no whole-batch logits
+        # no whole-batch logits
+        loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.positions(input_ids))
         self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
 

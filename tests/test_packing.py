@@ -117,7 +117,8 @@ def test_ssd_with_starts_chunked_equals_recurrent_and_a_start_drops_the_state():
 
 def test_causal_conv_with_starts_sees_only_its_own_document():
     torch.manual_seed(0)
-    x, w, bias = torch.randn(2, 30, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    x, w, bias = torch.randn(2, 30, 5, **f64), torch.randn(5, 4, **f64), torch.randn(5, **f64)
     starts = torch.zeros(2, 30, dtype=torch.bool)
     starts[0, [2, 10, 11]] = True
     y = causal_conv1d_silu_reference(x, w, bias, starts=starts)
@@ -156,3 +157,21 @@ def test_document_mask_refuses_token_superposition(tmp_path):
     cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage.document_mask=true", "stage.superposition=[[4,0.2]]"])
     with pytest.raises(Exception, match="document_mask with stage.superposition"):
         instantiate(cfg.stage)
+
+
+@pytest.mark.parametrize("layout", ["A", "S"])
+def test_flex_attention_document_mask_equals_the_sdpa_reference(layout):
+    """The CUDA path's block mask (`document_mask_mod`), run here by FlexAttention's eager reference."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from slmlab.mixers.attention import document_mask_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+                      layout=layout, sliding_window=6, global_tokens=2)
+    attention = CausalLM(cfg).blocks[0].mixer
+    q, k, v = torch.randn(2, 4, 48, 16), torch.randn(2, 2, 48, 16), torch.randn(2, 2, 48, 16)
+    positions = packed_positions(LENGTHS)
+    block_mask = create_block_mask(document_mask_mod(positions, attention.visible), 2, None, 48, 48, device="cpu")
+    flex = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    torch.testing.assert_close(flex, attention.document_attend(q, k, v, positions), rtol=1e-5, atol=1e-5)

@@ -1,15 +1,40 @@
 """Causal softmax attention: GQA, RoPE, optional QK-norm, `F.scaled_dot_product_attention`."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear, linear_flops
 from slmlab.ops.backend import HAS_TRITON
 from slmlab.ops.qk_norm_rope import qk_norm_rope
+
+
+@cache
+def compiled_create_block_mask():
+    return torch.compile(create_block_mask)  # what its deprecated `_compile=True` did
+
+
+@cache
+def compiled_flex_attention():
+    # FlexAttention is only fast compiled; eager runs an unfused reference that materialises scores
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_mask_mod(positions: Tensor, visible: Callable[[Tensor, Tensor], Tensor]) -> Callable:
+    """FlexAttention's mask_mod of `Attention.document_attend`: the same document, and `visible` at the
+    two tokens' positions in it."""
+    doc = (positions == 0).cumsum(1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & visible(positions[b, q_idx], positions[b, kv_idx])
+
+    return mask_mod
 
 
 @dataclass
@@ -117,7 +142,18 @@ class Attention(nn.Module):
 
     def document_attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """`attend` over rows of packed documents: query i sees key j of its own document where `visible`
-        at their positions in it. A document starts where its position is 0."""
+        at their positions in it. A document starts where its position is 0. On CUDA a FlexAttention
+        block mask per batch skips the blocks between documents; elsewhere SDPA with the boolean mask
+        is the reference."""
+        B, _, T, _ = q.shape
+        if q.is_cuda and self.use_kernels:
+            mask_mod, gqa = document_mask_mod(positions, self.visible), q.shape[1] != k.shape[1]
+            if torch.compiler.is_compiling():  # traced into the compiled block's graph, as sparse attention's
+                return flex_attention(q, k, v, block_mask=create_block_mask(mask_mod, B, None, T, T, q.device),
+                                      enable_gqa=gqa)
+            with torch.compiler.set_stance("default"):
+                block_mask = compiled_create_block_mask()(mask_mod, B, None, T, T, device=q.device)
+                return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         doc = (positions == 0).cumsum(1)
         mask = (doc[:, :, None] == doc[:, None, :]) & self.visible(positions[:, :, None], positions[:, None, :])
         if q.shape[1] != k.shape[1]:  # SDPA's kernels that take a mask do not take GQA's shared heads

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from slmlab.mixers.attention import Attention
+from slmlab.mixers.attention import Attention, compiled_create_block_mask, compiled_flex_attention
 from slmlab.models.config import ModelConfig
 
 
@@ -37,19 +37,8 @@ def sparse_mask_mod(window: int, global_tokens: int, offset: int) -> Callable:
 def sparse_block_mask(window: int, global_tokens: int, offset: int, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
     # compiled, the mask is evaluated block by block; eagerly it materialises [q_len, kv_len] int64
     # intermediates (8 GiB at 32k tokens)
-    return _compiled_create_block_mask()(sparse_mask_mod(window, global_tokens, offset), B=None, H=None,
+    return compiled_create_block_mask()(sparse_mask_mod(window, global_tokens, offset), B=None, H=None,
                                          Q_LEN=q_len, KV_LEN=kv_len, device=device)
-
-
-@cache
-def _compiled_create_block_mask():
-    return torch.compile(create_block_mask)  # what its deprecated `_compile=True` did
-
-
-@cache
-def _compiled_flex_attention():
-    # FlexAttention is only fast compiled; eager runs an unfused reference that materialises scores
-    return torch.compile(flex_attention, dynamic=False)
 
 
 class SparseAttention(Attention):
@@ -72,7 +61,7 @@ class SparseAttention(Attention):
             # compiled even where decoding runs compiled blocks eagerly (`models/generate.py: eager_blocks`)
             with torch.compiler.set_stance("default"):
                 block_mask = sparse_block_mask(self.window, self.global_tokens, offset, q_len, kv_len, q.device)
-                return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+                return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         return self.masked_attend(q, k, v, offset)  # the reference; decoding; CUDA-graph (tensor) positions
 
     def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
