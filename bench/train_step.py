@@ -3,6 +3,7 @@
     python bench/train_step.py                       # tiny preset, the CPU default
     python bench/train_step.py model=helios_nova data.batch_size=8 --steps 20
     python bench/train_step.py model=helios_nova data.batch_size=8 optim=muon   # the optimizer's share
+    python bench/train_step.py model=helios_nova data.batch_size=16 --compile --documents 256  # document masks
 
 Prints tokens/s and, on CUDA, MFU from the model's own FLOPs per token and the optimizer step's time.
 The end-to-end number including the loader and Lightning is `perf/tokens_per_s` in any run's metrics.
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 
 from slmlab.config import compose_config
 from slmlab.models import CausalLM
+from slmlab.training.batching import positions_from_starts
 from slmlab.training.callbacks import peak_flops
 from slmlab.training.losses import lm_loss
 from slmlab.training.optim import param_groups_for
@@ -28,15 +30,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loss", choices=["chunked", "full"], default="chunked",
                         help="chunked: CausalLM.loss (what training runs); full: cross-entropy of the whole logits")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (stage.compile=true)")
+    parser.add_argument("--documents", type=int, metavar="MEAN",
+                        help="packed rows of documents of random lengths, MEAN tokens on average, under document "
+                             "masks (MFU still counts attention over whole rows)")
     args = parser.parse_args()
     cfg = compose_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = CausalLM(instantiate(cfg.model)).to(device)
+    if args.compile:
+        model.compile_blocks()
     optimizer = instantiate(cfg.optim)  # the configured one: optim=muon measures Muon
     optimizer = optimizer(param_groups_for(optimizer, model))
     optimizer_ms = []  # (start, end) CUDA events around each measured optimizer step
     batch, seq = cfg.data.batch_size, cfg.data.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device)
+    positions = None
+    if args.documents:  # a document starts at each step with probability 1 / MEAN
+        starts = torch.rand(batch, seq, generator=torch.Generator().manual_seed(0)) < 1 / args.documents
+        starts[:, 0] = True
+        positions = positions_from_starts(starts).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -45,9 +58,9 @@ def main() -> None:
             start = time.perf_counter()
         with autocast:
             if args.loss == "chunked":
-                loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+                loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:], positions=positions)
             else:
-                loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+                loss, _ = lm_loss(model(tokens[:, :-1], positions=positions), tokens[:, 1:])
         loss.backward()
         if device.type == "cuda" and step >= args.warmup:
             optimizer_ms.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
@@ -59,7 +72,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     tps = args.steps * batch * seq / (time.perf_counter() - start)
-    line = f"loss={args.loss} model={cfg.model.d_model}d x {cfg.model.n_layers}L ({model.num_params() / 1e6:.1f}M) batch={batch} seq={seq} " \
+    line = f"loss={args.loss}{' documents=' + str(args.documents) if args.documents else ''} model={cfg.model.d_model}d x {cfg.model.n_layers}L ({model.num_params() / 1e6:.1f}M) batch={batch} seq={seq} " \
            f"device={device.type} threads={torch.get_num_threads()}: {tps:,.0f} tokens/s"
     peak = peak_flops(device)
     if peak:

@@ -25,6 +25,11 @@ def cat_right_padded(tensors: list[Tensor], value: int, length: int | None = Non
 def document_positions(input_ids: Tensor, eos_id: int) -> Tensor:
     """(batch, seq) ids of a token stream -> each token's position in its document: 0 at a row's first
     token and after every `eos_id`, counting up in between (the `positions` of `CausalLM.hidden`)."""
-    steps = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    starts = F.pad(input_ids[:, :-1] == eos_id, (1, 0), value=True)
+    return positions_from_starts(F.pad(input_ids[:, :-1] == eos_id, (1, 0), value=True))
+
+
+def positions_from_starts(starts: Tensor) -> Tensor:
+    """(batch, seq) bool, True where a document starts (at least at each row's first step) -> each step's
+    position in its document."""
+    steps = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
     return steps - torch.where(starts, steps, 0).cummax(dim=1).values
