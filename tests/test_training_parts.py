@@ -506,7 +506,8 @@ def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flop
     monitor = ThroughputMonitor(log_every_n_steps=2, peak_flops_per_device=1e6)
     startups = []
     monitor._log_startup = lambda trainer, module: startups.append((trainer.global_step, clock[0]))
-    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}  # 16 tokens
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.full((2, 8), -100)}  # 16 tokens
+    batch["labels"][0, 5:] = 1  # 3 of them with a label
     monitor.on_train_start(trainer, module)
 
     def micro_batch(load: float, compute: float, ends_step: bool) -> None:
@@ -521,11 +522,12 @@ def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flop
         micro_batch(0.5, 1.5, False)
         micro_batch(0.5, 1.5, True)
     assert startups == [(11, 4.0)]  # after both micro-batches of step 10
-    assert module.logged == [{"perf/tokens_per_s": 64 / 8.0, "perf/data_wait": 2.0 / 8.0,
+    assert module.logged == [{"perf/tokens_per_s": 64 / 8.0, "perf/loss_tokens_per_s": 12 / 8.0, "perf/data_wait": 2.0 / 8.0,
                               "perf/mfu": 64 * 100.0 / 8.0 / 1e6}]  # step 11's FLOPs, not step 12's
     for step in range(2):  # steps 12 and 13: one fast micro-batch each
         micro_batch(1.0, 1.0, True)
-    assert module.logged[-1] == {"perf/tokens_per_s": 32 / 4.0, "perf/data_wait": 0.5, "perf/mfu": 32 * 50.0 / 4.0 / 1e6}
+    assert module.logged[-1] == {"perf/tokens_per_s": 32 / 4.0, "perf/loss_tokens_per_s": 6 / 4.0, "perf/data_wait": 0.5,
+                                 "perf/mfu": 32 * 50.0 / 4.0 / 1e6}
     assert len(startups) == 1
 
 

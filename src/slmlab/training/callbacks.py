@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveragi
 
 from slmlab.data.chat import encode_chat
 from slmlab.models.generate import generate
+from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.strategies import shards_parameters
 
 # dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name(): the first that matches,
@@ -22,11 +23,12 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H10
                    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def token_tensors(batch) -> list[torch.Tensor]:
-    """The token-id tensors of a batch ("input_ids", "chosen_ids", ...); none for other batch types."""
+def token_tensors(batch, suffix: str = "ids") -> list[torch.Tensor]:
+    """The token-id tensors of a batch ("input_ids", "chosen_ids", ...), or with suffix "labels" its
+    label tensors; none for other batch types."""
     if not isinstance(batch, dict):
         return []
-    return [v for k, v in batch.items() if k.endswith("ids") and isinstance(v, torch.Tensor)]
+    return [v for k, v in batch.items() if k.endswith(suffix) and isinstance(v, torch.Tensor)]
 
 
 def runs_rank_zeros_model_calls(trainer: L.Trainer) -> bool:
@@ -66,12 +68,13 @@ def seconds_since_launch() -> float | None:
 
 
 class ThroughputMonitor(Callback):
-    """Logs perf/tokens_per_s (the positions of the batches, padding included), perf/mfu (CUDA, from the
-    model's own FLOPs per token at each batch's shape and step) and perf/data_wait: the fraction of wall
-    time spent waiting for training batches (the datamodule's `train_loading_seconds`, where it has one).
-    The host runs ahead of the GPU, so that is the most the GPU can have waited for data. A window runs
-    from the end of one logging step to the end of the next, so it holds each of its batches' loading
-    once; validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer
+    """Logs perf/tokens_per_s (the positions of the batches, padding included), perf/loss_tokens_per_s
+    (the tokens with a label, this rank's times the number of ranks: what SFT packing raises), perf/mfu
+    (CUDA, from the model's own FLOPs per token at each batch's shape and step) and perf/data_wait: the
+    fraction of wall time spent waiting for training batches (the datamodule's `train_loading_seconds`,
+    where it has one). The host runs ahead of the GPU, so that is the most the GPU can have waited for
+    data. A window runs from the end of one logging step to the end of the next, so it holds each of its
+    batches' loading once; validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer
     step this process ran (imports, data, model, compilation, kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
@@ -83,7 +86,7 @@ class ThroughputMonitor(Callback):
     def _start_window(self, trainer: L.Trainer) -> None:
         self._t0 = time.perf_counter()
         self._loading0 = train_loading_seconds(trainer)
-        self._tokens, self._flops = 0, 0.0
+        self._tokens, self._flops, self._loss_tokens = 0, 0.0, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_step = self._seen_step = trainer.global_step
@@ -108,6 +111,9 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         tokens = sum(t.numel() for t in token_tensors(batch)) * trainer.world_size
         self._tokens += tokens
+        # a device tensor, read with the window's metrics (no wait for the GPU per batch)
+        labelled = sum((t != IGNORE_INDEX).sum() for t in token_tensors(batch, "labels"))
+        self._loss_tokens += labelled * trainer.world_size
         self._flops += tokens * self._batch_flops
         step = trainer.global_step  # advances once per optimizer step, i.e. after the last micro-batch
         if step == self._seen_step:  # inside an accumulation
@@ -121,6 +127,8 @@ class ThroughputMonitor(Callback):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._t0
         metrics = {"perf/tokens_per_s": self._tokens / elapsed}
+        if token_tensors(batch, "labels"):
+            metrics["perf/loss_tokens_per_s"] = float(self._loss_tokens) / elapsed
         if self._loading0 is not None:
             metrics["perf/data_wait"] = (train_loading_seconds(trainer) - self._loading0) / elapsed
         if self._peak:
