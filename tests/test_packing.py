@@ -175,3 +175,36 @@ def test_flex_attention_document_mask_equals_the_sdpa_reference(layout):
     block_mask = create_block_mask(document_mask_mod(positions, attention.visible), 2, None, 48, 48, device="cpu")
     flex = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
     torch.testing.assert_close(flex, attention.document_attend(q, k, v, positions), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fla_variable_length_call_sees_the_documents_as_its_sequences(per_channel, monkeypatch):
+    """`fla_gla_varlen` flattens the batch and hands fla the boundaries of rows and documents; here fla's
+    `chunk_gla` / `chunk_simple_gla` are stand-ins that run the oracle on each sequence `cu_seqlens` names,
+    so the boundaries are checked without a GPU."""
+    import sys
+    from types import ModuleType
+
+    from slmlab.ops.gla import fla_gla_varlen
+
+    def per_sequence(q, k, v, g, scale=None, cu_seqlens=None):
+        assert q.shape[0] == 1 and cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[1]
+        pieces = [gla_recurrent(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale)[0]
+                  for a, b in zip(cu_seqlens.tolist(), cu_seqlens[1:].tolist())]
+        return torch.cat(pieces, dim=1), None
+
+    fla_gla, fla_simple = ModuleType("fla.ops.gla"), ModuleType("fla.ops.simple_gla")
+    fla_gla.chunk_gla = lambda q, k, v, g, **kw: per_sequence(q, k, v, g, **kw)
+    fla_simple.chunk_simple_gla = lambda q, k, v, g, **kw: per_sequence(q, k, v, g, **kw)
+    for name, module in [("fla", ModuleType("fla")), ("fla.ops", ModuleType("fla.ops")),
+                         ("fla.ops.gla", fla_gla), ("fla.ops.simple_gla", fla_simple)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 40, 2, 8, 4
+    q, k = torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64)
+    v = torch.randn(B, T, H, V, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, *([K] if per_channel else []))).double()  # fla's float32
+    starts = random_starts(B, T)
+    starts[1, 0] = False  # a row that does not open with a start is still a sequence of its own
+    got = fla_gla_varlen(q, k, v, g, None, starts)
+    torch.testing.assert_close(got, gla_recurrent(q, k, v, g, starts=starts)[0])
