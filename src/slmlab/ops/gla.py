@@ -61,9 +61,9 @@ def gla_recurrent(
     q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
     decay = (g if g.dim() == 4 else g.unsqueeze(-1)).exp()  # [B, T, H, K or 1]
     S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
-    outputs = []
     if starts is not None:  # a start keeps none of the state before it
         decay = decay.masked_fill(starts[:, :, None, None], 0.0)
+    outputs = []
     for t in range(T):
         S = decay[:, t, :, :, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
         outputs.append((q[:, t, :, :, None] * scale * S).sum(-2))
@@ -194,15 +194,15 @@ def fla_gla_varlen(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | No
     bounds = starts.clone()
     bounds[:, 0] = True
     cu_seqlens = F.pad(bounds.flatten().nonzero().flatten(), (0, 1), value=B * T)
-    flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g)]
+    q, k, v, g = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g.float()))
     if g.dim() == 4:
         from fla.ops.gla import chunk_gla
 
-        o, _ = chunk_gla(*flat[:3], flat[3].float(), scale=scale, cu_seqlens=cu_seqlens)
+        o, _ = chunk_gla(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens)
     else:
         from fla.ops.simple_gla import chunk_simple_gla
 
-        o, _ = chunk_simple_gla(*flat[:3], g=flat[3].float(), scale=scale, cu_seqlens=cu_seqlens)
+        o, _ = chunk_simple_gla(q, k, v, g=g, scale=scale, cu_seqlens=cu_seqlens)
     return o.view(B, T, *o.shape[2:])
 
 
