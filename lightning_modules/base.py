@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.lora import add_lora, merge_lora
-from slmlab.models.transformer import COMPILE_MODES, CUDA_GRAPH_MODES
+from slmlab.models.transformer import BACKBONE, COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.optim import param_groups_for
 from slmlab.training.strategies import shards_parameters
@@ -26,8 +26,8 @@ class LMModule(L.LightningModule):
     """Base LightningModule of all stages; a stage adds its `training_step` / `validation_step`.
 
     `optimizer` and `scheduler` are partials from `conf/optim` and `conf/schedule`; the schedule's
-    length is the trainer's `max_steps`. `compile`: false, true (torch.compile each block) or a
-    torch.compile mode for the blocks ("reduce-overhead": CUDA graphs). `init_from` loads the weights
+    length is the trainer's `max_steps`. `compile`: false, true (torch.compile each block), a
+    torch.compile mode for the blocks ("reduce-overhead": CUDA graphs) or "backbone" (the blocks as one graph). `init_from` loads the weights
     (only) of a checkpoint of another run, typically the previous stage, and refuses one of another
     architecture. `lora_rank` > 0 freezes the model and trains LoRA adapters of that rank on the blocks'
     linear layers named in `lora_targets` (all of them when null), scaled by `lora_alpha / lora_rank`
@@ -39,9 +39,9 @@ class LMModule(L.LightningModule):
                  lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: list[str] | None = None,
                  lora_dora: bool = False) -> None:
         super().__init__()
-        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
-            raise ValueError(f"stage.compile={compile!r}: expected true, false or a torch.compile mode "
-                             f"({', '.join(COMPILE_MODES)})")
+        if not isinstance(compile, bool) and compile not in (*COMPILE_MODES, BACKBONE):
+            raise ValueError(f"stage.compile={compile!r}: expected true, false, {BACKBONE} (the blocks as one graph) "
+                             f"or a torch.compile mode for each block ({', '.join(COMPILE_MODES)})")
         self.model_config = model_config
         self.model = CausalLM(model_config)
         if init_from is not None:

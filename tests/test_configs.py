@@ -95,6 +95,15 @@ def test_muon_settings_are_typed():
         compose_config(["optim=muon", "optim.adamw_lr=fast"])
 
 
+@pytest.mark.parametrize("cuda,workers,precision", [(False, 0, "32-true"), (True, 2, "bf16-mixed")])
+def test_loader_workers_and_precision_follow_the_machine(cuda, workers, precision, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    cfg = compose_config(["trainer=gpu"])
+    assert (cfg.data.num_workers, cfg.trainer.precision) == (workers, precision)
+    assert compose_config(["data.num_workers=1"]).data.num_workers == 1
+
+
 def test_a_typo_in_a_group_option_names_it():
     with pytest.raises(MissingConfigException, match="helios_nvoa"):
         compose_config(["model=helios_nvoa"])

@@ -23,6 +23,8 @@ def test_one_process_per_compiling_kind_runs_the_first_layer_of_each_rope_varian
     # attention (flash SDPA) compiles nothing, unless the blocks are compiled
     assert warmup_layers(tiny("A,G,M")) == {"gla": [1], "mamba2": [2]}
     assert warmup_layers(tiny("A,G,M"), compile_blocks=True) == {"attention": [0], "gla": [1], "mamba2": [2]}
+    # the blocks as one graph: a block compiled alone would make kernels the run does not use
+    assert warmup_layers(tiny("A,G,M"), compile_blocks="backbone") == warmup_layers(tiny("A,G,M"))
 
 
 def test_nothing_to_run_side_by_side_means_no_warmup():

@@ -221,3 +221,21 @@ def test_initialisation_draws_each_weight_once_and_leaves_nn_defaults_alone():
     assert fresh.weight.abs().max().item() <= 1 / math.sqrt(1000)  # kaiming-uniform's bound
     assert fresh.weight.std().item() == pytest.approx(1 / math.sqrt(3000), rel=0.05)
     assert torch.nn.Embedding(100, 100).weight.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_the_backbone_compiles_as_one_graph_and_decodes_eagerly():
+    """`compile_blocks("backbone")`: one dynamo frame runs every block (no block is compiled alone), the
+    forward equals the eager one, and decoding with a state runs the blocks as they are."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny(n_layers=3)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        eager = model(ids)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.compile_blocks("backbone")
+        assert all(b._compiled_call_impl is None for b in model.blocks)  # what `nn.Module.compile` sets
+        torch.testing.assert_close(model(ids), eager, rtol=1e-5, atol=1e-5)
+        assert torch._dynamo.utils.counters["frames"]["ok"] == 1
+        torch.testing.assert_close(model(ids[:, :5], state=model.init_state(2, 12)), eager[:, :5], rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == 1  # decoding compiled nothing

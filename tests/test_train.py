@@ -78,19 +78,23 @@ def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path):
 
 
 def test_a_run_with_compiled_blocks_trains_as_the_eager_run_does(tmp_path):
-    """`stage.compile=true` (the GPU recipes' setting) on the CPU: the same losses as the eager run, the
-    sample callback decoding through the compiled blocks, and a checkpoint with the eager model's names."""
-    runs = {}
-    for name, extra in (("eager", []), ("compiled", ["stage.compile=true"])):
+    """`stage.compile=true` (the GPU recipes' setting) and `backbone` (the blocks as one graph, activation
+    checkpointing inside it) on the CPU: the same losses as the eager run, the sample callback decoding
+    through the compiled blocks, and a checkpoint with the eager model's names."""
+    runs, graphs = {}, {}
+    for name, extra in (("eager", []), ("compiled", ["stage.compile=true"]),
+                        ("backbone", ["stage.compile=backbone", "model.activation_checkpointing=true"])):
         torch._dynamo.reset()  # earlier tests' compiled blocks of the same shapes would be reused
         torch._dynamo.utils.counters.clear()
         train(compose_config(tiny_run_overrides(tmp_path / name, steps=6, val_every=6) + extra))
         runs[name] = tmp_path / name / "run"
-    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # the blocks were compiled
-    for key in ("train/loss", "val/loss"):
-        torch.testing.assert_close(metric(runs["compiled"], key), metric(runs["eager"], key), rtol=1e-4, atol=0)
+        graphs[name] = torch._dynamo.utils.counters["frames"]["ok"]
+    assert graphs["eager"] == 0 and graphs["compiled"] > 0 and graphs["backbone"] > 0
     eager_weights = final_weights(runs["eager"])
-    assert final_weights(runs["compiled"]).keys() == eager_weights.keys()
+    for compiled in ("compiled", "backbone"):
+        for key in ("train/loss", "val/loss"):
+            torch.testing.assert_close(metric(runs[compiled], key), metric(runs["eager"], key), rtol=1e-4, atol=0)
+        assert final_weights(runs[compiled]).keys() == eager_weights.keys()
 
 
 @pytest.mark.gpu
@@ -215,7 +219,7 @@ def test_ema_refuses_fsdp_before_the_first_step(tmp_path):
 
 def test_a_typo_in_the_compile_mode_is_an_error_naming_the_key(tmp_path):
     cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage.compile=reduce-overhad"])
-    with pytest.raises(Exception, match="stage.compile='reduce-overhad': expected true, false or a torch.compile mode"):
+    with pytest.raises(Exception, match="stage.compile='reduce-overhad': expected true, false, backbone .* or a torch.compile mode"):
         instantiate(cfg.stage)
 
 

@@ -103,6 +103,13 @@ def _auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def _auto_workers() -> int:
+    # With a GPU, two loader processes take reading, collating and pinning off the thread that launches
+    # the kernels (helios_nova on one H100: data wait 0.9% of step time with none, 0.05% with two). On a
+    # CPU they would take cores from the model itself.
+    return 2 if torch.cuda.is_available() else 0
+
+
 def register_configs() -> None:
     """Idempotent; call before composing any config."""
     if not OmegaConf.has_resolver("corpus"):
@@ -110,6 +117,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("corpus", lambda name: str(CORPUS_DIR / name))
         # `${auto_precision:}`: bf16 mixed precision where the GPU has it, float32 elsewhere
         OmegaConf.register_new_resolver("auto_precision", _auto_precision)
+        # `${auto_workers:}`: DataLoader worker processes, 2 where there is a GPU to keep fed, else 0
+        OmegaConf.register_new_resolver("auto_workers", _auto_workers)
         OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
         # `${short_dirname:${hydra:job.override_dirname}}`: multirun folders within 255 characters
         OmegaConf.register_new_resolver("short_dirname", short_dirname)

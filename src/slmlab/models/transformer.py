@@ -21,6 +21,7 @@ from slmlab.training.losses import chunked_lm_loss, chunked_token_logprobs
 RESIDUAL_OUTPUTS = ("mixer.o", "mixer.out_proj", "mlp.down")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
+BACKBONE = "backbone"  # `compile_blocks`: the stack of blocks as one graph
 
 
 @contextmanager
@@ -79,6 +80,14 @@ def to_residual_stream(x: Tensor) -> Tensor:
     return x.to(torch.bfloat16) if autocast_dtype(x.device) == torch.bfloat16 else x
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, positions: Tensor | None, checkpointing: bool) -> Tensor:
+    """The stack of blocks without a decoding state (training, evaluation); `checkpointing` recomputes each
+    block's activations in the backward."""
+    for block in blocks:
+        x = checkpoint(block, x, None, positions, use_reentrant=False) if checkpointing else block(x, None, positions)
+    return x
+
+
 def frozen_weights(linear: nn.Linear) -> int:
     """The number of weights of a linear layer that do not train (its base weight under LoRA)."""
     weight = linear.parametrizations.weight.original if parametrize.is_parametrized(linear, "weight") else linear.weight
@@ -96,6 +105,7 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._compiled_stack = None  # `compile_blocks("backbone")`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,7 +123,14 @@ class CausalLM(nn.Module):
         """torch.compile each block in place; parameter names stay unchanged, so checkpoints load either
         way. `mode` is torch.compile's: "reduce-overhead" replays each block's kernels as CUDA graphs, for
         steps bound by how fast the host launches kernels (a hybrid's fla and mamba-ssm kernels); a training
-        loop then calls `torch.compiler.cudagraph_mark_step_begin()` before each step."""
+        loop then calls `torch.compiler.cudagraph_mark_step_begin()` before each step.
+        `mode="backbone"`: the whole stack of blocks as one graph instead, for the forward without a decoding
+        state (training, evaluation; decoding runs the blocks eagerly). Inductor then fuses across blocks (a
+        block's closing residual add with the next one's first norm), at the price of compiling every layer
+        rather than one shared block: a first step of about a minute for helios_nova instead of seconds."""
+        if mode == BACKBONE:
+            self._compiled_stack = torch.compile(run_blocks)
+            return
         # the blocks share one compiled forward, and each kind of mixer needs its own variants of it
         # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
         kinds = len({type(block.mixer) for block in self.blocks})
@@ -135,11 +152,12 @@ class CausalLM(nn.Module):
         else:
             x = self.embed(input_ids)
         x = to_residual_stream(x)
-        for i, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and self.training and state is None:
-                x = checkpoint(block, x, None, positions, use_reentrant=False)
-            else:
-                x = block(x, None if state is None else state[i], positions)
+        if state is None:
+            run = self._compiled_stack or run_blocks
+            x = run(self.blocks, x, positions, self.cfg.activation_checkpointing and self.training)
+        else:
+            for block, block_state in zip(self.blocks, state, strict=True):
+                x = block(x, block_state, positions)
         return self.norm(x)
 
     def forward(self, input_ids: Tensor, state: list | None = None, positions: Tensor | None = None) -> Tensor:

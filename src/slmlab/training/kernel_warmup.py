@@ -28,7 +28,7 @@ import torch
 
 from slmlab.mixers import mixer_class
 from slmlab.models import ModelConfig
-from slmlab.models.transformer import Block, to_residual_stream
+from slmlab.models.transformer import BACKBONE, Block, to_residual_stream
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ PRECISIONS = {
     "16-mixed": (torch.float32, torch.float16), "16": (torch.float32, torch.float16),
     "bf16-true": (torch.bfloat16, None), "16-true": (torch.float16, None),
 }
+
+
+def compiles_each_block(compile_blocks: bool | str) -> bool:
+    """`stage.compile` compiles blocks one by one (the blocks as one graph fuse across blocks: a block
+    compiled alone would make kernels that run does not use)."""
+    return bool(compile_blocks) and compile_blocks != BACKBONE
 
 
 def warmup_layers(cfg: ModelConfig, compile_blocks: bool | str = False) -> dict[str, list[int]]:
@@ -54,7 +60,7 @@ def warmup_layers(cfg: ModelConfig, compile_blocks: bool | str = False) -> dict[
         first.setdefault((kind, cfg.rope_on(i)), i)
     jobs: dict[str, list[int]] = {}
     for (kind, _), i in first.items():
-        if compile_blocks or (cfg.kernel != "torch" and mixer_class(kind).compiles_kernels):
+        if compiles_each_block(compile_blocks) or (cfg.kernel != "torch" and mixer_class(kind).compiles_kernels):
             jobs.setdefault(kind, []).append(i)
     return jobs if len(jobs) > 1 else {}
 
@@ -128,7 +134,7 @@ def start_kernel_warmup(model_config: ModelConfig, batch_size: int | None, seq_l
     warmup = KernelWarmup()
     for kind, layers in warmup_layers(model_config, compile_blocks).items():
         job = {"model": asdict(model_config), "layers": layers, "batch_size": batch_size, "seq_len": seq_len,
-               "precision": str(precision), "compile_blocks": compile_blocks, "device": device}
+               "precision": str(precision), "compile_blocks": compiles_each_block(compile_blocks), "device": device}
         warmup.logs[kind] = tempfile.TemporaryFile()
         warmup.processes[kind] = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(job)],
                                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
