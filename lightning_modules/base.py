@@ -29,9 +29,9 @@ class LMModule(L.LightningModule):
     length is the trainer's `max_steps`. `compile`: false, true (torch.compile each block), a
     torch.compile mode for the blocks ("reduce-overhead": CUDA graphs) or "backbone" (the blocks as one
     graph). `init_from` loads the weights (only) of a checkpoint of another run, typically the previous
-    stage, and refuses one of another architecture. `lora_rank` > 0 freezes the model and trains LoRA adapters of that rank on the blocks'
-    linear layers named in `lora_targets` (all of them when null), scaled by `lora_alpha / lora_rank`
-    (`lora_dora`: DoRA's trained row magnitudes too).
+    stage, and refuses one of another architecture. `lora_rank` > 0 freezes the model and trains LoRA
+    adapters of that rank on the blocks' linear layers named in `lora_targets` (all of them when null),
+    scaled by `lora_alpha / lora_rank` (`lora_dora`: DoRA's trained row magnitudes too).
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: partial, scheduler: partial,
