@@ -31,15 +31,16 @@ def main() -> None:
     parser.add_argument("--loss", choices=["chunked", "full"], default="chunked",
                         help="chunked: CausalLM.loss (what training runs); full: cross-entropy of the whole logits")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (stage.compile=true)")
+    parser.add_argument("--compile-mode", help="with --compile: a torch.compile mode, or backbone (the blocks as one graph)")
     parser.add_argument("--documents", type=int, metavar="MEAN",
                         help="packed rows of documents of random lengths, MEAN tokens on average, under document "
-                             "masks (MFU still counts attention over whole rows)")
+                             "masks (MFU counts attention within the documents)")
     args = parser.parse_args()
     cfg = compose_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = CausalLM(instantiate(cfg.model)).to(device)
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(args.compile_mode)
     optimizer = instantiate(cfg.optim)  # the configured one: optim=muon measures Muon
     optimizer = optimizer(param_groups_for(optimizer, model))
     optimizer_ms = []  # (start, end) CUDA events around each measured optimizer step
@@ -76,7 +77,7 @@ def main() -> None:
            f"device={device.type} threads={torch.get_num_threads()}: {tps:,.0f} tokens/s"
     peak = peak_flops(device)
     if peak:
-        line += f", MFU {tps * model.flops_per_token(seq) / peak:.1%}"
+        line += f", MFU {tps * float(model.flops_per_token(seq, positions=positions)) / peak:.1%}"
     if optimizer_ms:
         ms = sum(start.elapsed_time(end) for start, end in optimizer_ms) / len(optimizer_ms)
         line += f"; {type(optimizer).__name__} step {ms:.2f} ms"

@@ -112,9 +112,10 @@ class LMModule(L.LightningModule):
         if dm.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds model.max_seq_len={self.model_config.max_seq_len}")
 
-    def flops_per_data_token(self, seq_len: int) -> float:
-        """Training FLOPs per token of a batch of seq_len tokens at this step (what MFU counts)."""
-        return self.model.flops_per_token(seq_len)
+    def flops_per_data_token(self, seq_len: int, batch: dict) -> float | torch.Tensor:
+        """Training FLOPs per token of this batch of seq_len tokens per row at this step (what MFU counts):
+        rows of packed documents (`positions`) count attention within each document."""
+        return self.model.flops_per_token(seq_len, positions=batch.get("positions"))
 
     def refuse_what_fsdp_cannot_do(self) -> None:
         """ValueError naming the setting, before the first step, for what breaks on FSDP's flat shards."""

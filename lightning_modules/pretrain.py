@@ -95,9 +95,10 @@ class PretrainModule(LMModule):
             return 1
         return self.bag_schedule.bag(self.trainer.global_step * self.samples_per_step())
 
-    def flops_per_data_token(self, seq_len: int) -> float:
+    def flops_per_data_token(self, seq_len: int, batch: dict) -> float | torch.Tensor:
         bag = self.bag_size()
-        return self.model.flops_per_token(bag_positions(seq_len, bag), bag)
+        positions = self.positions(batch["input_ids"])  # stage.document_mask: attention within documents
+        return self.model.flops_per_token(bag_positions(seq_len, bag), bag, positions)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         input_ids, labels = batch["input_ids"], batch["labels"]

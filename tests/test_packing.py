@@ -208,3 +208,45 @@ def test_fla_variable_length_call_sees_the_documents_as_its_sequences(per_channe
     starts[1, 0] = False  # a row that does not open with a start is still a sequence of its own
     got = fla_gla_varlen(q, k, v, g, None, starts)
     torch.testing.assert_close(got, gla_recurrent(q, k, v, g, starts=starts)[0])
+
+
+def test_flops_count_each_mixer_within_its_documents():
+    """MFU over packed rows: a row of two 64-token documents costs what a 64-token row costs, a row of one
+    document what the unpacked row costs, for every mixer; attention by hand for documents of 5, 19, 1 and
+    23 tokens and of 30 and 18 (the causal half of each document: n^2 / 2 keys)."""
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=128,
+                      layout="A,S,G,H,M", sliding_window=6, global_tokens=2, hgrn2_expand_ratio=16, ssm_d_state=16,
+                      ssm_headdim=16)
+    model = CausalLM(cfg)
+    whole, halves = packed_positions([(128,), (128,)]), packed_positions([(64, 64), (64, 64)])
+    for mixer in [block.mixer for block in model.blocks]:
+        assert mixer.flops_per_token(128, whole).item() == pytest.approx(mixer.flops_per_token(128)), type(mixer)
+        assert mixer.flops_per_token(128, halves).item() == pytest.approx(mixer.flops_per_token(64)), type(mixer)
+    assert model.flops_per_token(128, positions=halves) < model.flops_per_token(128)
+    attention = model.blocks[0].mixer
+    keys = sum(n * n / 2 for row in LENGTHS for n in row) / (2 * 48)
+    assert attention.flops_per_token(48, packed_positions(LENGTHS)).item() == pytest.approx(
+        attention.projection_flops() + 2 * 2 * 4 * 16 * keys)
+
+
+def test_the_stages_count_flops_within_the_documents_they_train_on(tmp_path):
+    """What the throughput monitor's MFU counts: a packed batch's `positions`, and in pretraining with
+    `stage.document_mask` the documents of the stream (ended by EOS)."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config, tiny_run_overrides
+
+    ids = torch.randint(1, 50, (2, 48))
+    ids[:, 23] = 0  # the tokenizer's EOS: two documents of 24 tokens
+    for mask in (False, True):
+        module = instantiate(compose_config(tiny_run_overrides(tmp_path) + [f"stage.document_mask={mask}"]).stage)
+        module.trainer = SimpleNamespace(datamodule=SimpleNamespace(eos_id=0), global_step=0)
+        flops = module.flops_per_data_token(48, {"input_ids": ids})
+        want = module.model.flops_per_token(24 if mask else 48)
+        assert float(flops) == pytest.approx(want)
+    sft = instantiate(compose_config(tiny_run_overrides(tmp_path) + ["stage=sft"]).stage)
+    packed = {"input_ids": ids, "labels": ids, "positions": packed_positions([(24, 24), (24, 24)])}
+    assert float(sft.flops_per_data_token(48, packed)) == pytest.approx(sft.model.flops_per_token(24))
+    assert sft.flops_per_data_token(48, {"input_ids": ids, "labels": ids}) == sft.model.flops_per_token(48)

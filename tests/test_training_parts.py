@@ -501,7 +501,9 @@ def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flop
     loading = SimpleNamespace(train_loading_seconds=0.0)
     trainer = SimpleNamespace(datamodule=loading, world_size=1, global_step=10, training=True)  # resumed at 10
     module = SimpleNamespace(device=torch.device("cpu"), logged=[],
-                             flops_per_data_token=lambda seq_len: 100.0 if trainer.global_step < 12 else 50.0)
+                             # packed documents' counts are device tensors (read once per window)
+                             flops_per_data_token=lambda seq_len, batch: torch.tensor(100.0, dtype=torch.float64)
+                             if trainer.global_step < 12 else 50.0)
     module.log_dict = module.logged.append
     monitor = ThroughputMonitor(log_every_n_steps=2, peak_flops_per_device=1e6)
     startups = []

@@ -1,10 +1,11 @@
 """Sequence mixers: each maps (batch, seq, d_model) -> (batch, seq, d_model) behind one contract.
 
     mixer = MIXERS[name](cfg: ModelConfig, layer_idx: int)
-    y = mixer(x, state=None)              # training / prefill; with a state, decoding continues it
+    y = mixer(x, state=None, positions=None)  # training / prefill; with a state, decoding continues it;
+                                              # positions: packed documents, each modelled alone
     state = mixer.init_state(batch_size, max_len, device, dtype)
-    mixer.flops_per_token(seq_len)        # forward FLOPs, for an honest MFU
-    MIXERS[name].compiles_kernels         # whether its CUDA path compiles kernels at the first call
+    mixer.flops_per_token(seq_len, positions=None)  # forward FLOPs per token, for an honest MFU
+    MIXERS[name].compiles_kernels             # whether its CUDA path compiles kernels at the first call
 """
 
 from slmlab.mixers.attention import Attention

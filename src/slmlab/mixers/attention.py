@@ -12,6 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear, linear_flops
 from slmlab.ops.backend import HAS_TRITON
+from slmlab.ops.gla import causal_half
 from slmlab.ops.qk_norm_rope import qk_norm_rope
 
 
@@ -164,9 +165,10 @@ class Attention(nn.Module):
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: projections plus QK^T and AV over the causal half of the sequence."""
-        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * seq_len / 2
+    def flops_per_token(self, seq_len: int, positions: Tensor | None = None) -> float | Tensor:
+        """Forward FLOPs per token: projections plus QK^T and AV over the causal half of the sequence (of
+        each token's document, with `positions`: `ops.gla.causal_half`)."""
+        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * causal_half(seq_len, positions)
 
     def projection_flops(self) -> int:
         return linear_flops(self.q, self.k, self.v, self.o)

@@ -70,7 +70,7 @@ class HGRN2(nn.Module):
         shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
         return RecurrentState(torch.zeros(shape, device=device, dtype=compute_dtype(dtype)))
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, positions: Tensor | None = None) -> float | Tensor:
         """Forward FLOPs per token: the four projections plus chunked GLA (`ops.gla.gla_flops_per_token`)."""
         proj = linear_flops(self.q, self.f, self.i, self.o)
-        return proj + gla_flops_per_token(self.n_heads, self.key_dim, self.value_dim, seq_len)
+        return proj + gla_flops_per_token(self.n_heads, self.key_dim, self.value_dim, seq_len, positions=positions)

@@ -128,9 +128,10 @@ class Mamba2(nn.Module):
         ssm_shape = (batch_size, self.nheads, self.headdim, self.d_state)
         return Mamba2State(conv, torch.zeros(ssm_shape, device=device, dtype=compute_dtype(dtype)))
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, positions: Tensor | None = None) -> float | Tensor:
         """Forward FLOPs per token: in_proj and out_proj, the depthwise conv (d_conv MACs per channel)
         and chunked SSD (`ops.ssd.ssd_flops_per_token`)."""
         proj = linear_flops(self.in_proj, self.out_proj)
         conv = 2 * self.conv_dim * self.d_conv  # depthwise: d_conv multiply-accumulates per channel
-        return proj + conv + ssd_flops_per_token(self.nheads, self.ngroups, self.headdim, self.d_state, seq_len)
+        return proj + conv + ssd_flops_per_token(self.nheads, self.ngroups, self.headdim, self.d_state, seq_len,
+                                                 positions=positions)

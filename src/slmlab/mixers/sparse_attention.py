@@ -67,9 +67,15 @@ class SparseAttention(Attention):
     def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
         return visible(q_pos, kv_pos, self.window, self.global_tokens)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Projections plus QK^T and AV over the keys each position actually sees, averaged over the sequence."""
-        pos = torch.arange(seq_len, dtype=torch.float64, device="cpu")  # a count, whatever the default device
+    def flops_per_token(self, seq_len: int, positions: Tensor | None = None) -> float | Tensor:
+        """Projections plus QK^T and AV over the keys each position actually sees, averaged over the sequence
+        (over the tokens of packed documents, with `positions`: a tensor on their device)."""
+        if positions is None:
+            pos = torch.arange(seq_len, dtype=torch.float64, device="cpu")  # a count, whatever the default device
+        else:
+            pos = positions.double()
         local = torch.clamp(pos + 1, max=self.window)
         sinks = torch.clamp(pos + 1 - self.window, min=0).clamp(max=self.global_tokens)
-        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * float((local + sinks).mean())
+        keys = (local + sinks).mean()
+        keys = keys if positions is not None else float(keys)
+        return self.projection_flops() + 2 * 2 * self.n_heads * self.head_dim * keys

@@ -209,17 +209,18 @@ class CausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int, bag: int = 1) -> float:
+    def flops_per_token(self, seq_len: int, bag: int = 1, positions: Tensor | None = None) -> float | Tensor:
         """Training FLOPs per token (forward + backward = 3x forward) at this sequence length.
 
         Forward: 2 FLOPs per multiply-accumulate of every matmul (mixer projections, MLP, LM head) plus
         each mixer's own sequence-mixing term; the embedding lookup is free. With bags of `bag` tokens
         per position (token superposition training, `seq_len` positions), per token of data: the
-        blocks run once per bag, the LM head once per target.
+        blocks run once per bag, the LM head once per target. With packed documents (`positions`, as
+        `hidden` takes them) the mixers count within each document: a tensor on positions' device.
         """
         d, h = self.cfg.d_model, self.cfg.ffn_hidden
         per_layer_mlp = 2 * 3 * d * h
-        mixers = sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
+        mixers = sum(b.mixer.flops_per_token(seq_len, positions) for b in self.blocks)
         head = 2 * d * self.cfg.vocab_size
         # a frozen matrix (the base weights under LoRA) needs no weight gradient: 2 FLOPs per weight fewer
         frozen_blocks = sum(frozen_weights(m) for m in self.blocks.modules() if isinstance(m, nn.Linear))

@@ -5,12 +5,14 @@ short causal convolution, with Triton kernels on CUDA; `qk_norm_rope.py`: attent
 over the fused QKV projection, one Triton pass each way on CUDA."""
 
 from slmlab.ops.backend import KERNELS, kernel_available, resolve_backend
-from slmlab.ops.gla import autocast_dtype, compute_dtype, gla, gla_chunked, gla_flops_per_token, gla_recurrent
+from slmlab.ops.gla import (autocast_dtype, causal_half, compute_dtype, gla, gla_chunked, gla_flops_per_token,
+                            gla_recurrent)
 from slmlab.ops.ssd import ssd, ssd_chunked, ssd_flops_per_token, ssd_recurrent
 
 __all__ = [
     "KERNELS",
     "autocast_dtype",
+    "causal_half",
     "compute_dtype",
     "gla",
     "gla_chunked",

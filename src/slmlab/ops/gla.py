@@ -261,12 +261,26 @@ def _gla_backward(ctx, do: Tensor, _g_cumsum: Tensor, _A: Tensor) -> tuple[Tenso
 fla_chunk_gla.register_autograd(_gla_backward, setup_context=_save_for_gla_backward)
 
 
-def gla_flops_per_token(n_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk: int = KERNEL_CHUNK) -> float:
+def causal_half(seq_len: int, positions: Tensor | None = None, chunk: int | None = None) -> float | Tensor:
+    """Keys per query that causal attention over seq_len tokens computes, or a chunked kernel within its
+    chunks of `chunk` steps, counted as half the score matrix: min(chunk, seq_len) / 2. With packed
+    documents (`positions`: each token's position in its own document, where attention and the
+    variable-length kernels' chunks restart) the mean of p + 1/2 over the tokens, p counted from the
+    start of its chunk: seq_len / 2 again for a row of one document. A tensor then, on positions' device
+    (no wait for it)."""
+    if positions is None:
+        return min(chunk or seq_len, seq_len) / 2
+    within = positions if chunk is None else positions % chunk
+    return within.double().mean() + 0.5
+
+
+def gla_flops_per_token(n_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk: int = KERNEL_CHUNK,
+                        positions: Tensor | None = None) -> float | Tensor:
     """Forward FLOPs per token (2 per multiply-accumulate) of the chunked GLA algorithm, per layer.
 
     Per head and token: the causal half of a chunk of C = min(chunk, seq_len) steps in q.k and in
     scores @ v (C/2 * (K + V)), plus reading the carried state (q S: K*V) and adding to it (k^T v: K*V).
-    The elementwise decay work is not counted, as attention's softmax is not.
+    The elementwise decay work is not counted, as attention's softmax is not. `positions`: packed
+    documents (`causal_half`).
     """
-    C = min(chunk, seq_len)
-    return 2 * n_heads * (C / 2 * (key_dim + value_dim) + 2 * key_dim * value_dim)
+    return 2 * n_heads * (causal_half(seq_len, positions, chunk) * (key_dim + value_dim) + 2 * key_dim * value_dim)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from slmlab.ops.backend import custom_op_usable, resolve_backend
-from slmlab.ops.gla import compute_dtype, gla, gla_chunked
+from slmlab.ops.gla import causal_half, compute_dtype, gla, gla_chunked
 
 # chunk length of mamba-ssm's kernel as its Mamba2 module calls it: the one behind `ssd_flops_per_token`
 MAMBA_CHUNK = 256
@@ -184,13 +184,15 @@ mamba_chunk_scan.register_autograd(_scan_backward, setup_context=_save_for_scan_
 
 
 def ssd_flops_per_token(
-    n_heads: int, n_groups: int, headdim: int, d_state: int, seq_len: int, chunk: int = MAMBA_CHUNK
-) -> float:
+    n_heads: int, n_groups: int, headdim: int, d_state: int, seq_len: int, chunk: int = MAMBA_CHUNK,
+    positions: Tensor | None = None,
+) -> float | Tensor:
     """Forward FLOPs per token (2 per multiply-accumulate) of the chunked SSD algorithm, per layer.
 
     With C = min(chunk, seq_len): C.B scores over the causal half of a chunk, once per group
     (C/2 * N), scores @ x per head (C/2 * P), and per head reading the carried state (S C: P*N)
-    and adding to it (x B^T: P*N). Elementwise decay and D-skip work is not counted.
+    and adding to it (x B^T: P*N). Elementwise decay and D-skip work is not counted. `positions`:
+    packed documents (`ops.gla.causal_half`).
     """
-    C = min(chunk, seq_len)
-    return 2 * (n_groups * C / 2 * d_state + n_heads * (C / 2 * headdim + 2 * headdim * d_state))
+    half = causal_half(seq_len, positions, chunk)
+    return 2 * (n_groups * half * d_state + n_heads * (half * headdim + 2 * headdim * d_state))

@@ -106,7 +106,9 @@ class ThroughputMonitor(Callback):
         tokens = token_tensors(batch)
         # at the batch's own step: the last micro-batch ends after the step counter has moved on (a token
         # superposition phase may end there)
-        self._batch_flops = pl_module.flops_per_data_token(tokens[0].shape[1]) if self._peak and tokens else 0.0
+        # (a tensor for packed documents, read with the window's metrics)
+        seq_len = tokens[0].shape[1] if tokens else 0
+        self._batch_flops = pl_module.flops_per_data_token(seq_len, batch) if self._peak and tokens else 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         tokens = sum(t.numel() for t in token_tensors(batch)) * trainer.world_size
@@ -132,7 +134,7 @@ class ThroughputMonitor(Callback):
         if self._loading0 is not None:
             metrics["perf/data_wait"] = (train_loading_seconds(trainer) - self._loading0) / elapsed
         if self._peak:
-            metrics["perf/mfu"] = self._flops / elapsed / (self._peak * trainer.world_size)
+            metrics["perf/mfu"] = float(self._flops) / elapsed / (self._peak * trainer.world_size)
         pl_module.log_dict(metrics)
         self._start_window(trainer)
 
