@@ -151,6 +151,53 @@ def test_export_cli_names_what_is_wrong(tiny_runs, tmp_path):
         export_main([f"ckpt={tiny_runs[True].ckpt}", "format=onnx", f"out={tmp_path}"])
 
 
+def lora_checkpoint(run, tmp_path, dora: bool, targets: list[str] | None = None) -> tuple[Path, CausalLM]:
+    """A checkpoint of the run's model with trained-looking LoRA (or DoRA) adapters, as a `stage.lora_rank`
+    run saves one, and the merged model it stands for."""
+    from slmlab.checkpoint import read_checkpoint
+    from slmlab.models.lora import add_lora, merge_lora
+
+    ckpt = read_checkpoint(run.ckpt)
+    model = load_pretrained(run.ckpt)
+    add_lora(model, rank=4, alpha=12.0, targets=targets, dora=dora)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # B starts at zero and the magnitudes at the row norms: move both
+            p.data += 0.05 * torch.randn_like(p) if "lora_B" in name or "magnitude" in name else 0
+    ckpt["state_dict"] = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save(ckpt, tmp_path / "lora.ckpt")
+    return tmp_path / "lora.ckpt", merge_lora(model).eval()
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_export_loads_over_its_base_and_gives_the_merged_models_logits(tiny_runs, tmp_path, dora):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    run = tiny_runs[True]
+    ckpt, merged = lora_checkpoint(run, tmp_path, dora, targets=None if dora else ["q", "v", "down"])
+    export_main([f"ckpt={ckpt}", "format=peft", f"tokenizer={run.tokenizer}", f"out={tmp_path / 'peft'}"])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_dora"]) == (4, 12.0, dora)
+    if not dora:
+        assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    tokens = torch.randint(0, merged.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(tokens).logits
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        logits = adapted(tokens).logits
+        torch.testing.assert_close(logits, merged(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base_logits, logits, atol=1e-3)  # the adapters change the model
+
+
+def test_peft_export_needs_adapters(tiny_runs, tmp_path):
+    with pytest.raises(SystemExit, match="holds no LoRA adapters .*stage.lora_rank=0"):
+        export_main([f"ckpt={tiny_runs[True].ckpt}", "format=peft", f"tokenizer={tiny_runs[True].tokenizer}",
+                     f"out={tmp_path}"])
+    with pytest.raises(SystemExit, match="format=peft reads the Lightning checkpoint"):
+        export_main([f"ckpt={tmp_path}", "format=peft", f"tokenizer={tiny_runs[True].tokenizer}", f"out={tmp_path}"])
+
+
 def interleaved_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """llama.cpp's `llama` (NORM) RoPE: rotates pairs (x[2j], x[2j+1]) by position * theta^(-2j/d)."""
     d = x.shape[-1]

@@ -93,10 +93,14 @@ def newest_checkpoint(dirpath: str | Path) -> str | None:
     return None
 
 
+def adapted_state(ckpt: dict) -> dict:
+    """The network's state dict as trained: LoRA's base weights and adapters apart (`models.lora`)."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
 def _model_state(ckpt: dict) -> dict:
     """The plain model's state dict (LoRA adapters folded into their weights)."""
-    return merged_state({k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items()
-                         if k.startswith(MODEL_PREFIX)})
+    return merged_state(adapted_state(ckpt))
 
 
 def load_model(path: str | Path) -> CausalLM:

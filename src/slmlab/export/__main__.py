@@ -1,9 +1,10 @@
-"""python -m slmlab.export ckpt=PATH format=safetensors|hf|gguf out=DIR [tokenizer=PATH]
+"""python -m slmlab.export ckpt=PATH format=safetensors|hf|gguf|peft out=DIR [tokenizer=PATH]
                           [dtype=float32|bfloat16] [gguf_type=F16|Q8_0]
 
 ckpt: a Lightning checkpoint, or a folder `load_pretrained` reads (to convert between formats).
-tokenizer: the tokenizer.json the model was trained with (required for hf and gguf).
+tokenizer: the tokenizer.json the model was trained with (required for hf, gguf and peft).
 gguf writes OUT/model-<gguf_type>.gguf, or OUT itself when it ends in .gguf.
+peft: the LoRA adapters of a `stage.lora_rank` run's checkpoint, and OUT/base, its base model (`export/peft.py`).
 """
 
 import sys
@@ -14,9 +15,10 @@ import torch
 from slmlab.export.hf import export_hf
 from slmlab.export.load import load_pretrained
 from slmlab.export.native import export_safetensors_folder
+from slmlab.export.peft import export_peft
 from slmlab.export.tokenizer import TokenizerFiles
 
-FORMATS = ("safetensors", "hf", "gguf")
+FORMATS = ("safetensors", "hf", "gguf", "peft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARGS = {"ckpt", "format", "out", "tokenizer", "dtype", "gguf_type"}
 
@@ -31,7 +33,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise ValueError(f"missing arguments {sorted(missing)}")
     if args["format"] not in FORMATS:
         raise ValueError(f"format={args['format']!r} is not one of {FORMATS}")
-    if args["format"] in ("hf", "gguf") and "tokenizer" not in args:
+    if args["format"] in ("hf", "gguf", "peft") and "tokenizer" not in args:
         raise ValueError(f"format={args['format']} needs tokenizer=<tokenizer.json>: checkpoints do not record theirs")
     if args.setdefault("dtype", "float32") not in DTYPES:
         raise ValueError(f"dtype={args['dtype']!r} is not one of {sorted(DTYPES)}")
@@ -39,9 +41,14 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def export(args: dict[str, str]) -> Path:
-    model = load_pretrained(args["ckpt"]).to(DTYPES[args["dtype"]])
     tokens = TokenizerFiles.load(args["tokenizer"]) if "tokenizer" in args else None
     out = Path(args["out"])
+    if args["format"] == "peft":  # the checkpoint's adapters as trained, not the merged model
+        if Path(args["ckpt"]).is_dir():
+            raise ValueError(f"format=peft reads the Lightning checkpoint of a stage.lora_rank run; {args['ckpt']} "
+                             "is a folder (exported models hold no adapters)")
+        return export_peft(args["ckpt"], tokens, out, DTYPES[args["dtype"]])
+    model = load_pretrained(args["ckpt"]).to(DTYPES[args["dtype"]])
     if args["format"] == "safetensors":
         return export_safetensors_folder(model, out, tokens)
     if args["format"] == "hf":

@@ -71,9 +71,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def base_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of an adapted model as its plain model's without the adapters: the base weights."""
+    out = {k: v for k, v in state.items() if ".parametrizations.weight." not in k}
+    return out | {k.removesuffix(ORIGINAL) + ".weight": v for k, v in state.items() if k.endswith(ORIGINAL)}
+
+
 def merged_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The state dict of an adapted model as its plain model's: each `<layer>.weight` the adapted one."""
-    out = {k: v for k, v in state.items() if ".parametrizations.weight." not in k}
+    out = base_state(state)
     for key in state:
         if key.endswith(ORIGINAL):
             layer = key.removesuffix(ORIGINAL)
