@@ -122,6 +122,9 @@ class LMModule(L.LightningModule):
         if getattr(self.optimizer_factory.func, "needs_whole_matrices", False):
             raise ValueError(f"optim={self.optimizer_factory.func.__name__} updates each matrix as a whole, and FSDP "
                              "gives each rank a flat shard of it: use trainer=ddp or one device, or optim=adamw")
+        if self.compile_blocks == BACKBONE:
+            raise ValueError(f"stage.compile={BACKBONE} traces the whole stack of blocks, which FSDP wraps block by "
+                             "block (untested): use stage.compile=true under FSDP")
         if self.lora_rank:
             raise ValueError(f"stage.lora_rank={self.lora_rank}: LoRA adapters are parametrizations of the weights, "
                              "which FSDP's flat shards do not keep: use trainer=ddp or one device")

@@ -205,15 +205,18 @@ def test_the_evaluation_suites_and_the_end_of_run_sample_read_the_average(tmp_pa
     assert metric(tmp_path / "run", "eval/probes/all/margin")[-1] == pytest.approx(report["all"]["margin"], rel=1e-5)
 
 
-def test_ema_refuses_fsdp_before_the_first_step(tmp_path):
+@pytest.mark.parametrize("setting,error", [("+callbacks/ema=default", "callbacks.ema.*FSDP.*trainer=ddp"),
+                                           ("stage.compile=backbone", "stage.compile=backbone.*FSDP.*stage.compile=true")])
+def test_what_fsdp_cannot_do_is_refused_before_the_first_step(tmp_path, setting, error):
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    cfg = compose_config(tiny_run_overrides(tmp_path) + ["+callbacks/ema=default"])
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [setting])
     module = instantiate(cfg.stage)
-    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None, callbacks=[instantiate(cfg.callbacks.ema)])
-    with pytest.raises(ValueError, match="callbacks.ema.*FSDP.*trainer=ddp"):
+    callbacks = [instantiate(cfg.callbacks.ema)] if "ema" in cfg.callbacks else []
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None, callbacks=callbacks)
+    with pytest.raises(ValueError, match=error):
         module.setup("fit")
 
 
