@@ -349,7 +349,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="layers: timed rounds, the candidates taking turns; the median is reported")
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
-    parser.add_argument("--compile-mode", help="torch.compile mode with --compile (max-autotune-no-cudagraphs, ...)")
+    parser.add_argument("--compile-mode", help="with --compile: a torch.compile mode (max-autotune-no-cudagraphs, ...), "
+                        "or backbone (the blocks as one graph)")
     parser.add_argument("--profile", action="store_true", help="print each model's GPU time per step by kind of kernel, and the busiest kernels (CUDA)")
     parser.add_argument("--checkpoint-from", type=int, default=1 << 30, metavar="SEQ",
                         help="activation checkpointing for our models (and their twins) at this sequence length and up")
