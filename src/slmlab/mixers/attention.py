@@ -27,10 +27,15 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def document_ids(positions: Tensor) -> Tensor:
+    """(batch, seq) positions of packed documents -> each token's document, numbered along its row."""
+    return (positions == 0).cumsum(1)
+
+
 def document_mask_mod(positions: Tensor, visible: Callable[[Tensor, Tensor], Tensor]) -> Callable:
     """FlexAttention's mask_mod of `Attention.document_attend`: the same document, and `visible` at the
     two tokens' positions in it."""
-    doc = (positions == 0).cumsum(1)
+    doc = document_ids(positions)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc[b, q_idx] == doc[b, kv_idx]) & visible(positions[b, q_idx], positions[b, kv_idx])
@@ -155,7 +160,7 @@ class Attention(nn.Module):
             with torch.compiler.set_stance("default"):
                 block_mask = compiled_create_block_mask()(mask_mod, B, None, T, T, device=q.device)
                 return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-        doc = (positions == 0).cumsum(1)
+        doc = document_ids(positions)
         mask = (doc[:, :, None] == doc[:, None, :]) & self.visible(positions[:, :, None], positions[:, None, :])
         if q.shape[1] != k.shape[1]:  # SDPA's kernels that take a mask do not take GQA's shared heads
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))

@@ -70,12 +70,13 @@ def seconds_since_launch() -> float | None:
 class ThroughputMonitor(Callback):
     """Logs perf/tokens_per_s (the positions of the batches, padding included), perf/loss_tokens_per_s
     (the tokens with a label, this rank's times the number of ranks: what SFT packing raises), perf/mfu
-    (CUDA, from the model's own FLOPs per token at each batch's shape and step) and perf/data_wait: the
-    fraction of wall time spent waiting for training batches (the datamodule's `train_loading_seconds`,
-    where it has one). The host runs ahead of the GPU, so that is the most the GPU can have waited for
-    data. A window runs from the end of one logging step to the end of the next, so it holds each of its
-    batches' loading once; validation time is excluded. Once, perf/startup_s: launch to the end of the first optimizer
-    step this process ran (imports, data, model, compilation, kernel autotuning), also printed."""
+    (CUDA, from the model's own FLOPs per token at each batch's shape, step and packed documents) and
+    perf/data_wait: the fraction of wall time spent waiting for training batches (the datamodule's
+    `train_loading_seconds`, where it has one). The host runs ahead of the GPU, so that is the most the
+    GPU can have waited for data. A window runs from the end of one logging step to the end of the next,
+    so it holds each of its batches' loading once; validation time is excluded. Once, perf/startup_s:
+    launch to the end of the first optimizer step this process ran (imports, data, model, compilation,
+    kernel autotuning), also printed."""
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
@@ -105,10 +106,9 @@ class ThroughputMonitor(Callback):
             self._start_window(trainer)
         tokens = token_tensors(batch)
         # at the batch's own step: the last micro-batch ends after the step counter has moved on (a token
-        # superposition phase may end there)
-        # (a tensor for packed documents, read with the window's metrics)
-        seq_len = tokens[0].shape[1] if tokens else 0
-        self._batch_flops = pl_module.flops_per_data_token(seq_len, batch) if self._peak and tokens else 0.0
+        # superposition phase may end there); a device tensor for packed documents, read with the window's metrics
+        self._batch_flops = (pl_module.flops_per_data_token(tokens[0].shape[1], batch)
+                             if self._peak and tokens else 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         tokens = sum(t.numel() for t in token_tensors(batch)) * trainer.world_size
