@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, metavar="MEAN",
                         help="packed rows of documents of random lengths, MEAN tokens on average, under document "
                              "masks (MFU counts attention within the documents)")
+    parser.add_argument("--per-step", action="store_true",
+                        help="also print each measured step's time on the GPU (CUDA events) and on the host "
+                             "(launching it): a host time as long as the GPU's means the GPU waits for launches")
     args = parser.parse_args()
     cfg = compose_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,11 +55,15 @@ def main() -> None:
         starts[:, 0] = True
         positions = positions_from_starts(starts).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step_marks = []  # (host time, CUDA event) at the start of each measured step, and after the last
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+        if step >= args.warmup and args.per_step and device.type == "cuda":
+            step_marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True)))
+            step_marks[-1][1].record()
         with autocast:
             if args.loss == "chunked":
                 loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:], positions=positions)
@@ -70,6 +77,9 @@ def main() -> None:
         if optimizer_ms and step >= args.warmup:
             optimizer_ms[-1][1].record()
         optimizer.zero_grad(set_to_none=True)
+    if step_marks:
+        step_marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True)))
+        step_marks[-1][1].record()
     if device.type == "cuda":
         torch.cuda.synchronize()
     tps = args.steps * batch * seq / (time.perf_counter() - start)
@@ -82,6 +92,10 @@ def main() -> None:
         ms = sum(start.elapsed_time(end) for start, end in optimizer_ms) / len(optimizer_ms)
         line += f"; {type(optimizer).__name__} step {ms:.2f} ms"
     print(line)
+    if step_marks:
+        pairs = list(zip(step_marks, step_marks[1:]))
+        print("per step, ms on the GPU:", " ".join(f"{a[1].elapsed_time(b[1]):.1f}" for a, b in pairs))
+        print("per step, ms launching on the host:", " ".join(f"{(b[0] - a[0]) * 1e3:.1f}" for a, b in pairs))
 
 
 if __name__ == "__main__":

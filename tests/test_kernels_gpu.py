@@ -20,6 +20,7 @@ from slmlab.mixers.mamba2 import GatedRMSNorm, Mamba2
 from slmlab.mixers.sparse_attention import SparseAttention
 from slmlab.models.config import ModelConfig
 from slmlab.ops import backend, gla, gla_chunked, kernel_available, ssd, ssd_chunked
+from slmlab.ops.flash_attention import flash_attn_causal
 from slmlab.ops.gla import fla_chunk_gla
 from slmlab.ops.ssd import mamba_chunk_scan
 
@@ -29,6 +30,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def needs(package: str) -> pytest.MarkDecorator:
     reason = f'{package} is not installed: pip install -e ".[cuda]"'
     return pytest.mark.skipif(not kernel_available(package), reason=reason)
+
+
+def needs_flash_attention() -> pytest.MarkDecorator:
+    usable = torch.cuda.is_available() and backend.flash_attention_usable("auto", torch.device("cuda"))
+    return pytest.mark.skipif(not usable, reason='needs flash-attn-4 (pip install -e ".[cuda]") and a Hopper or newer GPU')
+
+
+# attention's two CUDA kernels: SDPA (cuDNN / flash) and FlashAttention 4's CuTe kernels
+ATTENTION_KERNELS = [pytest.param("sdpa", id="sdpa"), pytest.param("flash_attn", id="flash_attn",
+                                                                    marks=needs_flash_attention())]
 
 
 @contextmanager
@@ -124,6 +135,7 @@ def test_ssd_kernel_matches_reference(kernel, b, T, H, P, G, N):
 @pytest.mark.parametrize("op", [
     pytest.param("fla_chunk_gla", marks=needs("fla")),
     pytest.param("mamba_chunk_scan", marks=needs("mamba_ssm")),
+    pytest.param("flash_attn_causal", marks=needs_flash_attention()),
 ])
 def test_kernel_custom_ops_agree_with_their_fake_and_autograd_registrations(op):
     """torch.compile plans a block from the ops' fake implementations (shapes, dtypes, strides); opcheck
@@ -138,6 +150,10 @@ def test_kernel_custom_ops_agree_with_their_fake_and_autograd_registrations(op):
         inputs = gla_inputs(4, 2048, 10, 128, 128, per_channel=True)
         tensors, fn = [inputs[name] for name in "qkvg"], fla_chunk_gla
         args = (*(t.requires_grad_() for t in tensors), 128**-0.5)
+    elif op == "flash_attn_causal":  # helios_nova's heads; q a strided view, as the projection gives it
+        qkv = torch.randn(2, 512, 24, 64, device="cuda", dtype=torch.bfloat16)
+        fn, args = flash_attn_causal, tuple(t.requires_grad_() for t in (qkv[:, :, :16], qkv[:, :, 16:20].clone(),
+                                                                         qkv[:, :, 20:].clone()))
     else:
         inputs = ssd_inputs(4, 2048, 40, 64, 1, 128)
         fn = mamba_chunk_scan
@@ -243,13 +259,18 @@ def test_mixer_over_packed_documents_matches_the_float32_reference(mixer, kernel
     check_bf16_autocast_against_float32(fast, mixer(config("torch"), 0).cuda(), positions=positions)
 
 
-@pytest.mark.parametrize("mixer", [Attention, SparseAttention], ids=["attention-sdpa", "sparse_attention-flex"])
-def test_attention_under_bf16_autocast_matches_float32_math_attention(mixer):
-    """Flash/cuDNN SDPA and FlexAttention, given q and k as strided views of the projections' (batch,
-    seq, heads, dim) layout, against the explicit-mask reference; GQA, QK-norm and RoPE included."""
+@pytest.mark.parametrize("mixer,attention_kernel", [
+    pytest.param(Attention, "sdpa", id="attention-sdpa"),
+    pytest.param(Attention, "flash_attn", id="attention-flash_attn", marks=needs_flash_attention()),
+    pytest.param(SparseAttention, "auto", id="sparse_attention-flex")])
+def test_attention_under_bf16_autocast_matches_float32_math_attention(mixer, attention_kernel):
+    """Flash/cuDNN SDPA, FlashAttention 4 and FlexAttention, given q and k as strided views of the
+    projections' (batch, seq, heads, dim) layout, against the explicit-mask reference; GQA, QK-norm and
+    RoPE included."""
     torch.manual_seed(0)
     attention_config = lambda kernel: replace(  # noqa: E731
-        mixer_config(kernel), n_kv_heads=2, qk_norm=True, sliding_window=64, global_tokens=4)
+        mixer_config(kernel), n_kv_heads=2, qk_norm=True, sliding_window=64, global_tokens=4,
+        attention_kernel=attention_kernel)
     fast = mixer(attention_config("auto"), 0).cuda()
     reference = mixer(attention_config("torch"), 0).cuda()
     reference.attend = reference.masked_attend  # the boolean mask through SDPA, for both mixers
@@ -269,15 +290,20 @@ def test_kernel_prefill_and_decoding_equal_the_full_forward(mixer, kernel):
     check("decoded", torch.cat(steps, dim=1), full, 5e-3)
 
 
+@pytest.mark.parametrize("attention_kernel", ATTENTION_KERNELS)
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_compiled_attention_gradients_match_the_float32_eager_module(qk_norm):
-    """Compiled as the blocks are, QK-norm and RoPE go through the Triton custom ops."""
+def test_compiled_attention_gradients_match_the_float32_eager_module(qk_norm, attention_kernel):
+    """Compiled as the blocks are, QK-norm and RoPE go through the Triton custom ops, and attention
+    through SDPA or FlashAttention 4's custom op."""
     torch.manual_seed(0)
-    attention = Attention(replace(mixer_config("auto"), n_kv_heads=2, qk_norm=qk_norm), 0).cuda()
+    config = replace(mixer_config("auto"), n_kv_heads=2, qk_norm=qk_norm, attention_kernel=attention_kernel)
+    attention = Attention(config, 0).cuda()
     reference = Attention(replace(mixer_config("torch"), n_kv_heads=2, qk_norm=qk_norm), 0).cuda()
     reference.load_state_dict(attention.state_dict())
     assert attention.one_pass_qk and not reference.one_pass_qk
     x = torch.randn(2, 200, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        assert attention.runs_flash_attention(*attention.heads(x, 0)[:2]) == (attention_kernel == "flash_attn")
     with sdpa_kernel(SDPBackend.MATH):
         want = reference(x)
     want_grads = torch.autograd.grad(want.square().sum(), [x, *reference.parameters()])

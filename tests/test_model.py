@@ -64,6 +64,38 @@ def test_attention_matches_naive_gqa_rope_reference(model):
     torch.testing.assert_close(attn(x), naive_attention_layer(attn, x))
 
 
+def test_attention_hands_flash_attention_the_projections_layout_and_reads_its_output(model, monkeypatch):
+    """On a Hopper GPU with flash-attn-4 the mixer calls `ops.flash_attention.flash_attn_causal` on q, k, v
+    as (batch, seq, heads, head_dim). Here a stand-in in that layout (SDPA) takes the kernel's place;
+    decoding keeps SDPA over the cache."""
+    from slmlab.mixers import attention as attention_module
+
+    calls = []
+
+    def stand_in(q, k, v):
+        calls.append((q.shape, k.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).double() for t in (q, k, v)), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).to(q.dtype), None
+
+    monkeypatch.setattr(attention_module, "flash_attention_usable", lambda kernel, device: kernel != "sdpa")
+    monkeypatch.setattr(attention_module, "custom_op_usable", lambda op: True)
+    monkeypatch.setattr(attention_module, "flash_attn_causal", stand_in)
+    attn = model.blocks[0].mixer
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    want = naive_attention_layer(attn, x)
+    attn.to(torch.bfloat16)  # the kernels take bf16 and fp16
+    got = attn(x.bfloat16())
+    assert calls == [((2, 11, 4, 16), (2, 11, 2, 16))]
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+    state = attn.init_state(2, 11, x.device, torch.bfloat16)
+    attn(x[:, :5].bfloat16(), state)
+    assert len(calls) == 1
+    attn.attention_kernel = "sdpa"
+    attn(x.bfloat16())
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("hidden", [64, 37])
 def test_swiglu_fused_and_padded_matmuls_compute_the_plain_formula(hidden):
     torch.manual_seed(0)

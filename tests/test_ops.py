@@ -278,3 +278,53 @@ def test_qk_norm_rope_reference_equals_the_attention_modules(norm):
 def test_qk_norm_rope_wants_both_norm_weights_or_neither():
     with pytest.raises(ValueError, match="both QK-norm weights or neither"):
         qk_norm_rope(torch.zeros(1, 2, 48), 1, 1, torch.ones(16), None, torch.zeros(2, 2, 8), 1e-6)
+
+
+# --- FlashAttention 4 ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Pretend the CUDA device is of compute capability 9.0 (or older, after `hopper.clear()`)."""
+    answer = {"cuda"}
+    monkeypatch.setattr(backend, "_hopper_or_newer", lambda device: device in answer)
+    return answer
+
+
+def test_attention_runs_flash_attention_on_hopper_where_the_package_imports(kernels, hopper):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not backend.flash_attention_usable("auto", cuda)  # not installed: SDPA, silently
+    kernels.add("flash_attn")
+    assert backend.flash_attention_usable("auto", cuda) and backend.flash_attention_usable("flash_attn", cuda)
+    assert not backend.flash_attention_usable("sdpa", cuda)
+    assert not backend.flash_attention_usable("auto", cpu)
+    hopper.clear()
+    assert not backend.flash_attention_usable("auto", cuda)
+
+
+def test_asking_for_flash_attention_where_it_cannot_run_says_why(kernels, hopper):
+    cuda = torch.device("cuda")
+    with pytest.raises(ImportError, match=r"flash-attn-4.*pip install"):
+        backend.flash_attention_usable("flash_attn", cuda)
+    kernels.add("flash_attn")
+    with pytest.raises(ValueError, match="CUDA tensors only, got cpu"):
+        backend.flash_attention_usable("flash_attn", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown attention_kernel 'flash'"):
+        backend.flash_attention_usable("flash", cuda)
+    hopper.clear()
+    with pytest.raises(ValueError, match=r"compute capability 9\.0"):
+        backend.flash_attention_usable("flash_attn", cuda)
+
+
+def test_flash_attention_op_gives_shapes_and_gradients_of_its_inputs_on_the_meta_device():
+    """What torch.compile plans a block from: the op's fake and its autograd registration (the real
+    kernels need a Hopper GPU: tests/test_kernels_gpu.py)."""
+    from slmlab.ops.flash_attention import flash_attn_causal
+
+    q = torch.empty(2, 16, 4, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(2, 16, 2, 8, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out, lse = flash_attn_causal(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, 4, 16) and lse.dtype == torch.float32 and not lse.requires_grad
+    out.sum().backward()
+    assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]

@@ -11,7 +11,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import RMSNorm, Rotary, concat_linear, fused_linear, linear_flops
-from slmlab.ops.backend import HAS_TRITON
+from slmlab.ops.backend import HAS_TRITON, custom_op_usable, flash_attention_usable
+from slmlab.ops.flash_attention import flash_attn_causal
 from slmlab.ops.gla import causal_half
 from slmlab.ops.qk_norm_rope import qk_norm_rope
 
@@ -77,6 +78,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_on(layer_idx) else None
         self.use_kernels = cfg.kernel != "torch"
+        self.attention_kernel = cfg.attention_kernel if self.use_kernels else "sdpa"
         half = self.head_dim // 2
         self.one_pass_qk = self.use_kernels and HAS_TRITON and self.rotary is not None and half & (half - 1) == 0
 
@@ -87,6 +89,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         offset = state.pos if state is not None else 0
         q, k, v = self.heads(x, offset, positions)
+        if state is None and positions is None and self.runs_flash_attention(q, k):
+            return self.o(flash_attn_causal(q, k, v)[0].view(B, T, self.n_heads * self.head_dim))
         # heads to the front as views: SDPA's flash and cuDNN kernels read (batch, seq, heads, dim) memory
         # as it is, and their gradients come back in it, with no transposing copies
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -103,6 +107,12 @@ class Attention(nn.Module):
         if state is not None:
             state.pos += T  # after attending: a device position is `offset` itself, advanced in place
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def runs_flash_attention(self, q: Tensor, k: Tensor) -> bool:
+        """Whether causal attention over q, k ((batch, seq, heads, head_dim), from position 0) runs
+        FlashAttention 4 (`attention_kernel`, `ops/flash_attention.py`); its kernels take bf16 and fp16."""
+        return (flash_attention_usable(self.attention_kernel, q.device) and q.dtype in (torch.bfloat16, torch.float16)
+                and k.dtype == q.dtype and custom_op_usable("flash_attn_causal"))
 
     def heads(self, x: Tensor, offset: int | Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: (batch, seq, d_model) at positions offset.. (or `positions`) -> q, k, v as (batch, seq,

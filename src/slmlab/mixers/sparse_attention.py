@@ -47,6 +47,7 @@ class SparseAttention(Attention):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         self.window, self.global_tokens = cfg.sliding_window, cfg.global_tokens
+        self.attention_kernel = "sdpa"  # not plain causal: its mask runs through FlexAttention (`attend`)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]

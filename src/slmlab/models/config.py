@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass
 
-from slmlab.ops.backend import KERNELS
+from slmlab.ops.backend import ATTENTION_KERNELS, KERNELS
 
 # one-letter names for layouts: "M*6,G*16,S*6" = 6 mamba2, 16 gla, 6 sparse_attention layers
 MIXER_LETTERS = {"A": "attention", "S": "sparse_attention", "G": "gla", "H": "hgrn2", "M": "mamba2"}
@@ -45,6 +45,9 @@ class ModelConfig:
     # which implementation the recurrent mixers run: auto = the CUDA kernel when on CUDA and
     # importable, else the pure-PyTorch reference; torch | fla | mamba_ssm force one
     kernel: str = "auto"
+    # causal softmax attention on CUDA: auto = FlashAttention 4 (`flash_attn.cute`) where it imports and
+    # the GPU is Hopper or newer, else SDPA; sdpa | flash_attn force one (ops/flash_attention.py)
+    attention_kernel: str = "auto"
     # recompute each block's activations in the backward pass instead of keeping them: memory per
     # token drops to about one residual stream per layer, for ~1/3 more compute
     activation_checkpointing: bool = False
@@ -72,7 +75,8 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         for key, value, allowed in (("norm", self.norm, ("rms", "zc_rms")), ("residual", self.residual, ("plain", "gated")),
                                     ("rope_layers", self.rope_layers, ("all", "even", "none")),
-                                    ("kernel", self.kernel, KERNELS)):
+                                    ("kernel", self.kernel, KERNELS),
+                                    ("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)):
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
         self.layer_mixers = self._parse_layout()

@@ -6,6 +6,9 @@
     kernel = "torch"      always the PyTorch reference
     kernel = "fla" | "mamba_ssm"   that package's kernel; an error if it is missing or the inputs are on the CPU
 
+Causal softmax attention chooses apart (`attention_kernel`, `flash_attention_usable`): FlashAttention 4
+(package flash-attn-4) on a Hopper or newer GPU where it imports, else SDPA, which needs no package.
+
 The kernel packages are imported lazily, here and in the ops: slmlab imports and runs its CPU path
 without them. Before the first import, the tuned Triton configs slmlab ships for this GPU are put
 into the Triton cache, so the kernels start without autotuning (`ops/autotune_cache.py`).
@@ -25,6 +28,7 @@ import torch
 from slmlab.ops.autotune_cache import KERNEL_PACKAGES, seed_autotune_cache, seed_prehook_winners
 
 KERNELS = ("auto", "torch", "fla", "mamba_ssm")
+ATTENTION_KERNELS = ("auto", "sdpa", "flash_attn")
 INSTALL_HINT = 'pip install -e ".[cuda]"'
 
 # the module whose import proves that a package's kernels can run (mamba_ssm's top-level import
@@ -33,6 +37,7 @@ _PROBES = {
     "fla": "fla.ops.gla",
     "mamba_ssm": "mamba_ssm.ops.triton.ssd_combined",
     "causal_conv1d": "causal_conv1d",
+    "flash_attn": "flash_attn.cute.interface",
 }
 _warned: set[str] = set()
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch on Linux bring it
@@ -82,9 +87,35 @@ def kernel_available(package: str) -> bool:
     return True
 
 
+def flash_attention_usable(kernel: str, device: torch.device) -> bool:
+    """Whether causal attention on `device` runs FlashAttention 4 (`ops/flash_attention.py`) for
+    `attention_kernel` = `kernel` (see `ATTENTION_KERNELS`): its CuTe kernels need a Hopper or newer GPU."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention_kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
+    if kernel == "sdpa":
+        return False
+    on_cuda = torch.device(device).type == "cuda"
+    usable = on_cuda and _hopper_or_newer(str(device)) and kernel_available("flash_attn")
+    if kernel == "flash_attn" and not usable:
+        if not on_cuda:
+            raise ValueError(f"attention_kernel='flash_attn' runs on CUDA tensors only, got {device}")
+        if not kernel_available("flash_attn"):
+            raise ImportError(f"attention_kernel='flash_attn' was asked for, but flash_attn.cute (package "
+                              f"flash-attn-4) does not import; install it: {INSTALL_HINT}")
+        raise ValueError(f"attention_kernel='flash_attn' needs a GPU of compute capability 9.0 or newer (Hopper); "
+                         f"{device} is older. Use attention_kernel=auto or sdpa")
+    return usable
+
+
+@trace_time_constant
+def _hopper_or_newer(device: str) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # The kernel packages' private functions behind slmlab's custom ops (`ops/gla.py: fla_chunk_gla`,
-# `ops/ssd.py: mamba_chunk_scan`): module, function, the leading parameters each call passes by position
-# and those it passes by name, as of fla 0.6.0 and mamba-ssm 2.3.2. Private functions change without
+# `ops/ssd.py: mamba_chunk_scan`, `ops/flash_attention.py: flash_attn_causal`): module, function, the
+# leading parameters each call passes by position and those it passes by name, as of fla 0.6.0,
+# mamba-ssm 2.3.2 and flash-attn-4 4.0.0b40. Private functions change without
 # notice; `custom_op_usable` checks them before an op first runs.
 PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = {
     "fla_chunk_gla": (
@@ -93,6 +124,10 @@ PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]]
         ("fla.ops.gla.chunk", "chunk_gla_bwd", ("q", "k", "v"),
          ("g", "g_cumsum", "scale", "initial_state", "h", "A", "do", "dht", "chunk_size")),
     ),
+    "flash_attn_causal": (
+        ("flash_attn.cute.interface", "_flash_attn_fwd", ("q", "k", "v"), ("causal", "return_lse")),
+        ("flash_attn.cute.interface", "_flash_attn_bwd", ("q", "k", "v", "out", "dout", "lse"), ("causal",)),
+    ),
     "mamba_chunk_scan": (
         ("mamba_ssm.ops.triton.ssd_combined", "_mamba_chunk_scan_combined_fwd",
          ("x", "dt", "A", "B", "C", "chunk_size"), ("D",)),
@@ -100,7 +135,8 @@ PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]]
          ("dout", "x", "dt", "A", "B", "C", "out", "chunk_size"), ("D",)),
     ),
 }
-_DISTRIBUTIONS = {"fla": ("fla-core", "flash-linear-attention"), "mamba_ssm": ("mamba-ssm",)}
+_DISTRIBUTIONS = {"fla": ("fla-core", "flash-linear-attention"), "mamba_ssm": ("mamba-ssm",),
+                  "flash_attn": ("flash-attn-4",)}
 
 
 @trace_time_constant
@@ -108,7 +144,8 @@ def custom_op_usable(op: str) -> bool:
     """Whether the private functions behind custom op `op` (a key of `PRIVATE_CALLS`) still take the
     arguments it passes. Where an installed version changed them, warns once and returns False; the
     op's caller then runs the package's public function, which is as correct but splits a compiled
-    block's graph around it. (Only parameters are checked, not what the functions return.)"""
+    block's graph around it (attention runs SDPA). (Only parameters are checked, not what the functions
+    return.)"""
     for module, name, positional, keywords in PRIVATE_CALLS[op]:
         fn = getattr(importlib.import_module(module), name, None)
         params = [] if fn is None else list(inspect.signature(fn).parameters)
@@ -117,9 +154,10 @@ def custom_op_usable(op: str) -> bool:
             warnings.warn(
                 f"{module}.{name} of {package} {_installed_version(package)} does not take the arguments "
                 f"slmlab's custom op {op} passes (positional {positional}, keywords {keywords}; found "
-                f"{tuple(params) if fn else 'no such function'}). slmlab was tested with fla 0.6.0 and "
-                f"mamba-ssm 2.3.2; running {package}'s public function instead, which compiled blocks "
-                f"cannot trace into (a graph break around every such layer).",
+                f"{tuple(params) if fn else 'no such function'}). slmlab was tested with fla 0.6.0, "
+                f"mamba-ssm 2.3.2 and flash-attn-4 4.0.0b40. Running instead: for attention SDPA, else "
+                f"{package}'s public function, which compiled blocks cannot trace into (a graph break around "
+                f"every such layer).",
                 RuntimeWarning,
                 stacklevel=3,
             )
