@@ -78,6 +78,8 @@ def test_a_typo_in_the_kernel_is_named_even_where_no_layer_dispatches():
     # an all-attention model never asks ops/backend.py, and on CUDA 'troch' ran slmlab's Triton kernels
     with pytest.raises(ValueError, match="model.kernel='troch' is not one of"):
         cfg(layout="A*2", kernel="troch")
+    with pytest.raises(ValueError, match="model.attention_kernel='flash' is not one of"):
+        cfg(layout="G*2", attention_kernel="flash")
 
 
 def test_gated_residual_block_by_hand():
