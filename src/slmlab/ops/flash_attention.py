@@ -1,11 +1,11 @@
 """Causal attention through FlashAttention 4's CuTe-DSL kernels (package `flash-attn-4`, module
 `flash_attn.cute`) on Hopper and newer GPUs.
 
-At helios_nova's shape (head_dim 64, GQA 16/4, seq 2048) cuDNN's kernel behind
-`F.scaled_dot_product_attention` ran forward and backward at about 260-330 TFLOP/s and spent another
-tenth of its time in passes of its own around them (GQA's head reduction, dQ's conversion).
-FlashAttention 4's Hopper kernels read GQA's shared key/value heads as they are and take q, k and v in
-the projections' (batch, seq, heads, head_dim) layout, strided views included.
+At helios_nova's shape (batch 16, seq 2048, 16 query and 4 key/value heads of 64) forward+backward took
+1.44 ms against 1.63 ms for cuDNN's kernels behind `F.scaled_dot_product_attention` (H100; the forwards
+are equal, the backward is faster). FlashAttention 4's Hopper kernels read GQA's shared key/value heads
+as they are and take q, k and v in the projections' (batch, seq, heads, head_dim) layout, strided views
+included.
 
     flash_attn_causal   the forward as a custom op: a compiled block calls it as one opaque op each way
                         (FlashAttention's own autograd function would split the block's graph)
