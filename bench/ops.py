@@ -6,7 +6,8 @@ preset's training shape, all rows from one run.
     python bench/ops.py --model helix_hybrid               # and Mamba-2's convolution
     python bench/ops.py --smoke                            # tiny shapes on the CPU, Triton's interpreter, eager
 
-The ops the preset's layers use: SwiGLU's activation, attention's QK-norm/RoPE, Mamba-2's convolution.
+The ops the preset's layers use: SwiGLU's activation, attention's QK-norm/RoPE, Mamba-2's convolution,
+and on Hopper with flash-attn-4 causal attention (FlashAttention 4's custom op against SDPA, cuDNN's).
 Each op runs as the compiled blocks run it (`torch.compile` of the function that calls it) against
 `torch.compile` of its reference. Columns: microseconds per forward and per forward + backward;
 GB/s of the bytes the pair must move at the least (each input and output read or written once);
@@ -24,10 +25,13 @@ if "--smoke" in sys.argv:  # Triton reads the switch when a kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
+import torch.nn.functional as F
 
 from throughput import preset, print_table, timed
 from slmlab.models.layers import Rotary, SwiGLU
+from slmlab.ops.backend import flash_attention_usable
 from slmlab.ops.causal_conv import _CausalConv1dSilu, causal_conv1d_silu_reference
+from slmlab.ops.flash_attention import flash_attn_causal
 from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from slmlab.ops.swiglu import _SiluMul, silu_mul_forward
 
@@ -83,6 +87,21 @@ def causal_conv_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
     # forward reads x and writes y; backward reads x and y's gradient and writes x's
     return Case("causal_conv1d_silu", [x, weight, bias], lambda *a: (_CausalConv1dSilu.apply(*a),),
                 lambda *a: (causal_conv1d_silu_reference(*a),), 5 * x.numel() * x.element_size())
+
+
+def flash_attention_case(cfg, tokens: int, seq: int, device: torch.device) -> Case:
+    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = torch.randn(tokens // seq, seq, H, hd, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(tokens // seq, seq, Hkv, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+    def sdpa(q, k, v):  # as `Attention.attend` calls it: heads to the front as views
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True)
+        return (y.transpose(1, 2),)
+
+    # compute-bound: the bytes are q, k, v and the output, each read or written three times
+    return Case("causal_attention", [q, k, v], lambda q, k, v: (flash_attn_causal(q, k, v)[0],), sdpa,
+                3 * 2 * (q.numel() + k.numel() + v.numel()) * q.element_size())
 
 
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> Callable[[], list]:
@@ -143,6 +162,8 @@ def main() -> None:
     cases = [swiglu_case(cfg, args.tokens, device)]
     if {"attention", "sparse_attention"} & set(cfg.layer_mixers):
         cases.append(qk_norm_rope_case(cfg, args.tokens, args.seq, device))
+    if "attention" in cfg.layer_mixers and flash_attention_usable(cfg.attention_kernel, device):
+        cases.append(flash_attention_case(cfg, args.tokens, args.seq, device))
     if "mamba2" in cfg.layer_mixers:
         cases.append(causal_conv_case(cfg, args.tokens, args.seq, device))
     rows = [row for case in cases for row in measure(case, args, device)]
