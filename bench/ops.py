@@ -7,7 +7,8 @@ preset's training shape, all rows from one run.
     python bench/ops.py --smoke                            # tiny shapes on the CPU, Triton's interpreter, eager
 
 The ops the preset's layers use: SwiGLU's activation, attention's QK-norm/RoPE, Mamba-2's convolution,
-and on Hopper with flash-attn-4 causal attention (FlashAttention 4's custom op against SDPA, cuDNN's).
+and on Hopper with flash-attn-4 causal attention (FlashAttention 4's custom op against SDPA, cuDNN's)
+and the whole SwiGLU MLP (quack's fused GEMMs, `mlp_kernel=quack`, against `mlp_kernel=torch`).
 Each op runs as the compiled blocks run it (`torch.compile` of the function that calls it) against
 `torch.compile` of its reference. Columns: microseconds per forward and per forward + backward;
 GB/s of the bytes the pair must move at the least (each input and output read or written once);
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from throughput import preset, print_table, timed
 from slmlab.models.layers import Rotary, SwiGLU
-from slmlab.ops.backend import flash_attention_usable
+from slmlab.ops.backend import flash_attention_usable, fused_mlp_usable
 from slmlab.ops.causal_conv import _CausalConv1dSilu, causal_conv1d_silu_reference
 from slmlab.ops.flash_attention import flash_attn_causal
 from slmlab.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
@@ -104,6 +105,29 @@ def flash_attention_case(cfg, tokens: int, seq: int, device: torch.device) -> Ca
                 3 * 2 * (q.numel() + k.numel() + v.numel()) * q.element_size())
 
 
+def fused_mlp_case(cfg, tokens: int, device: torch.device) -> Case:
+    """The whole SwiGLU MLP with quack's fused GEMMs (`mlp_kernel=quack`) against the cuBLAS matmuls
+    around slmlab's activation op (`mlp_kernel=torch`), on the same weights."""
+    fused, plain = (SwiGLU(cfg.d_model, cfg.ffn_hidden, kernel).to(device) for kernel in ("quack", "torch"))
+    x = torch.randn(tokens, cfg.d_model, device=device, dtype=torch.bfloat16)
+    weights = [p.detach() for p in plain.parameters()]  # gate, up, down
+
+    def call(mlp: SwiGLU) -> Callable[..., tuple[torch.Tensor, ...]]:
+        names = [name for name, _ in mlp.named_parameters()]
+        return lambda x, *w: (torch.func.functional_call(mlp, dict(zip(names, w, strict=True)), (x,)),)
+
+    # compute-bound: the bytes are x, the output and the weights, each read or written three times
+    return Case("swiglu_mlp", [x, *weights], call(fused), call(plain),
+                3 * 2 * (2 * x.numel() + sum(w.numel() for w in weights)))
+
+
+def quack_runs(device: torch.device) -> bool:
+    try:
+        return fused_mlp_usable("quack", device)
+    except (ImportError, ValueError):  # not installed, or not a Hopper or newer GPU
+        return False
+
+
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> Callable[[], list]:
     """A call of fn on fresh leaves of `inputs`: forward only (grads None) or forward + backward."""
     leaves = [t.detach().requires_grad_(grads is not None) for t in inputs]
@@ -164,6 +188,8 @@ def main() -> None:
         cases.append(qk_norm_rope_case(cfg, args.tokens, args.seq, device))
     if "attention" in cfg.layer_mixers and flash_attention_usable(cfg.attention_kernel, device):
         cases.append(flash_attention_case(cfg, args.tokens, args.seq, device))
+    if quack_runs(device):
+        cases.append(fused_mlp_case(cfg, args.tokens, device))
     if "mamba2" in cfg.layer_mixers:
         cases.append(causal_conv_case(cfg, args.tokens, args.seq, device))
     rows = [row for case in cases for row in measure(case, args, device)]

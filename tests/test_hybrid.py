@@ -80,6 +80,8 @@ def test_a_typo_in_the_kernel_is_named_even_where_no_layer_dispatches():
         cfg(layout="A*2", kernel="troch")
     with pytest.raises(ValueError, match="model.attention_kernel='flash' is not one of"):
         cfg(layout="G*2", attention_kernel="flash")
+    with pytest.raises(ValueError, match="model.mlp_kernel='quak' is not one of"):
+        cfg(layout="A*2", mlp_kernel="quak")
 
 
 def test_gated_residual_block_by_hand():

@@ -332,6 +332,41 @@ def test_compiled_swiglu_gradients_match_the_float32_eager_module():
         check(name, g, w, 2e-2)
 
 
+def needs_quack() -> pytest.MarkDecorator:
+    usable = (torch.cuda.is_available() and kernel_available("quack")
+              and torch.cuda.get_device_capability()[0] >= 9)
+    return pytest.mark.skipif(not usable, reason='needs quack-kernels (pip install -e ".[cuda]") and a Hopper or newer GPU')
+
+
+@needs_quack()
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_quack_swiglu_gradients_match_the_float32_eager_module(compiled, monkeypatch):
+    """mlp_kernel=quack: quack's GEMMs with the activation in their epilogues, against the float32 module.
+    Untuned (quack's heuristic tiles): autotuning every test shape would take minutes; the tuned
+    kernels are the same code with other tiles."""
+    import functools
+
+    import quack.mlp
+
+    from slmlab.models.layers import SwiGLU
+
+    monkeypatch.setattr(quack.mlp, "mlp_func", functools.partial(quack.mlp.mlp_func, tuned=False))
+    torch.manual_seed(0)
+    mlp = SwiGLU(256, 1365, kernel="quack").cuda()  # padded to 1408 inside the GEMMs
+    x = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
+    assert not mlp.runs_fused_kernels(x)  # float32: the matmuls
+    want = mlp(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *mlp.parameters()])
+    run = torch.compile(mlp, fullgraph=True) if compiled else mlp  # fullgraph: quack's ops trace, no breaks
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert mlp.runs_fused_kernels(x)
+        got = run(x)
+    got_grads = torch.autograd.grad(got.float().square().sum(), [x, *mlp.parameters()])
+    check("out", got, want, 1e-2)
+    for name, g, w in zip(("dx", "dgate", "dup", "ddown"), got_grads, want_grads, strict=True):
+        check(name, g, w, 2e-2)
+
+
 @pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (30.0, 1e-3)])
 def test_compiled_chunked_loss_matches_autograd_through_cross_entropy(softcap, z_loss):
     """On CUDA the chunked loss's softmax gradient is a torch.compile'd kernel; it must agree with the

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -109,6 +110,42 @@ def test_swiglu_fused_and_padded_matmuls_compute_the_plain_formula(hidden):
     for g, p in zip(grads, plain_grads):
         torch.testing.assert_close(g, p)
     assert [p.shape for p in mlp.parameters()] == [(hidden, 16), (hidden, 16), (16, hidden)]
+
+
+def test_swiglu_hands_quack_the_padded_gate_up_and_down_weights_in_training_only(monkeypatch):
+    """mlp_kernel=quack: training forwards call quack's fused MLP (a stand-in here) with [gate; up] and down,
+    padded as cuBLAS gets them; float32 matmuls, decoding and mlp_kernel=torch keep the matmuls."""
+    import sys
+    import types
+
+    from slmlab.models import layers
+
+    calls = []
+
+    def stand_in(x, gate_up, down, activation, concat_layout):
+        calls.append((gate_up.shape, down.shape, activation, concat_layout))
+        gate, up = gate_up.double().chunk(2)
+        return F.linear(F.silu(F.linear(x.double(), gate)) * F.linear(x.double(), up), down.double()).to(x.dtype)
+
+    monkeypatch.setitem(sys.modules, "quack.mlp", types.SimpleNamespace(mlp_func=stand_in))
+    monkeypatch.setattr(layers, "fused_mlp_usable", lambda kernel, device: kernel == "quack")
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 37, kernel="quack").bfloat16()
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    gate, up, down = (w.double() for w in (mlp.gate.weight, mlp.up.weight, mlp.down.weight))
+    plain = F.linear(F.silu(F.linear(x.double(), gate)) * F.linear(x.double(), up), down)
+    got = mlp(x)
+    assert calls == [((128, 16), (16, 64), "swiglu", True)]  # 37 padded to 64, gate rows then up rows
+    torch.testing.assert_close(got.double(), plain, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        mlp(x)
+    mlp.float()(x.float())  # float32 without autocast: the quack GEMMs take bf16 and fp16
+    mlp.kernel = "torch"
+    mlp.bfloat16()(x)
+    assert len(calls) == 1
+    # the blocks take the setting; kernel=torch (every op's PyTorch path) overrides it
+    assert CausalLM(tiny(mlp_kernel="quack")).blocks[0].mlp.kernel == "quack"
+    assert CausalLM(tiny(mlp_kernel="quack", kernel="torch")).blocks[0].mlp.kernel == "torch"
 
 
 class RecordOps(TorchDispatchMode):

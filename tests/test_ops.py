@@ -316,6 +316,22 @@ def test_asking_for_flash_attention_where_it_cannot_run_says_why(kernels, hopper
         backend.flash_attention_usable("flash_attn", cuda)
 
 
+def test_the_mlp_runs_quack_only_when_asked_and_says_why_it_cannot(kernels, hopper):
+    cuda = torch.device("cuda")
+    assert not backend.fused_mlp_usable("torch", cuda)
+    with pytest.raises(ImportError, match=r"mlp_kernel='quack'.*quack-kernels.*pip install"):
+        backend.fused_mlp_usable("quack", cuda)
+    kernels.add("quack")
+    assert backend.fused_mlp_usable("quack", cuda) and not backend.fused_mlp_usable("torch", cuda)
+    with pytest.raises(ValueError, match="mlp_kernel='quack' runs on CUDA tensors only, got cpu"):
+        backend.fused_mlp_usable("quack", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown mlp_kernel 'auto'"):
+        backend.fused_mlp_usable("auto", cuda)
+    hopper.clear()
+    with pytest.raises(ValueError, match=r"compute capability 9\.0.*mlp_kernel=torch"):
+        backend.fused_mlp_usable("quack", cuda)
+
+
 def test_flash_attention_op_gives_shapes_and_gradients_of_its_inputs_on_the_meta_device():
     """What torch.compile plans a block from: the op's fake and its autograd registration (the real
     kernels need a Hopper GPU: tests/test_kernels_gpu.py)."""

@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass
 
-from slmlab.ops.backend import ATTENTION_KERNELS, KERNELS
+from slmlab.ops.backend import ATTENTION_KERNELS, KERNELS, MLP_KERNELS
 
 # one-letter names for layouts: "M*6,G*16,S*6" = 6 mamba2, 16 gla, 6 sparse_attention layers
 MIXER_LETTERS = {"A": "attention", "S": "sparse_attention", "G": "gla", "H": "hgrn2", "M": "mamba2"}
@@ -48,6 +48,10 @@ class ModelConfig:
     # causal softmax attention on CUDA: auto = FlashAttention 4 (`flash_attn.cute`) where it imports and
     # the GPU is Hopper or newer, else SDPA; sdpa | flash_attn force one (ops/flash_attention.py)
     attention_kernel: str = "auto"
+    # the SwiGLU MLP's training forward and backward on CUDA: torch = cuBLAS matmuls around slmlab's
+    # activation op; quack = quack's GEMMs with the activation and its gradient in their epilogues
+    # (Hopper or newer; each new shape autotunes once, minutes, then reads its winner from disk)
+    mlp_kernel: str = "torch"
     # recompute each block's activations in the backward pass instead of keeping them: memory per
     # token drops to about one residual stream per layer, for ~1/3 more compute
     activation_checkpointing: bool = False
@@ -76,7 +80,8 @@ class ModelConfig:
         for key, value, allowed in (("norm", self.norm, ("rms", "zc_rms")), ("residual", self.residual, ("plain", "gated")),
                                     ("rope_layers", self.rope_layers, ("all", "even", "none")),
                                     ("kernel", self.kernel, KERNELS),
-                                    ("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)):
+                                    ("attention_kernel", self.attention_kernel, ATTENTION_KERNELS),
+                                    ("mlp_kernel", self.mlp_kernel, MLP_KERNELS)):
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
         self.layer_mixers = self._parse_layout()

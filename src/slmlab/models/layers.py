@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slmlab.ops.backend import fused_mlp_usable
 from slmlab.ops.swiglu import silu_mul
 
 
@@ -55,15 +56,22 @@ class SwiGLU(nn.Module):
     16-byte alignment, which keeps cuBLAS off its fast kernels. The zero rows and columns add exact
     zeros and get no parameters: the computation is the unpadded one. The activation's backward is
     `ops/swiglu.py`'s (one pass over the fused output). Without autograd the three run as they are
-    (see `fused_linear`)."""
+    (see `fused_linear`).
+
+    With `kernel="quack"` (`mlp_kernel`) training runs quack's GEMMs (package quack-kernels) on a Hopper
+    or newer GPU: the gate+up GEMM applies the activation as it writes its output, and in the backward
+    the GEMM of the hidden gradient applies the activation's gradient and recomputes the activation for
+    the down projection's weight gradient. The separate passes over the hidden activations go, and
+    the hidden activation is not kept for the backward."""
 
     PAD_TO = 64
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, kernel: str = "torch") -> None:
         super().__init__()
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
+        self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -72,7 +80,21 @@ class SwiGLU(nn.Module):
         gate, up, down = self.gate.weight, self.up.weight, self.down.weight
         if pad:
             gate, up, down = F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad)), F.pad(down, (0, pad))
+        if self.runs_fused_kernels(x):
+            from quack.mlp import mlp_func
+
+            # concat_layout: the weight's rows are [gate; up], as torch.cat gives them
+            return mlp_func(x, torch.cat([gate, up]), down, activation="swiglu", concat_layout=True)
         return F.linear(silu_mul(F.linear(x, torch.cat([gate, up]))), down)
+
+    def runs_fused_kernels(self, x: Tensor) -> bool:
+        """Whether this training forward runs quack's GEMMs (`mlp_kernel`): bf16 or fp16 matmuls (under
+        autocast, or inputs and weights of that dtype), model width a multiple of 8 (16-byte rows)."""
+        if not fused_mlp_usable(self.kernel, x.device):
+            return False
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtypes = {torch.get_autocast_dtype(x.device.type)} if autocast else {x.dtype, self.gate.weight.dtype}
+        return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} and x.shape[-1] % 8 == 0
 
 
 class Rotary(nn.Module):

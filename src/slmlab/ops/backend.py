@@ -8,6 +8,8 @@
 
 Causal softmax attention chooses apart (`attention_kernel`, `flash_attention_usable`): FlashAttention 4
 (package flash-attn-4) on a Hopper or newer GPU where it imports, else SDPA, which needs no package.
+So does the SwiGLU MLP (`mlp_kernel`, `fused_mlp_usable`): quack's GEMMs with the activation in their
+epilogues when asked for, else torch's matmuls around slmlab's activation op.
 
 The kernel packages are imported lazily, here and in the ops: slmlab imports and runs its CPU path
 without them. Before the first import, the tuned Triton configs slmlab ships for this GPU are put
@@ -29,6 +31,7 @@ from slmlab.ops.autotune_cache import KERNEL_PACKAGES, seed_autotune_cache, seed
 
 KERNELS = ("auto", "torch", "fla", "mamba_ssm")
 ATTENTION_KERNELS = ("auto", "sdpa", "flash_attn")
+MLP_KERNELS = ("torch", "quack")
 INSTALL_HINT = 'pip install -e ".[cuda]"'
 
 # the module whose import proves that a package's kernels can run (mamba_ssm's top-level import
@@ -38,6 +41,7 @@ _PROBES = {
     "mamba_ssm": "mamba_ssm.ops.triton.ssd_combined",
     "causal_conv1d": "causal_conv1d",
     "flash_attn": "flash_attn.cute.interface",
+    "quack": "quack.mlp",
 }
 _warned: set[str] = set()
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch on Linux bring it
@@ -75,9 +79,11 @@ def trace_time_constant(check: Callable[[str], bool]) -> Callable[[str], bool]:
 
 @trace_time_constant
 def kernel_available(package: str) -> bool:
-    """Whether `package` ("fla", "mamba_ssm", "causal_conv1d") imports. Once it has, the shipped
-    winners of its pre_hook kernels go into their autotune caches (`ops/autotune_cache.py`)."""
+    """Whether `package` (a key of `_PROBES`) imports. Once it has, the shipped winners of its pre_hook
+    kernels go into their autotune caches (`ops/autotune_cache.py`)."""
     seed_tuned_configs()
+    if package == "quack":  # its autotuner reads this at import: keep each shape's winner on disk (~/.quack)
+        os.environ.setdefault("QUACK_CACHE_AUTOTUNING", "1")
     try:
         importlib.import_module(_PROBES[package])
     except Exception:  # ImportError, or a broken Triton/CUDA install failing at import time
@@ -94,16 +100,32 @@ def flash_attention_usable(kernel: str, device: torch.device) -> bool:
         raise ValueError(f"unknown attention_kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
     if kernel == "sdpa":
         return False
+    return _hopper_package_usable("flash_attn", device, "attention_kernel='flash_attn'" if kernel == "flash_attn" else None,
+                                  "Use attention_kernel=auto or sdpa")
+
+
+def fused_mlp_usable(kernel: str, device: torch.device) -> bool:
+    """Whether the SwiGLU MLP's training forward and backward on `device` run quack's fused GEMMs for
+    `mlp_kernel` = `kernel` (see `MLP_KERNELS`). Asked for where they cannot run, an error says why."""
+    if kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown mlp_kernel {kernel!r}; choose one of {MLP_KERNELS}")
+    return kernel == "quack" and _hopper_package_usable("quack", device, "mlp_kernel='quack'", "Use mlp_kernel=torch")
+
+
+def _hopper_package_usable(package: str, device: torch.device, asked_by: str | None, instead: str) -> bool:
+    """Whether `package`'s CuTe-DSL kernels can run on `device`: a CUDA GPU of compute capability 9.0 or
+    newer, the package importing. Where the setting `asked_by` named the package, a no is an error that
+    says why and what to use `instead`."""
     on_cuda = torch.device(device).type == "cuda"
-    usable = on_cuda and _hopper_or_newer(str(device)) and kernel_available("flash_attn")
-    if kernel == "flash_attn" and not usable:
+    usable = on_cuda and _hopper_or_newer(str(device)) and kernel_available(package)
+    if asked_by and not usable:
         if not on_cuda:
-            raise ValueError(f"attention_kernel='flash_attn' runs on CUDA tensors only, got {device}")
-        if not kernel_available("flash_attn"):
-            raise ImportError(f"attention_kernel='flash_attn' was asked for, but flash_attn.cute (package "
-                              f"flash-attn-4) does not import; install it: {INSTALL_HINT}")
-        raise ValueError(f"attention_kernel='flash_attn' needs a GPU of compute capability 9.0 or newer (Hopper); "
-                         f"{device} is older. Use attention_kernel=auto or sdpa")
+            raise ValueError(f"{asked_by} runs on CUDA tensors only, got {device}")
+        if not kernel_available(package):
+            raise ImportError(f"{asked_by} was asked for, but {_PROBES[package]} (package {_DISTRIBUTIONS[package][0]}) "
+                              f"does not import; install it: {INSTALL_HINT}")
+        raise ValueError(f"{asked_by} needs a GPU of compute capability 9.0 or newer (Hopper); {device} is older. "
+                         f"{instead}")
     return usable
 
 
@@ -136,7 +158,7 @@ PRIVATE_CALLS: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]]
     ),
 }
 _DISTRIBUTIONS = {"fla": ("fla-core", "flash-linear-attention"), "mamba_ssm": ("mamba-ssm",),
-                  "flash_attn": ("flash-attn-4",)}
+                  "flash_attn": ("flash-attn-4",), "quack": ("quack-kernels",)}
 
 
 @trace_time_constant
