@@ -663,6 +663,8 @@ def test_a_resumed_run_evaluates_after_the_same_validations(monkeypatch):
 @pytest.mark.parametrize("name,kind", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at_", "attention"),  # FA4
+    ("kernel_cutlass_kernel_quackgemm_sm90GemmSm90_object_at_", "matmul"),
     ("chunk_gla_fwd_kernel_o", "recurrent scan"), ("chunk_bwd_kernel_dh", "recurrent scan"),  # fla
     ("_chunk_scan_chunk_state_bwd_dx_kernel", "recurrent scan"), ("_state_passing_fwd_kernel", "recurrent scan"),  # mamba-ssm
     ("_causal_conv_preactivation_grad_kernel", "causal conv"), ("_qk_norm_rope_backward_kernel", "qk-norm + rope"),
@@ -674,6 +676,26 @@ def test_profiled_kernels_are_grouped_by_what_their_names_say_they_do(name, kind
     from slmlab.training.profiling import kernel_kind
 
     assert kernel_kind(name) == kind
+
+
+def test_kernel_summary_counts_the_gpu_rows_only():
+    """Profiled with the CPU, the host rows that launched kernels (a custom op, an inductor kernel's launch
+    under the kernel's own name) carry the kernels' device time too: counted, the step would double."""
+    from types import SimpleNamespace
+
+    from slmlab.training.profiling import kernel_summary
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    rows = [("nvjet_sm90_tst_256x128", 6000.0, 4, cuda), ("kernel_cutlass_kernel_flash_attncute_fwd", 2000.0, 2, cuda),
+            ("slmlab::flash_attn_causal", 2000.0, 2, cpu), ("triton_poi_fused_add_0", 1000.0, 2, cuda),
+            ("triton_poi_fused_add_0", 1000.0, 2, cpu), ("aten::mm", 6000.0, 4, cuda)]
+    prof = SimpleNamespace(key_averages=lambda: [SimpleNamespace(key=k, self_device_time_total=us, count=n, device_type=d)
+                                                 for k, us, n, d in rows])
+    lines = kernel_summary(prof, steps=2, top=5)
+    assert lines[0] == "4.5 ms of GPU kernels per step"
+    assert [line.split()[0] for line in lines[1:4]] == ["matmul", "attention", "elementwise,"]
+    assert [float(line.split(" ms")[0].split()[-1]) for line in lines[1:4]] == [3.0, 1.0, 0.5]
+    assert len(lines) == 4 + 3
 
 
 def test_idle_gaps_between_overlapping_gpu_intervals():

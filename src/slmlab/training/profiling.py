@@ -19,11 +19,12 @@ from torch.profiler import ProfilerActivity, profile
 from slmlab.training.callbacks import console_print
 
 # GPU kernels by what they do, from their names (a regular expression each, searched in the lowercased
-# name): cuBLAS/CUTLASS matmuls, attention (cuDNN, which runs nothing else here, flash, FlexAttention),
+# name, the first match wins): attention (cuDNN, which runs nothing else here, flash, FlexAttention;
+# FlashAttention 4's CuTe kernels have "cutlass" in their names too), cuBLAS/CUTLASS/quack matmuls,
 # fla's and mamba-ssm's chunked scans (their kernels' names begin so), slmlab's own Triton kernels, the
 # fused optimizer; the rest is elementwise work (norms, RoPE, activations, casts) inductor generates
-KERNEL_KINDS = (("matmul", r"nvjet|gemm|cutlass|splitkreduce|xmma"),
-                ("attention", r"fmha|sdpa|flash|attention|cudnn"),
+KERNEL_KINDS = (("attention", r"fmha|sdpa|flash|attention|cudnn"),
+                ("matmul", r"nvjet|gemm|cutlass|splitkreduce|xmma"),
                 ("recurrent scan", r"^_?(chunk|bmm_chunk|state_passing|fused_recurrent)"),
                 ("causal conv", r"^_causal_conv"),
                 ("qk-norm + rope", r"^_qk_norm_rope"),
@@ -42,9 +43,12 @@ def is_kernel(name: str) -> bool:
 
 
 def kernel_summary(prof: profile, steps: int, top: int) -> list[str]:
-    """Lines: GPU kernel milliseconds per step in all, by kind of kernel, then the `top` kernels."""
+    """Lines: GPU kernel milliseconds per step in all, by kind of kernel, then the `top` kernels. Only GPU
+    rows count: with the CPU profiled too, the host's rows that launched a kernel (a custom op, an inductor
+    kernel of the same name) carry its time as well."""
     kernels = sorted(((e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
-                      if e.self_device_time_total > 0 and is_kernel(e.key)), key=lambda k: -k[1])
+                      if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+                      and is_kernel(e.key)), key=lambda k: -k[1])
     total = sum(ms for _, ms, _ in kernels)
     by_kind: Counter[str] = Counter()
     for name, ms, _ in kernels:
