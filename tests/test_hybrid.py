@@ -68,6 +68,9 @@ def test_checkpoints_of_the_same_computation_load_however_their_config_was_writt
 
     exported = asdict(cfg())  # what a Hugging Face folder gives back: defaults beyond its config.json
     check_architecture(exported, cfg(layout="A*2", sliding_window=64, ssm_d_state=16, gla_decay_init=0.5), "hf")
+    # which kernels run is free, and a checkpoint written before a kernel setting existed lacks it
+    older = {k: v for k, v in asdict(cfg(layout="A*2")).items() if k not in ("attention_kernel", "mlp_kernel")}
+    check_architecture(older, cfg(layout="A*2", attention_kernel="sdpa", mlp_kernel="quack", kernel="torch"), "ckpt")
     with pytest.raises(ValueError, match="layer mixers: checkpoint attention,gla, config gla,gla"):
         check_architecture(asdict(cfg(layout="A,G")), cfg(mixer="gla"), "ckpt")
     with pytest.raises(ValueError, match="sliding_window: checkpoint 8, config 16"):

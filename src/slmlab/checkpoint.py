@@ -113,8 +113,8 @@ def load_model(path: str | Path) -> CausalLM:
 
 # fields that do not change what the weights mean: a later stage may set them differently
 # fields that neither shape the weights nor change what the model computes (initialisation included)
-FREE_FIELDS = {"kernel", "max_seq_len", "init_std", "activation_checkpointing", "gla_decay_init", "ssm_dt_min",
-               "ssm_dt_max"}
+FREE_FIELDS = {"kernel", "attention_kernel", "mlp_kernel", "max_seq_len", "init_std", "activation_checkpointing",
+               "gla_decay_init", "ssm_dt_min", "ssm_dt_max"}
 # the fields of one mixer: compared only where a model has that mixer (a Hugging Face folder holds none)
 MIXER_FIELDS = {"sparse_attention": ("sliding_window", "global_tokens"), "hgrn2": ("hgrn2_expand_ratio",),
                 "mamba2": ("ssm_d_state", "ssm_d_conv", "ssm_expand", "ssm_headdim", "ssm_ngroups")}
