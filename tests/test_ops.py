@@ -302,34 +302,23 @@ def test_attention_runs_flash_attention_on_hopper_where_the_package_imports(kern
     assert not backend.flash_attention_usable("auto", cuda)
 
 
-def test_asking_for_flash_attention_where_it_cannot_run_says_why(kernels, hopper):
-    cuda = torch.device("cuda")
-    with pytest.raises(ImportError, match=r"flash-attn-4.*pip install"):
-        backend.flash_attention_usable("flash_attn", cuda)
-    kernels.add("flash_attn")
-    with pytest.raises(ValueError, match="CUDA tensors only, got cpu"):
-        backend.flash_attention_usable("flash_attn", torch.device("cpu"))
-    with pytest.raises(ValueError, match="unknown attention_kernel 'flash'"):
-        backend.flash_attention_usable("flash", cuda)
+@pytest.mark.parametrize("usable,asked,named,typo,other", [
+    ("flash_attention_usable", "flash_attn", r"attention_kernel='flash_attn'.*flash-attn-4", "flash", "sdpa"),
+    ("fused_mlp_usable", "quack", r"mlp_kernel='quack'.*quack-kernels", "auto", "torch"),
+])
+def test_asking_for_a_cute_kernel_where_it_cannot_run_says_why(kernels, hopper, usable, asked, named, typo, other):
+    usable, cuda = getattr(backend, usable), torch.device("cuda")
+    with pytest.raises(ImportError, match=rf"{named}.*pip install"):
+        usable(asked, cuda)
+    kernels.add(asked)
+    assert usable(asked, cuda) and not usable(other, cuda)
+    with pytest.raises(ValueError, match=f"{asked}' runs on CUDA tensors only, got cpu"):
+        usable(asked, torch.device("cpu"))
+    with pytest.raises(ValueError, match=rf"unknown \w+_kernel '{typo}'"):
+        usable(typo, cuda)
     hopper.clear()
-    with pytest.raises(ValueError, match=r"compute capability 9\.0"):
-        backend.flash_attention_usable("flash_attn", cuda)
-
-
-def test_the_mlp_runs_quack_only_when_asked_and_says_why_it_cannot(kernels, hopper):
-    cuda = torch.device("cuda")
-    assert not backend.fused_mlp_usable("torch", cuda)
-    with pytest.raises(ImportError, match=r"mlp_kernel='quack'.*quack-kernels.*pip install"):
-        backend.fused_mlp_usable("quack", cuda)
-    kernels.add("quack")
-    assert backend.fused_mlp_usable("quack", cuda) and not backend.fused_mlp_usable("torch", cuda)
-    with pytest.raises(ValueError, match="mlp_kernel='quack' runs on CUDA tensors only, got cpu"):
-        backend.fused_mlp_usable("quack", torch.device("cpu"))
-    with pytest.raises(ValueError, match="unknown mlp_kernel 'auto'"):
-        backend.fused_mlp_usable("auto", cuda)
-    hopper.clear()
-    with pytest.raises(ValueError, match=r"compute capability 9\.0.*mlp_kernel=torch"):
-        backend.fused_mlp_usable("quack", cuda)
+    with pytest.raises(ValueError, match=rf"compute capability 9\.0.*Use \w+_kernel=.*{other}"):
+        usable(asked, cuda)
 
 
 def test_flash_attention_op_gives_shapes_and_gradients_of_its_inputs_on_the_meta_device():
