@@ -1,6 +1,7 @@
 """The recurrent ops on the CPU: chunked references against step-by-step oracles (float64), state
 carrying, and the choice of backend."""
 
+import os
 import sys
 import types
 import warnings
@@ -319,6 +320,18 @@ def test_asking_for_a_cute_kernel_where_it_cannot_run_says_why(kernels, hopper, 
     hopper.clear()
     with pytest.raises(ValueError, match=rf"compute capability 9\.0.*Use \w+_kernel=.*{other}"):
         usable(asked, cuda)
+
+
+def test_before_any_kernel_package_imports_quack_is_told_to_keep_its_autotuning_winners(monkeypatch):
+    """quack reads the switch when its autotuners are made, at import, and flash-attn-4 imports quack too:
+    without it every process would autotune each GEMM shape again (minutes)."""
+    monkeypatch.setenv("QUACK_CACHE_AUTOTUNING", "unset")
+    monkeypatch.delenv("QUACK_CACHE_AUTOTUNING")
+    backend.kernel_available.__wrapped__("flash_attn")  # the answer is not cached: the probe runs
+    assert os.environ["QUACK_CACHE_AUTOTUNING"] == "1"
+    monkeypatch.setenv("QUACK_CACHE_AUTOTUNING", "0")  # a user's own choice stays
+    backend.kernel_available.__wrapped__("quack")
+    assert os.environ["QUACK_CACHE_AUTOTUNING"] == "0"
 
 
 def test_flash_attention_op_gives_shapes_and_gradients_of_its_inputs_on_the_meta_device():

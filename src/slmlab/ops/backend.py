@@ -82,8 +82,9 @@ def kernel_available(package: str) -> bool:
     """Whether `package` (a key of `_PROBES`) imports. Once it has, the shipped winners of its pre_hook
     kernels go into their autotune caches (`ops/autotune_cache.py`)."""
     seed_tuned_configs()
-    if package == "quack":  # its autotuner reads this at import: keep each shape's winner on disk (~/.quack)
-        os.environ.setdefault("QUACK_CACHE_AUTOTUNING", "1")
+    # quack (which flash-attn-4 imports too) reads this as its GEMMs' autotuners are made, at import:
+    # keep each shape's winner on disk (~/.quack), so a shape is tuned once per machine
+    os.environ.setdefault("QUACK_CACHE_AUTOTUNING", "1")
     try:
         importlib.import_module(_PROBES[package])
     except Exception:  # ImportError, or a broken Triton/CUDA install failing at import time
