@@ -80,12 +80,13 @@ class SwiGLU(nn.Module):
         gate, up, down = self.gate.weight, self.up.weight, self.down.weight
         if pad:
             gate, up, down = F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad)), F.pad(down, (0, pad))
+        gate_up = torch.cat([gate, up])
         if self.runs_fused_kernels(x):
             from quack.mlp import mlp_func
 
-            # concat_layout: the weight's rows are [gate; up], as torch.cat gives them
-            return mlp_func(x, torch.cat([gate, up]), down, activation="swiglu", concat_layout=True)
-        return F.linear(silu_mul(F.linear(x, torch.cat([gate, up]))), down)
+            # concat_layout: the weight's rows are [gate; up]
+            return mlp_func(x, gate_up, down, activation="swiglu", concat_layout=True)
+        return F.linear(silu_mul(F.linear(x, gate_up)), down)
 
     def runs_fused_kernels(self, x: Tensor) -> bool:
         """Whether this training forward runs quack's GEMMs (`mlp_kernel`): bf16 or fp16 matmuls (under
