@@ -27,6 +27,8 @@ class DPOModule(PolicyModule):
         if precompute_reference and on_policy:
             raise ValueError("stage.precompute_reference=true needs fixed pairs: on-policy pairs are new each step "
                              "(set stage.on_policy=false, or stage.precompute_reference=false)")
+        if on_policy:
+            self.refuse_per_shape_tuning("stage=dpo stage.on_policy=true")
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.on_policy, self.candidates, self.precompute_reference = on_policy, candidates, precompute_reference
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2): chosen, rejected

@@ -24,6 +24,7 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"stage.group_size={group_size}: advantages are normalised within a group of >= 2")
         if self.temperature <= 0:
             raise ValueError(f"stage.temperature={self.temperature}: GRPO samples its groups (greedy gives one answer)")
+        self.refuse_per_shape_tuning("stage=grpo")
         self.group_size, self.clip_eps, self.kl_beta = group_size, clip_eps, kl_beta
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:

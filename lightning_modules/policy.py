@@ -26,6 +26,14 @@ class PolicyModule(LMModule):
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.hold_frozen("reference", self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None))
 
+    def refuse_per_shape_tuning(self, where: str) -> None:
+        """ValueError unless the MLP's kernels suit batches of sampled completions: their rows and padded
+        lengths change from step to step, and `model.mlp_kernel=quack` autotunes each new shape for minutes."""
+        if self.model_config.mlp_kernel == "quack" and self.model_config.kernel != "torch":
+            raise ValueError(f"model.mlp_kernel=quack with {where}: quack autotunes each new (rows, length) shape "
+                             "for about 2.5 minutes, and sampled batches change shape from step to step; "
+                             "set model.mlp_kernel=torch")
+
     def samples_on_each_rank(self) -> str | None:
         return f"stage={self.stage} (its pass-rate validation; GRPO's rollouts)"
 

@@ -158,6 +158,22 @@ def test_runs_that_sample_on_each_rank_refuse_fsdp_naming_what_samples(pretraine
             module.setup("fit")
 
 
+@pytest.mark.parametrize("overrides,refused", [(["stage=grpo"], "stage=grpo"),
+                                               (["stage=dpo", "stage.on_policy=true"], "stage=dpo stage.on_policy=true"),
+                                               (["stage=dpo"], None), (["stage=grpo", "model.kernel=torch"], None)])
+def test_stages_that_train_on_their_own_samples_refuse_per_shape_tuned_mlp_kernels(pretrained, tmp_path, overrides,
+                                                                                  refused):
+    """Sampled batches change rows and padded length from step to step, and quack's GEMMs autotune each
+    new shape for minutes: refused at construction, naming the setting. Fixed pairs keep one shape."""
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [f"init_from={pretrained}", "model.mlp_kernel=quack",
+                                                         *overrides])
+    if refused is None:
+        assert instantiate(cfg.stage).model_config.mlp_kernel == "quack"
+    else:
+        with pytest.raises(InstantiationException, match=f"model.mlp_kernel=quack with {refused}: .*model.mlp_kernel=torch"):
+            instantiate(cfg.stage)
+
+
 def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=40, val_every=40) + [
         "stage=dpo", "stage.on_policy=true", "data=ifeval_prompts", f"data.prompts={lowercase_prompts(tmp_path)}",

@@ -51,7 +51,8 @@ class ModelConfig:
     # the SwiGLU MLP's training forward and backward on CUDA: torch = cuBLAS matmuls around slmlab's
     # activation op; quack = quack's GEMMs with the activation and its gradient in their epilogues
     # (Hopper or newer; each new batch x seq autotunes once, minutes, then reads its winner from disk:
-    # for pretraining's one shape, not for stages whose padded lengths vary)
+    # for stages of one shape: pretraining, SFT, distillation, DPO on fixed pairs; GRPO and on-policy
+    # DPO, whose sampled batches change shape, refuse it)
     mlp_kernel: str = "torch"
     # recompute each block's activations in the backward pass instead of keeping them: memory per
     # token drops to about one residual stream per layer, for ~1/3 more compute
