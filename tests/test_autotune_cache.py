@@ -9,8 +9,9 @@ import types
 import pytest
 
 from slmlab.ops import autotune_cache
-from slmlab.ops.autotune_cache import gpu_dirname, seed_autotune_cache
-from slmlab.tune_kernels import tuning_jobs
+from slmlab.ops.autotune_cache import (PATTERN, PREHOOK_FILE, QUACK_FOLDER, SHIPPED, gpu_dirname, quack_cache_dir,
+                                       seed_autotune_cache, seed_quack_cache)
+from slmlab.tune_kernels import remove_triton_results, tuning_jobs
 
 
 def write(path, text):
@@ -24,6 +25,7 @@ def shipped(tmp_path, monkeypatch):
     write(root / "NVIDIA_H100_80GB_HBM3" / "abc123" / "chunk_gla_fwd_kernel.autotune.json", '{"h100": 1}')
     write(root / "NVIDIA_H100_80GB_HBM3" / "def456" / "chunk_scan_bwd.autotune.json", '{"h100": 2}')
     write(root / "NVIDIA_H200" / "abc123" / "chunk_gla_fwd_kernel.autotune.json", '{"h200": 1}')
+    write(root / "NVIDIA_H100_80GB_HBM3" / "quack" / "q1" / "gemm_tuned.autotune.json", '{"quack": 1}')
     monkeypatch.setattr(autotune_cache, "SHIPPED", root)
     for name in ("TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR"):  # seeding sets them: restored after the test
         monkeypatch.setenv(name, "")
@@ -45,6 +47,67 @@ def test_seeding_copies_this_gpus_results_into_the_triton_cache_layout(shipped, 
     assert not list(cache.rglob("*.tmp"))
     # the switch that makes mamba-ssm's autotuners (not only fla's) read and write these files
     assert autotune_cache.os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+
+
+def test_quacks_results_go_to_quacks_cache_only_and_keep_what_is_there(shipped, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "quack"))
+    assert seed_quack_cache("NVIDIA H100 80GB HBM3") == 1
+    assert (tmp_path / "quack" / "q1" / "gemm_tuned.autotune.json").read_text() == '{"quack": 1}'
+    write(tmp_path / "quack" / "q1" / "gemm_tuned.autotune.json", '{"tuned here": 1}')
+    assert seed_quack_cache("NVIDIA H100 80GB HBM3") == 0
+    assert (tmp_path / "quack" / "q1" / "gemm_tuned.autotune.json").read_text() == '{"tuned here": 1}'
+    assert seed_quack_cache("NVIDIA H200") == 0
+    assert seed_autotune_cache("NVIDIA H100 80GB HBM3", tmp_path / "triton") == 2  # not quack's
+    assert not list((tmp_path / "triton").rglob("gemm_tuned*"))
+
+
+def test_quacks_cache_is_where_quack_looks(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUACK_CACHE_DIR", raising=False)
+    monkeypatch.delenv("QUACK_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert quack_cache_dir() == tmp_path / ".quack" / "cache"
+    monkeypatch.setenv("QUACK_HOME", str(tmp_path / "qh"))
+    assert quack_cache_dir() == tmp_path / "qh" / ".quack" / "cache"
+    monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "qc"))
+    assert quack_cache_dir() == tmp_path / "qc"
+
+
+def test_quacks_results_are_seeded_once_quack_imports_on_a_gpu(shipped, tmp_path, monkeypatch):
+    from slmlab.ops import backend
+
+    monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "quack"))
+    monkeypatch.setenv("QUACK_CACHE_AUTOTUNING", "1")
+    monkeypatch.delenv("SLMLAB_TUNED_CONFIGS", raising=False)
+    monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend.torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(backend, "seed_autotune_cache", lambda *_: 0)
+    monkeypatch.setattr(backend.kernel_available, "results", {})
+    monkeypatch.setattr(backend.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
+    assert not backend.kernel_available("quack")  # not installed: nothing written
+    assert not (tmp_path / "quack").exists()
+    monkeypatch.setattr(backend.kernel_available, "results", {})
+    monkeypatch.setattr(backend.importlib, "import_module", lambda name: types.ModuleType(name))
+    assert backend.kernel_available("quack")
+    assert (tmp_path / "quack" / "q1" / "gemm_tuned.autotune.json").read_text() == '{"quack": 1}'
+
+
+def test_the_shipped_quack_results_are_helios_novas_mlp_at_batch_16():
+    """The six GEMMs of quack's MLP at 16 x 2048 tokens, d_model 1024, width 3072 ([gate; up] 6144): the
+    shape `mlp_kernel=quack` was measured at, which the README names."""
+    files = sorted((SHIPPED / "NVIDIA_H100_80GB_HBM3" / QUACK_FOLDER).glob(PATTERN))
+    assert sorted(f.name.split("_")[0] for f in files) == ["gemm"] * 4 + ["mod"] * 2
+    keys = [json.loads(f.read_text())["key"] for f in files]
+    assert all("(32768, " in key or ", 32768)" in key for key in keys)
+    assert all(any(f"({a}, {b})" in key for a, b in ((1024, 3072), (3072, 1024), (6144, 1024), (32768, 6144)))
+               for key in keys)
+
+
+def test_a_full_tuning_run_clears_the_triton_results_and_keeps_quacks(tmp_path):
+    write(tmp_path / "abc123" / "chunk_gla_fwd_kernel.autotune.json", "{}")
+    write(tmp_path / PREHOOK_FILE, "[]")
+    write(tmp_path / QUACK_FOLDER / "q1" / "gemm_tuned.autotune.json", "{}")
+    remove_triton_results(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")] == ["quack/q1/gemm_tuned.autotune.json"]
 
 
 def test_seeding_keeps_results_already_in_the_cache(shipped, tmp_path):

@@ -17,6 +17,11 @@ every fresh machine (about 30 s of helix_hybrid's first step). Their winners go 
 `kernel_configs/<GPU model>/prehook_configs.json` instead, one entry per kernel and tuning key with
 the kernel's source hash and the Triton version; `seed_prehook_winners` puts them into the kernel's
 in-memory autotune cache once its package has loaded (`prehook_winners` records them).
+
+quack's GEMMs (`mlp_kernel=quack`) autotune per shape the same way and keep their winners in the same
+layout under quack's own cache folder (`QUACK_CACHE_AUTOTUNING=1`), hashed over quack's version, the
+shapes and the candidate configs. `kernel_configs/<GPU model>/quack/` holds those of the shapes slmlab
+was measured at, and `seed_quack_cache` copies them into quack's cache once quack has imported.
 """
 
 import hashlib
@@ -33,6 +38,7 @@ from pathlib import Path
 SHIPPED = Path(__file__).parent / "kernel_configs"
 PATTERN = "*/*.autotune.json"  # <key hash>/<kernel>.autotune.json, Triton's cache layout
 PREHOOK_FILE = "prehook_configs.json"
+QUACK_FOLDER = "quack"  # kernel_configs/<GPU model>/quack/<key hash>/<kernel>.autotune.json
 KERNEL_PACKAGES = ("fla", "mamba_ssm")
 
 
@@ -47,6 +53,14 @@ def triton_cache_dir() -> Path:
     if os.environ.get("TRITON_CACHE_DIR"):
         return Path(os.environ["TRITON_CACHE_DIR"])
     return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
+def quack_cache_dir() -> Path:
+    """Where quack keeps its autotune results: QUACK_CACHE_DIR, else .quack/cache under QUACK_HOME or the
+    home folder (quack's `autotuner.default_cache_dir`)."""
+    if os.environ.get("QUACK_CACHE_DIR", "").strip():
+        return Path(os.environ["QUACK_CACHE_DIR"].strip())
+    return Path(os.environ.get("QUACK_HOME") or Path.home()) / ".quack" / "cache"
 
 
 def copy_autotune_results(source: Path, dest: Path, overwrite: bool) -> list[Path]:
@@ -83,6 +97,15 @@ def seed_autotune_cache(device_name: str, cache_dir: Path | None = None) -> int:
     if not shipped.is_dir():
         return 0
     return len(copy_autotune_results(shipped, cache_dir, overwrite=False))
+
+
+def seed_quack_cache(device_name: str, cache_dir: Path | None = None) -> int:
+    """Copies the shipped quack autotune results for `device_name` into quack's cache, keeping any result
+    already there; returns how many files were copied."""
+    shipped = SHIPPED / gpu_dirname(device_name) / QUACK_FOLDER
+    if not shipped.is_dir():
+        return 0
+    return len(copy_autotune_results(shipped, cache_dir or quack_cache_dir(), overwrite=False))
 
 
 def _prehook_autotuners(packages: tuple[str, ...]) -> Iterator[tuple[str, object]]:

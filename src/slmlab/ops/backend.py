@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from slmlab.ops.autotune_cache import KERNEL_PACKAGES, seed_autotune_cache, seed_prehook_winners
+from slmlab.ops.autotune_cache import KERNEL_PACKAGES, seed_autotune_cache, seed_prehook_winners, seed_quack_cache
 
 KERNELS = ("auto", "torch", "fla", "mamba_ssm")
 ATTENTION_KERNELS = ("auto", "sdpa", "flash_attn")
@@ -80,7 +80,7 @@ def trace_time_constant(check: Callable[[str], bool]) -> Callable[[str], bool]:
 @trace_time_constant
 def kernel_available(package: str) -> bool:
     """Whether `package` (a key of `_PROBES`) imports. Once it has, the shipped winners of its pre_hook
-    kernels go into their autotune caches (`ops/autotune_cache.py`)."""
+    kernels, or quack's, go into their autotune caches (`ops/autotune_cache.py`)."""
     seed_tuned_configs()
     # quack (which flash-attn-4 imports too) reads this as its GEMMs' autotuners are made, at import:
     # keep each shape's winner on disk (~/.quack), so a shape is tuned once per machine
@@ -91,6 +91,8 @@ def kernel_available(package: str) -> bool:
         return False
     if package in KERNEL_PACKAGES and _use_tuned_configs():
         seed_prehook_winners(torch.cuda.get_device_name(), (package,))
+    if package == "quack" and _use_tuned_configs():
+        seed_quack_cache(torch.cuda.get_device_name())
     return True
 
 
