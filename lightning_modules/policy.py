@@ -29,7 +29,7 @@ class PolicyModule(LMModule):
     def refuse_per_shape_tuning(self, where: str) -> None:
         """ValueError unless the MLP's kernels suit batches of sampled completions: their rows and padded
         lengths change from step to step, and `model.mlp_kernel=quack` autotunes each new shape for minutes."""
-        if self.model_config.mlp_kernel == "quack" and self.model_config.kernel != "torch":
+        if self.model_config.mlp_kernel_in_use() == "quack":
             raise ValueError(f"model.mlp_kernel=quack with {where}: quack autotunes each new (rows, length) shape "
                              "for about 2.5 minutes, and sampled batches change shape from step to step; "
                              "set model.mlp_kernel=torch")

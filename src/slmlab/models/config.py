@@ -105,3 +105,7 @@ class ModelConfig:
 
     def rope_on(self, layer_idx: int) -> bool:
         return self.rope_layers == "all" or (self.rope_layers == "even" and layer_idx % 2 == 0)
+
+    def mlp_kernel_in_use(self) -> str:
+        """`mlp_kernel`, unless `kernel=torch` sends every layer down its PyTorch path."""
+        return "torch" if self.kernel == "torch" else self.mlp_kernel

@@ -59,7 +59,7 @@ class Block(nn.Module):
         self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = mixers.mixer_class(cfg.layer_mixers[layer_idx])(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.mlp_kernel if cfg.kernel != "torch" else "torch")
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.mlp_kernel_in_use())
         gated = cfg.residual == "gated"
         self.mixer_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.mlp_gate = nn.Parameter(torch.zeros(())) if gated else None

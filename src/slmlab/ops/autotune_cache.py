@@ -64,9 +64,9 @@ def quack_cache_dir() -> Path:
 
 
 def copy_autotune_results(source: Path, dest: Path, overwrite: bool) -> list[Path]:
-    """Copies every `<hash>/<kernel>.autotune.json` under `source` to the same place under `dest`;
-    returns the files written. Each file is written beside its target and renamed, so a Triton process
-    reading the cache never sees half a file."""
+    """Copies every `<hash>/<kernel>.autotune.json` under `source` (none where it does not exist) to the
+    same place under `dest`; returns the files written. Each file is written beside its target and
+    renamed, so a Triton process reading the cache never sees half a file."""
     written = []
     for path in sorted(source.glob(PATTERN)):
         target = dest / path.relative_to(source)
@@ -93,18 +93,13 @@ def seed_autotune_cache(device_name: str, cache_dir: Path | None = None) -> int:
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     cache_dir = cache_dir or triton_cache_dir()
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir))
-    shipped = SHIPPED / gpu_dirname(device_name)
-    if not shipped.is_dir():
-        return 0
-    return len(copy_autotune_results(shipped, cache_dir, overwrite=False))
+    return len(copy_autotune_results(SHIPPED / gpu_dirname(device_name), cache_dir, overwrite=False))
 
 
 def seed_quack_cache(device_name: str, cache_dir: Path | None = None) -> int:
     """Copies the shipped quack autotune results for `device_name` into quack's cache, keeping any result
     already there; returns how many files were copied."""
     shipped = SHIPPED / gpu_dirname(device_name) / QUACK_FOLDER
-    if not shipped.is_dir():
-        return 0
     return len(copy_autotune_results(shipped, cache_dir or quack_cache_dir(), overwrite=False))
 
 
