@@ -16,6 +16,8 @@
     python bench/throughput.py models --compile --only helium_nano --tokens 131072 --warmup 3 --iters 8
     python bench/throughput.py models --only helix_hybrid --seqs 32768 --tokens 32768 --checkpoint-from 32768
     python bench/throughput.py pipeline --compile --tokens 32768 --pipeline-steps 50
+    # helios_nova's recipe (conf/experiment/helios_nova_pretrain.yaml): micro-batch 24, 8 accumulated
+    python bench/throughput.py pipeline --compile --tokens 49152 --accumulate 8 --pipeline-steps 30
 
 bf16 autocast over float32 weights, fused AdamW, 16,384 tokens per step unless `--tokens`. MFU uses
 `CausalLM.flops_per_token` (forward + backward = 3x forward) against the GPU's dense bf16 peak.
@@ -162,17 +164,19 @@ def layer_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 # --- models ---------------------------------------------------------------------------------------
 
-def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> Callable[[], None]:
+def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, hf: bool, accumulate: int = 1) -> Callable[[], None]:
+    """One optimizer step over `accumulate` micro-batches of `ids`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ids.device.type == "cuda")
 
     def step() -> None:
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs of compiled blocks (--compile-mode reduce-overhead)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-            if hf:
-                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside
-            else:
-                loss, _ = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
+        for _ in range(accumulate):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs of compiled blocks (--compile-mode reduce-overhead)
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+                if hf:
+                    loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside
+                else:
+                    loss, _ = model.loss(ids[:, :-1], ids[:, 1:])
+            (loss / accumulate).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -258,7 +262,7 @@ def model_rows(args, device: torch.device) -> list[dict]:
 def pipeline_rows(args, device: torch.device) -> list[dict]:
     """A model trained by `train.py` itself (helios_nova unless `--pipeline-model`): its ThroughputMonitor's
     tokens/s, MFU and data wait, averaged over the logged windows after the first (compilation), and its
-    start-up time; then the compiled Hugging Face twin at the same batch, in this process."""
+    start-up time; then the compiled Hugging Face twin at the same batch and accumulation, in this process."""
     name = "tiny" if args.smoke else args.pipeline_model
     seq = 64 if args.smoke else 2048
     batch = max(1, args.tokens // seq)
@@ -267,6 +271,7 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
                  f"trainer.max_steps={args.pipeline_steps}", "trainer.val_check_interval=100000",
                  "trainer.log_every_n_steps=10", "callbacks.sample=null", "callbacks.periodic=null",
                  "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false", f"run_name={run_name}",
+                 f"trainer.accumulate_grad_batches={args.accumulate}",
                  f"stage.compile={(args.compile_mode or 'true') if args.compile else 'false'}", *args.pipeline_overrides]
     if device.type == "cuda":
         overrides.append("trainer=gpu")
@@ -284,17 +289,18 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
 
     startup = next((float(r["perf/startup_s"]) for r in logged if r.get("perf/startup_s")), float("nan"))
     compiled = f" +compile({args.compile_mode or 'default'})" if args.compile else ""
-    rows = [{"model": name, "impl": "train.py" + compiled, "seq": seq, "batch": batch,
+    batches = batch if args.accumulate == 1 else f"{batch}x{args.accumulate}"  # micro-batch x accumulation
+    rows = [{"model": name, "impl": "train.py" + compiled, "seq": seq, "batch": batches,
              "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"), "data_wait": mean("perf/data_wait"),
              "startup_s": startup}]
     progress(rows[-1])
     cfg = preset(name, max_seq_len=seq)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    seconds, _ = timed(train_step_fn(torch.compile(hf_twin(cfg).to(device)), ids, hf=True), args.warmup, args.iters,
-                       device)
-    tps = batch * seq / seconds
+    seconds, _ = timed(train_step_fn(torch.compile(hf_twin(cfg).to(device)), ids, hf=True, accumulate=args.accumulate),
+                       args.warmup, args.iters, device)
+    tps = args.accumulate * batch * seq / seconds
     peak = peak_flops(device)
-    rows.append({"model": name, "impl": "hf+compile", "seq": seq, "batch": batch, "tokens_per_s": tps,
+    rows.append({"model": name, "impl": "hf+compile", "seq": seq, "batch": batches, "tokens_per_s": tps,
                  "mfu": tps * CausalLM(cfg).flops_per_token(seq) / peak if peak else float("nan")})
     progress(rows[-1])
     rows[0]["ratio"] = rows[0]["tokens_per_s"] / tps
@@ -359,6 +365,9 @@ def main() -> None:
                         help="change the presets (models), e.g. ffn_hidden=1344")
     parser.add_argument("--pipeline-model", default="helios_nova")
     parser.add_argument("--pipeline-steps", type=int, default=60, help="optimizer steps of the train.py run")
+    parser.add_argument("--accumulate", type=int, default=1, metavar="N",
+                        help="pipeline: micro-batches per optimizer step, for train.py and the Hugging Face row alike "
+                        "(helios_nova's recipe: 8 at batch 24)")
     parser.add_argument("--pipeline-overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more overrides of the train.py run, e.g. data.num_workers=2")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU")

@@ -3,6 +3,7 @@ at tiny shapes on the CPU."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -72,3 +73,19 @@ def test_op_rows_time_each_triton_op_of_the_preset_against_its_reference_and_agr
         assert float(ours["ratio"]) == pytest.approx(float(reference["fwd_bwd_us"].replace(",", ""))
                                                      / float(ours["fwd_bwd_us"].replace(",", "")), rel=1.5e-2)  # 3 digits
         assert float(ours["max_error"]) < 2e-2  # bf16 outputs: the Triton op computes the reference's function
+
+
+def test_pipeline_rows_run_train_py_with_the_accumulation_and_compare_with_the_twin_at_the_same_batch():
+    before = set((ROOT / "outputs").glob("bench-pipeline-*"))
+    try:
+        table = throughput_table("pipeline", "--accumulate", "2", "--pipeline-steps", "20",
+                                 "--pipeline-overrides", "schedule.warmup_steps=2")
+    finally:
+        for run in set((ROOT / "outputs").glob("bench-pipeline-*")) - before:
+            shutil.rmtree(run)
+    assert set(table) == {("tiny", "train.py"), ("tiny", "hf+compile")}
+    ours, hf = table["tiny", "train.py"], table["tiny", "hf+compile"]
+    assert ours["batch"] == hf["batch"] == "2x2"  # micro-batch x accumulation, the same for both
+    # train.py's own throughput windows (one per 10 optimizer steps of 2 micro-batches), the first dropped
+    assert tokens_per_s(ours) > 0 and 0 <= float(ours["data_wait"]) < 1 and float(ours["startup_s"]) > 0
+    assert float(ours["ratio"]) == pytest.approx(tokens_per_s(ours) / tokens_per_s(hf), rel=5e-3)

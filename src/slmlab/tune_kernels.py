@@ -16,7 +16,7 @@ tuning key, and the other mixers' results are kept. The winners are also copied 
 Triton cache; the winners of kernels with pre_hooks, which Triton does not write, go into the folder's
 `prehook_configs.json` (see `ops/autotune_cache.py`).
 Attention mixers use flash SDPA / FlexAttention (compiled by torch, cached by inductor): nothing to tune.
-`--quack-mlp` tunes quack's GEMMs of those presets' SwiGLU MLP (`mlp_kernel=quack`) at `--quack-tokens`
+`--quack-mlp` tunes quack's GEMMs of those presets' SwiGLU MLP (`mlp_kernel=quack`) at each of `--quack-tokens`
 tokens of `--seq-len` (each batch x seq is its own shape) and replaces the folder's `quack/` results.
 With `--jobs` > 1 the mixers tune in parallel processes on the one GPU: several times faster, but
 each candidate is timed while the others run, so the choice between close configs is noisier.
@@ -132,8 +132,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=SHIPPED, help="folder of per-GPU config folders")
     parser.add_argument("--quack-mlp", nargs="*", default=[], metavar="PRESET",
                         help="also tune quack's GEMMs of these presets' MLP (package quack-kernels)")
-    parser.add_argument("--quack-tokens", type=int, default=32768,
-                        help="tokens per batch the quack GEMMs are tuned at (batch = quack-tokens // seq-len)")
+    parser.add_argument("--quack-tokens", type=int, nargs="+", default=[32768],
+                        help="tokens per batch the quack GEMMs are tuned at, each its own shape (batch = tokens // "
+                        "seq-len), e.g. 32768 49152 for batch 16 and helios_nova's recipe's micro-batch of 24")
     args = parser.parse_args()
 
     import torch
@@ -167,10 +168,10 @@ def main() -> None:
               f"{dest}; {len(prehook)} pre_hook kernel results ({held} in {PREHOOK_FILE})")
         print("  " + ", ".join(kernels))
     if args.quack_mlp:
-        batch = max(1, args.quack_tokens // args.seq_len)
         for name in args.quack_mlp:
-            seconds = tune_quack_mlp(name, batch, args.seq_len)
-            print(f"  quack MLP ({name}, batch {batch} x {args.seq_len}): {seconds:6.1f} s", flush=True)
+            for batch in sorted({max(1, tokens // args.seq_len) for tokens in args.quack_tokens}):
+                seconds = tune_quack_mlp(name, batch, args.seq_len)
+                print(f"  quack MLP ({name}, batch {batch} x {args.seq_len}): {seconds:6.1f} s", flush=True)
         shutil.rmtree(dest / QUACK_FOLDER, ignore_errors=True)
         written = copy_autotune_results(quack_scratch, dest / QUACK_FOLDER, overwrite=True)
         copy_autotune_results(quack_scratch, user_quack_cache, overwrite=True)
