@@ -35,7 +35,7 @@ class DistillModule(PretrainModule):
         self.teacher.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        positions = batch.get("positions")  # packed chat data
+        positions = self.batch_positions(batch)  # packed chat data, or stage.document_mask's documents
         logits = self.model(batch["input_ids"], positions=positions)
         with torch.no_grad():
             teacher_logits = self.teacher(batch["input_ids"], positions=positions)

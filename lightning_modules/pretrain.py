@@ -97,8 +97,7 @@ class PretrainModule(LMModule):
 
     def flops_per_data_token(self, seq_len: int, batch: dict) -> float | torch.Tensor:
         bag = self.bag_size()
-        positions = self.positions(batch["input_ids"])  # stage.document_mask: attention within documents
-        return self.model.flops_per_token(bag_positions(seq_len, bag), bag, positions)
+        return self.model.flops_per_token(bag_positions(seq_len, bag), bag, self.batch_positions(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         input_ids, labels = batch["input_ids"], batch["labels"]
@@ -115,7 +114,8 @@ class PretrainModule(LMModule):
                 input_ids, labels = superposed(input_ids, labels, bag)
             self.log("train/bag_size", torch.tensor(float(bag)))  # on the CPU, as `train/lr` (see `LMModule`)
         # no whole-batch logits
-        loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.positions(input_ids))
+        # None under superposition (stage.document_mask refuses it; its bag rows carry no positions)
+        loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.batch_positions(batch))
         self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
         return loss
 
@@ -129,8 +129,13 @@ class PretrainModule(LMModule):
                              "names no end-of-document token (eos_id)")
         return document_positions(input_ids, eos_id)
 
+    def batch_positions(self, batch: dict) -> torch.Tensor | None:
+        """The batch's own positions (packed chat data, which distillation may train on), else `positions`."""
+        positions = batch.get("positions")
+        return positions if positions is not None else self.positions(batch["input_ids"])
+
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.accumulate_val_loss(batch | {"positions": self.positions(batch["input_ids"])}, dataloader_idx)
+        self.accumulate_val_loss(batch | {"positions": self.batch_positions(batch)}, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self.log_metrics(loss_and_bpb(self.val_loss_sums(), self.trainer.datamodule.bytes_per_token))

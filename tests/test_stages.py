@@ -192,6 +192,29 @@ def test_logit_distillation_pulls_the_student_to_the_teacher(pretrained, tmp_pat
     assert kd[-1] < kd[0] * 0.8, kd
 
 
+def test_distillation_with_document_mask_trains_student_and_teacher_within_documents(pretrained, tmp_path):
+    """`stage.document_mask` on token shards: the second document's loss (the first's labels ignored) does
+    not depend on the first document's tokens, for the student's cross-entropy and the teacher's targets
+    alike, as in validation and the FLOP count. Training once ran both models over whole rows."""
+    from types import SimpleNamespace
+
+    module = instantiate(compose_config(tiny_run_overrides(tmp_path) + [
+        "stage=distill", f"teacher={pretrained}", "+stage.document_mask=true", "stage.alpha=0.5"]).stage)
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(eos_id=0, batch_size=2))
+    module.log_dict = lambda *args, **kwargs: None
+    ids = torch.randint(1, 400, (2, 33), generator=torch.Generator().manual_seed(0))
+    ids[:, 11] = 0  # EOS: a document of 12 tokens, then one of 21
+    labels = ids[:, 1:].clone()
+    labels[:, :12] = -100  # only the second document is scored
+    other = ids.clone()
+    other[:, :11] = torch.randint(1, 400, (2, 11), generator=torch.Generator().manual_seed(1))
+    losses = [module.training_step({"input_ids": x[:, :-1], "labels": labels}, 0) for x in (ids, other)]
+    module.document_mask = False  # whole rows: the first document leaks into the second's loss
+    leaked = [module.training_step({"input_ids": x[:, :-1], "labels": labels}, 0) for x in (ids, other)]
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6  # 0.0 here
+    assert abs(leaked[0].item() - leaked[1].item()) > 1e-5  # 1.6e-4 here: the tiny teacher looks back little
+
+
 def test_sft_weights_every_answer_token_the_same_whatever_the_accumulation(pretrained, tmp_path):
     """4 conversations a step as one batch or as two micro-batches of 2: the same loss over the same answer
     tokens, so the same weights. Averaging each micro-batch's mean weighed the tokens of the micro-batch
