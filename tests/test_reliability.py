@@ -346,6 +346,25 @@ def test_a_damaged_checkpoint_is_named_and_resume_takes_the_newest_intact_one(tm
     assert all(name in str(err.value) for name in ("last.ckpt", "step000006.ckpt", "step000004-val5.0000.ckpt"))
 
 
+@pytest.mark.parametrize("where, mask", [
+    (lambda data: 29, 0xFF),  # the first record's local header: its extra field's length (zipfile: EOFError)
+    (lambda data: data.rfind(b"PK\x01\x02") + 6, 0xFF),  # central directory: version needed (NotImplementedError)
+    (lambda data: data.find(b"PK\x01\x02") + 8, 0x01),  # central directory: the "encrypted" flag (RuntimeError)
+], ids=["extra-length", "version-needed", "encrypted-flag"])
+def test_a_checkpoint_with_a_damaged_zip_header_is_named_and_skipped(tmp_path, where, mask):
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    for i, name in enumerate(["step000004.ckpt", "last.ckpt"]):
+        torch.save({"global_step": 4 + i, "weights": torch.arange(1000.0)}, tmp_path / name)
+        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
+    last = tmp_path / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[where(bytes(data))] ^= mask
+    last.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {last} is truncated or corrupt")):
+        resolve_ckpt_path(str(last), False, trainer)
+    assert resolve_ckpt_path(None, True, trainer) == str(tmp_path / "step000004.ckpt")
+
+
 # -- non-finite steps ------------------------------------------------------------------------------
 
 @pytest.mark.slow

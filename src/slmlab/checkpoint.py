@@ -29,8 +29,8 @@ def check_checkpoint_file(path: str | Path) -> Path:
     try:
         with zipfile.ZipFile(path) as archive:
             bad_record = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({e})") from e
+    except Exception as e:  # damaged headers also raise EOFError, NotImplementedError, RuntimeError ("encrypted")
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
     if bad_record is not None:
         raise ValueError(f"checkpoint {path} is truncated or corrupt (record {bad_record} fails its CRC check)")
     return path
