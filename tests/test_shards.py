@@ -100,6 +100,34 @@ def test_a_manifest_with_lists_for_objects_is_named(tmp_path, shape, problem):
         open_shards(tmp_path)
 
 
+def with_first_shard(m: dict, **changes) -> dict:
+    train = m["splits"]["train"]
+    return {**m, "splits": {**m["splits"], "train": {**train, "shards": [{**train["shards"][0], **changes}]}}}
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m: {**m, "vocab_size": "300"}, "manifest field vocab_size='300' is not int"),
+    (lambda m: {**m, "eos_id": None}, "manifest field eos_id=None is not int"),
+    (lambda m: {**m, "val_fraction": True}, "manifest field val_fraction=True is not float"),
+    (lambda m: with_first_shard(m, file=None), "shard field file=None is not str"),
+    (lambda m: with_first_shard(m, tokens=50.0), "shard field tokens=50.0 is not int"),
+], ids=["vocab_size string", "eos_id null", "val_fraction bool", "shard file null", "shard tokens float"])
+def test_a_manifest_field_of_the_wrong_type_is_named(tmp_path, change, problem):
+    write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)})
+    (tmp_path / MANIFEST).write_text(json.dumps(change(json.loads((tmp_path / MANIFEST).read_text()))))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / MANIFEST}: malformed manifest (TypeError: {problem}")):
+        open_shards(tmp_path)
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
+    write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)})
+    data = bytearray((tmp_path / MANIFEST).read_bytes())
+    data[data.index(b'"tokenizer_hash"') + 20] ^= 0xB0  # one byte of bit rot
+    (tmp_path / MANIFEST).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / MANIFEST}: malformed manifest (UnicodeDecodeError")):
+        open_shards(tmp_path)
+
+
 def test_tokenizer_mismatch_names_both_tokenizers(tmp_path):
     manifest = write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)}, tokenizer_hash="aaaa")
     check_tokenizer(manifest, tmp_path, "aaaa", 300)

@@ -11,8 +11,9 @@ tokens belong to, and the UTF-8 bytes of the split's source text (for bits-per-b
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import get_origin
 
 import numpy as np
 
@@ -28,6 +29,19 @@ VERIFY_MODES = ("size", "hash")
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits, else uint32; always little-endian so shards move between machines."""
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def check_field_types(record: object) -> None:
+    """TypeError naming the field whose value is not of its declared type (a hand-edited or damaged
+    manifest: a null file name, a vocab_size written as a string); lists and dicts are checked item by item."""
+    for f in fields(record):
+        value, expected = getattr(record, f.name), f.type
+        if get_origin(expected) in (list, dict):
+            continue
+        if expected is float:
+            expected = int | float
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise TypeError(f"{type(record).__name__.lower()} field {f.name}={value!r} is not {getattr(f.type, '__name__', f.type)}")
 
 
 @dataclass
@@ -85,7 +99,9 @@ class Manifest:
             splits = {name: Split([Shard(**s) for s in split.pop("shards")], **split)
                       for name, split in splits.items()}
             manifest = cls(splits=splits, **record)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            for part in (manifest, *splits.values(), *(shard for split in splits.values() for shard in split.shards)):
+                check_field_types(part)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
         if version != FORMAT_VERSION:
             raise DataError(f"{path}: format_version {version}, this code reads {FORMAT_VERSION}; "
