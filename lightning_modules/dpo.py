@@ -34,8 +34,10 @@ class DPOModule(PolicyModule):
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2): chosen, rejected
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed log-prob of each row's response tokens: (batch,)."""
-        return model.token_logprobs(ids, labels).sum(dim=1)
+        """Each row's log-prob of its response tokens, (batch,): summed; for IPO their mean, as TRL computes
+        it, so that IPO's target margin 1/(2 beta) does not depend on the responses' lengths."""
+        logps = model.token_logprobs(ids, labels).sum(dim=1)
+        return logps / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1) if self.loss_type == "ipo" else logps
 
     @staticmethod
     def both_sides(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

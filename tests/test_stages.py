@@ -98,6 +98,40 @@ def test_dpo_with_the_reference_log_probs_precomputed_trains_as_with_the_referen
                                                              "stage.on_policy=true", "stage.precompute_reference=true"]))
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_scores_responses_by_summed_or_for_ipo_mean_token_log_probs(pretrained, tmp_path, loss_type):
+    """Against log_softmax over full logits: DPO's sigmoid loss on summed response log-probs, IPO's on their
+    mean per token (TRL's IPO), so that IPO's target margin means the same for short and long responses."""
+    module = instantiate(compose_config(tiny_run_overrides(tmp_path) + [
+        "stage=dpo", f"init_from={pretrained}", f"stage.loss_type={loss_type}"]).stage)
+    module.log_dict = lambda *args, **kwargs: None
+    with torch.no_grad():  # a policy that differs from the reference
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(0)
+    batch = {}
+    for side, lengths in (("chosen", (3, 9)), ("rejected", (7, 2))):  # response tokens of the two pairs
+        ids = torch.randint(1, 400, (2, 16), generator=gen)
+        labels = torch.full_like(ids, -100)
+        for row, n in enumerate(lengths):
+            labels[row, 4:4 + n] = ids[row, 5:5 + n]  # a 5-token prompt, then the response
+        batch[f"{side}_ids"], batch[f"{side}_labels"] = ids, labels
+
+    def scores(model, side):
+        ids, labels = batch[f"{side}_ids"], batch[f"{side}_labels"]
+        logps = torch.log_softmax(model(ids).double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        logps = (logps * (labels != -100)).sum(1)
+        return logps / (labels != -100).sum(1) if loss_type == "ipo" else logps
+
+    with torch.no_grad():
+        loss = module.step(batch, "train")
+        h = (scores(module.model, "chosen") - scores(module.model, "rejected")
+             - scores(module.reference, "chosen") + scores(module.reference, "rejected"))
+    beta = module.beta
+    want = ((h - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -torch.nn.functional.logsigmoid(beta * h)).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("stage,frozen", [("dpo", "reference"), ("distill", "teacher")])
 def test_the_weight_average_shares_the_frozen_model_rather_than_copying_it(pretrained, tmp_path, stage, frozen):
     """`+callbacks/ema=default` deep-copies the stage module to hold the average: the copy holds

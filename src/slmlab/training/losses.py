@@ -191,7 +191,7 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, softc
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
-    """DPO (Rafailov et al. 2023) on summed sequence log-probs, (batch,) each.
+    """DPO (Rafailov et al. 2023) on sequence log-probs, (batch,) each (summed; IPO's per-token means).
 
     sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = policy margin - reference margin
              (eps = label_smoothing: conservative DPO, for noisy preferences);
