@@ -41,7 +41,8 @@ def check_field_types(record: object) -> None:
         if expected is float:
             expected = int | float
         if isinstance(value, bool) or not isinstance(value, expected):
-            raise TypeError(f"{type(record).__name__.lower()} field {f.name}={value!r} is not {getattr(f.type, '__name__', f.type)}")
+            name = getattr(f.type, "__name__", f.type)  # int, not <class 'int'>; unions as written
+            raise TypeError(f"{type(record).__name__.lower()} field {f.name}={value!r} is not {name}")
 
 
 @dataclass
