@@ -248,6 +248,9 @@ def test_flops_per_token_count_from_shapes_not_from_fsdp_shards():
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         tiny(n_kv_heads=3)
+    for key in ("n_heads", "n_kv_heads"):  # a ZeroDivisionError once
+        with pytest.raises(ValueError, match=f"model.{key}=0 must be at least 1"):
+            tiny(**{key: 0})
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

@@ -86,6 +86,17 @@ def test_a_run_resumed_with_more_steps_follows_the_longer_schedule():
     assert extended.get_last_lr() == pytest.approx(longer[11:12])
 
 
+@pytest.mark.parametrize("other", [Cosine, Constant])
+def test_a_run_resumed_with_another_schedule_follows_it(other):
+    """WSD's checkpoint resumed with schedule=cosine or constant: a warning naming the switch, then the new
+    schedule's LR. Asking the new schedule for WSD's decay_steps once raised an AttributeError."""
+    _, wsd = stepped(lambda o: WSD(o, total_steps=20, warmup_steps=2, decay_fraction=0.5), 12)
+    opt2, resumed = stepped(lambda o: other(o, total_steps=20, warmup_steps=2), 0)
+    with pytest.warns(UserWarning, match=rf"decay_shape cosine -> none, decay_steps 10 -> none, schedule WSD -> {other.__name__}"):
+        resumed.load_state_dict(wsd.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs(lambda o: other(o, total_steps=20, warmup_steps=2), 20)[12])
+
+
 def test_bad_schedule_arguments_name_the_value():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=r"schedule.warmup_steps=30 must lie in \[0, trainer.max_steps=10\]"):

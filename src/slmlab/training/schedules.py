@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 DECAY_SHAPES = ("cosine", "linear", "sqrt")
-SHAPE_KEYS = ("total_steps", "warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape")
+SHAPE_KEYS = ("schedule", "total_steps", "warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape")
 
 
 class WarmupSchedule(LRScheduler):
@@ -22,14 +22,16 @@ class WarmupSchedule(LRScheduler):
             raise ValueError(f"schedule.warmup_steps={warmup_steps} must lie in [0, trainer.max_steps={total_steps}] "
                              "(the schedule spans the run's optimizer steps): lower schedule.warmup_steps")
         self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
+        self.schedule = type(self).__name__  # in the checkpoint: a resumed run may switch schedule=...
         super().__init__(optimizer)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The position in the schedule from a checkpoint, its shape from this run's settings: a run resumed
         with a larger trainer.max_steps (or other schedule.* values) follows the new schedule from there."""
         shape = {k for k in state_dict if k in SHAPE_KEYS}
-        if changed := [f"{k} {state_dict[k]} -> {getattr(self, k)}" for k in sorted(shape)
-                       if state_dict[k] != getattr(self, k)]:
+        # a key of another schedule's shape (WSD's decay_steps, resumed with schedule=cosine) reads "-> none"
+        if changed := [f"{k} {state_dict[k]} -> {getattr(self, k, 'none')}" for k in sorted(shape)
+                       if state_dict[k] != getattr(self, k, None)]:
             warnings.warn(f"the LR schedule differs from the checkpoint's ({', '.join(changed)}): the LR follows "
                           f"this run's schedule from step {state_dict['last_epoch']}", stacklevel=2)
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in shape})
