@@ -97,6 +97,22 @@ def test_a_run_resumed_with_another_schedule_follows_it(other):
     assert opt2.param_groups[0]["lr"] == pytest.approx(lrs(lambda o: other(o, total_steps=20, warmup_steps=2), 20)[12])
 
 
+def test_a_run_resumed_with_another_peak_lr_follows_it():
+    """optim.lr 1.0 -> 0.5 on resume: the checkpoint's peak LR used to win, silently."""
+    def cosine(lr: float) -> tuple[torch.optim.Optimizer, Cosine]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return opt, Cosine(opt, total_steps=20, warmup_steps=2, min_lr_ratio=0.1)
+
+    opt, first = cosine(1.0)
+    for _ in range(10):
+        opt.step(); first.step()
+    opt2, resumed = cosine(0.5)
+    opt2.load_state_dict(opt.state_dict())  # Lightning restores the optimizer (its lr included) first
+    with pytest.warns(UserWarning, match=r"base_lrs \[1.0\] -> \[0.5\]\): the LR follows this run's schedule"):
+        resumed.load_state_dict(first.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * first.get_last_lr()[0])
+
+
 def test_bad_schedule_arguments_name_the_value():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=r"schedule.warmup_steps=30 must lie in \[0, trainer.max_steps=10\]"):

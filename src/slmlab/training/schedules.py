@@ -11,7 +11,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 DECAY_SHAPES = ("cosine", "linear", "sqrt")
-SHAPE_KEYS = ("schedule", "total_steps", "warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape")
+# what this run's settings decide on resume (base_lrs: the peak LR of each parameter group, optim.lr)
+SHAPE_KEYS = ("schedule", "base_lrs", "total_steps", "warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape")
 
 
 class WarmupSchedule(LRScheduler):
@@ -27,7 +28,8 @@ class WarmupSchedule(LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The position in the schedule from a checkpoint, its shape from this run's settings: a run resumed
-        with a larger trainer.max_steps (or other schedule.* values) follows the new schedule from there."""
+        with a larger trainer.max_steps (or other schedule.* values, or another optim.lr) follows the new
+        schedule from there."""
         shape = {k for k in state_dict if k in SHAPE_KEYS}
         # a key of another schedule's shape (WSD's decay_steps, resumed with schedule=cosine) reads "-> none"
         if changed := [f"{k} {state_dict[k]} -> {getattr(self, k, 'none')}" for k in sorted(shape)
