@@ -190,6 +190,9 @@ def test_postscript_variants_and_position():
     assert not check("P.S. Call me.\n\nThanks for reading.", ps)
     assert not check("Thanks.\n\nP.S.", ps)
     assert not check("Thanks.\n\nPS call me", ps)
+    assert check("Thanks.\n\nP.S call me", ps)  # the last dot is optional
+    assert not check("Thanks.\n\nP.Smith wrote this.", ps)  # but not before a name's letters
+    assert not check("Hi.\n\nP.P.Sander signed.", {"kind": "postscript", "marker": "P.P.S."})
 
 
 def test_language_of_uppercase_and_lowercase_text():

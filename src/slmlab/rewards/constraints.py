@@ -354,8 +354,9 @@ def ends_with(text: str, phrase: str) -> bool:
 @instruction(lambda marker: f"At the end of your answer, add a postscript starting with {marker}")
 def postscript(text: str, marker: Marker) -> bool:
     """A line of the last paragraph starts with `marker` ("P.S." or "P.P.S.", any case, a space
-    allowed after each dot, the last dot optional) followed by some text."""
+    allowed after each dot, the last dot optional but then no letter right after: "P.Smith" is a name)
+    followed by some text."""
     letters = marker.replace(".", "")
-    start = r"^\s*" + r"\.\s?".join(letters) + r"\.?\s*:?\s*\w"
+    start = r"^\s*" + r"\.\s?".join(letters) + r"(?:\.|(?!\w))\s*:?\s*\w"
     last_paragraph = paragraphs(text)[-1:]
     return any(re.search(start, p, re.IGNORECASE | re.MULTILINE) for p in last_paragraph)
