@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import WeightAveraging
 
+from datamodules.prompts import PromptDataModule
 from slmlab.checkpoint import check_architecture, load_weights
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.lora import add_lora, merge_lora
@@ -109,6 +110,12 @@ class LMModule(L.LightningModule):
         if dm.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"the tokenizer has {dm.vocab_size} tokens but model.vocab_size={self.model_config.vocab_size}; "
                              "set model.vocab_size to at least the tokenizer's size")
+        for key, prompts in (("data", dm), ("data.constraint_val", getattr(dm, "constraint_val", None))):
+            # sampled from (GRPO, on-policy DPO, the pass-rate validation): else the first rollout fails mid-run
+            if isinstance(prompts, PromptDataModule) and prompts.seq_len >= self.model_config.max_seq_len:
+                raise ValueError(f"{key}: a prompt of {prompts.seq_len} tokens leaves no room to generate within "
+                                 f"model.max_seq_len={self.model_config.max_seq_len}: set {key}.max_prompt_len "
+                                 "below it")
         if dm.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds model.max_seq_len={self.model_config.max_seq_len}")
 

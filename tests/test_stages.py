@@ -290,6 +290,25 @@ def test_init_from_another_architecture_or_a_missing_file_is_named(pretrained, t
                                                              "stage.temperature=0.0"]))
 
 
+@pytest.mark.parametrize("key,overrides", [
+    ("data.constraint_val", ["stage=sft", "+data/constraint_val=embedded", "data.constraint_val.max_prompt_len=null"]),
+    ("data", ["stage=grpo", "data.max_prompt_len=null"]),
+])
+def test_prompts_that_leave_no_room_to_generate_are_refused_before_training(pretrained, tmp_path, key, overrides):
+    """The tiny model has 32 positions. The pass-rate validation's prompts went unchecked, and GRPO's
+    check let a prompt of exactly max_seq_len through: both failed at their first rollout, mid-run."""
+    if key == "data":  # lowercase_prompts with one question as long as the context
+        prompts = lowercase_prompts(tmp_path)
+        rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+        rows[0]["prompt"] = "what is debian? " * 8
+        prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        overrides = [*overrides, f"data.prompts={prompts}"]
+    with pytest.raises(ValueError, match=rf"^{key}: a prompt of \d+ tokens leaves no room to generate within "
+                                         rf"model.max_seq_len=32: set {key}.max_prompt_len below it"):
+        train(compose_config(tiny_run_overrides(tmp_path) + [f"init_from={pretrained}", *overrides]))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretrained, tmp_path):
     from slmlab.seqkd import teacher_conversations
     from tests.conftest import ROOT
