@@ -317,12 +317,45 @@ def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretra
     prompts = tmp_path / "prompts.jsonl"  # short: the tiny teacher has 32 positions
     prompts.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]}) + "\n"
                                for i, q in enumerate(["what is apt?", "was ist dpkg?", "what is sudo?", "hi"])))
-    a = teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=6, limit=3)
-    b = teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=6, limit=3)
+    # the tiny teacher never ends a turn within 6 tokens: its answers are kept for this test
+    a, b = (teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=6, limit=3,
+                                  keep_unfinished=True) for _ in range(2))
     assert a == b and len(a) == 3
     for row in a:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         assert isinstance(row["messages"][-1]["content"], str)
+
+
+def test_seqkd_skips_the_answers_the_teacher_did_not_finish(pretrained, tmp_path, monkeypatch, capsys):
+    """An answer cut by max_new_tokens, written as a closed turn, would teach the student to stop there."""
+    import slmlab.seqkd
+    from slmlab.data.chat import IM_END, load_chat_tokenizer
+    from slmlab.data.errors import DataError
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    end = load_chat_tokenizer(tokenizer)[0].token_to_id(IM_END)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]}) + "\n"
+                               for i, q in enumerate(["what is apt?", "was ist dpkg?", "what is sudo?"])))
+    calls = []
+
+    def teacher(model, prompt, budget, **kwargs):  # the second prompt's answer ends its turn, the others run out
+        calls.append(len(calls))
+        answer = [100, 101, end] if len(calls) == 2 else [100 + i for i in range(budget)]
+        return torch.cat([prompt, torch.tensor([answer])], 1)
+
+    monkeypatch.setattr(slmlab.seqkd, "generate", teacher)
+    rows = slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
+    assert [row["messages"][0]["content"] for row in rows] == ["was ist dpkg?"]
+    assert "1 prompts answered; 0 prompts fill the teacher's max_seq_len=32; 2 answers unfinished" in capsys.readouterr().out
+    kept = slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4,
+                                              keep_unfinished=True)
+    assert len(kept) == 3
+    calls.clear()
+    prompts.write_text(prompts.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match="no prompt answered: .* 1 answers unfinished"):
+        slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
 
 
 @pytest.mark.parametrize("stage,key,extra", [
@@ -379,7 +412,8 @@ def test_seqkd_output_is_sft_data_split_as_its_source_with_the_held_out_rows_una
                                                 ["what is apt?", "was ist dpkg?", "what is sudo?"])
     out = tmp_path / "seqkd.jsonl"
     tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
-    seqkd(["--teacher", str(pretrained), "--tokenizer", str(tokenizer), "--prompts", str(source), "--out", str(out)])
+    seqkd(["--teacher", str(pretrained), "--tokenizer", str(tokenizer), "--prompts", str(source), "--out", str(out),
+           "--keep-unfinished"])  # the tiny teacher's 32 positions end its answers before an end of turn
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == len(train_rows) + len(val_rows)
     for row, src in zip(written, train_rows + val_rows):

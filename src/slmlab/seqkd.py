@@ -7,8 +7,10 @@ answers become a new chat dataset to fine-tune the student on (step 2: `stage=sf
 
 Each conversation's turns before its first assistant turn are the prompt; sampling follows
 OdinNext's recipe (temperature 0.7, top-p 0.9) and is seeded, so a rerun writes the same file.
-A written row keeps every field of its source row (`id`, `section`, ...), so the SFT data config
-splits it as it splits the source. Rows of that config's validation split (`--data`: its `split_key`
+Answers the teacher did not finish (no end of turn within `--max-new-tokens` or its context) are
+skipped and counted: written as a closed turn, they would teach the student to stop mid-sentence
+(`--keep-unfinished` writes them anyway). A written row keeps every field of its source row (`id`,
+`section`, ...), so the SFT data config splits it as it splits the source. Rows of that config's validation split (`--data`: its `split_key`
 and `val_fraction`) are not answered: they are copied as they are, so the student is validated on the
 same held-out conversations, with their reference answers, as after plain SFT.
 """
@@ -34,11 +36,13 @@ from slmlab.models.generate import generate
 
 def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_new_tokens: int | None = None,
                           temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, limit: int | None = None,
-                          split_key: str | None = None, val_fraction: float = 0.0) -> list[dict]:
+                          split_key: str | None = None, val_fraction: float = 0.0,
+                          keep_unfinished: bool = False) -> list[dict]:
     """One conversation per prompt: its source row with the prompt turns plus the teacher's answer.
 
     An answer has at most `max_new_tokens` tokens (None: no limit) and always ends within the
-    teacher's max_seq_len, so that it fits the student's context; prompts that fill it are skipped.
+    teacher's max_seq_len, so that it fits the student's context; prompts that fill it are skipped, and
+    so are answers without an end of turn, unless `keep_unfinished`.
     With `split_key`, held-out rows (`is_val_record`) are copied unanswered, and do not count
     towards `limit`. DataError if no prompt is answered.
     """
@@ -47,7 +51,7 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
     tokenizer, template = load_chat_tokenizer(tokenizer_path)
     end_of_turn = tokenizer.token_to_id(IM_END)
     generator = torch.Generator().manual_seed(seed)
-    out, answered, held_out, too_long = [], 0, 0, 0
+    out, answered, held_out, too_long, unfinished = [], 0, 0, 0, 0
     for where, row in read_jsonl(prompts):
         if split_key is not None and is_val_record(row, split_key, val_fraction, where):
             out.append(row)
@@ -69,10 +73,14 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
         budget = context if max_new_tokens is None else max_new_tokens
         seq = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_p=top_p, stop_ids=end_of_turn,
                        generator=generator)[0, len(ids):].tolist()
+        if end_of_turn not in seq and not keep_unfinished:
+            unfinished += 1
+            continue
         answer = tokenizer.decode([t for t in seq if t != end_of_turn]).strip()
         out.append({"id": len(out), **row, "messages": turns + [{"role": "assistant", "content": answer}]})
         answered += 1
-    summary = (f"{too_long} prompts fill the teacher's max_seq_len={context}; {held_out} held out "
+    summary = (f"{too_long} prompts fill the teacher's max_seq_len={context}; {unfinished} answers unfinished "
+               f"(skipped; --keep-unfinished keeps them); {held_out} held out "
                f"(split_key={split_key!r}, val_fraction={val_fraction})")
     if not answered:
         raise DataError(f"{prompts}: no prompt answered: {summary}")
@@ -96,12 +104,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="answer at most this many prompts")
+    parser.add_argument("--keep-unfinished", action="store_true",
+                        help="also write answers cut by --max-new-tokens or the context, as closed turns")
     args = parser.parse_args(argv)
     try:
         data = compose_config([f"data={args.data}"]).data
         rows = teacher_conversations(args.teacher, args.tokenizer, args.prompts, args.max_new_tokens,
                                      args.temperature, args.top_p, args.seed, args.limit, data.split_key,
-                                     data.val_fraction)
+                                     data.val_fraction, args.keep_unfinished)
     except (DataError, HydraException) as e:  # no file written, and a failing status stops a pipeline
         sys.exit(f"error: {e}")
     with atomic_write(Path(args.out)) as f:
