@@ -455,6 +455,25 @@ def test_the_embedded_data_loads_with_held_out_sections(tokenizer_path):
     assert json.loads((tokenizer_path.parent / CONFIG_FILE).read_text())["chat_template"] == CHATML_TEMPLATE
 
 
+def test_no_training_pair_holds_a_held_out_sections_answers():
+    """`wrong_section` rejects another section's answer: it once took held-out sections' too (8 training
+    pairs held text that chat and DPO validation hold out)."""
+    from slmlab.data.prepare import is_val_document
+
+    def rows(name: str) -> list[dict]:
+        with gzip.open(CORPUS_DIR / name, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    def held_out(row: dict) -> bool:  # conf/data/chat_embedded.yaml and prefs.yaml: split_key section, 0.15
+        return is_val_document(row["section"].encode(), 0.15)
+
+    chat, prefs = rows("chat.jsonl.gz"), rows("prefs.jsonl.gz")
+    held = {m["content"] for row in chat if held_out(row) for m in row["messages"] if m["role"] == "assistant"}
+    held |= {row["chosen"] for row in prefs if held_out(row)}
+    training = [row for row in prefs if not held_out(row)]
+    assert len(training) > 300 and not [row["id"] for row in training if row["rejected"] in held]
+
+
 def test_the_data_configs_instantiate_with_the_pretraining_tokenizer():
     chat = instantiate(compose_config(["data=chat_embedded"]).data)
     assert isinstance(chat.pretrain_val, TokenShardDataModule) and chat.val_sources == ["chat", "en", "de"]

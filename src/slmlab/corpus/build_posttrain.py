@@ -318,7 +318,9 @@ def rejected_answer(how: str, kind: str, unit: Unit, chosen: str, book: dict[tup
     """A worse answer to the question `kind` about `unit` (None where `how` does not apply)."""
     language = unit.language
     if how == "wrong_section":  # a fluent, well-formed answer about another part of the book
-        others = [u for (lang, _), u in book.items() if lang == language and u.section != unit.section]
+        # never a held-out section's text: the splits nest (pretraining's 5%, chat and prefs' 15%, these 20%)
+        others = [u for (lang, _), u in book.items() if lang == language and u.section != unit.section
+                  and not is_val_document(u.section.encode(), HELDOUT_FRACTION)]
         for candidate in rng.sample(others, 20):
             answer = QAS[kind].answer(candidate, language)
             if answer is not None and answer != chosen:
