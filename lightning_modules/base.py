@@ -62,6 +62,7 @@ class LMModule(L.LightningModule):
         self.param_groups = param_groups_for(optimizer, self.model, decay_embeddings)
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
         self._step_tokens: torch.Tensor | None = None  # label tokens of this step so far (`token_weighted`)
+        self._train_sums: torch.Tensor | None = None  # `log_train_means`: this step's label tokens and sums
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""
@@ -218,6 +219,22 @@ class LMModule(L.LightningModule):
         # tokens, kept near the mean's magnitude (fp16's loss scale would overflow a plain sum)
         return mean_loss * tokens / self._token_scale()
 
+    def log_train_means(self, metrics: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Logs each of `metrics` (means over this micro-batch's label tokens) as its mean over the label
+        tokens of the whole optimizer step: every micro-batch, on every rank, reduced once per step
+        (`on_before_optimizer_step`). Logged from training_step, a metric was rank 0's last micro-batch."""
+        tokens = (labels != IGNORE_INDEX).sum().float()
+        sums = torch.stack([tokens, *(value.detach().float() * tokens for value in metrics.values())])
+        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
+        self._train_keys = list(metrics)
+
+    def _log_step_means(self) -> None:
+        if self._train_sums is None:
+            return
+        tokens, *totals = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum")
+        self._train_sums = None
+        self.log_dict({key: total / tokens.clamp(min=1.0) for key, total in zip(self._train_keys, totals)})
+
     def _token_scale(self) -> int:
         return self.trainer.datamodule.batch_size * self.model_config.max_seq_len
 
@@ -235,6 +252,7 @@ class LMModule(L.LightningModule):
             torch._foreach_mul_(grads, factor)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._log_step_means()
         norm = self.gradient_norm()  # non-finite where NonFiniteGuard skips the step
         if norm is not None:
             self.log("train/grad_norm", norm)  # before clipping

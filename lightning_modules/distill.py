@@ -42,5 +42,5 @@ class DistillModule(PretrainModule):
         kd = distill_loss(logits, teacher_logits, batch["labels"], self.temperature)
         ce_and_z, ce = lm_loss(logits, batch["labels"], self.z_loss)
         loss = self.alpha * kd + (1 - self.alpha) * ce + (ce_and_z - ce)  # the z-loss whatever alpha
-        self.log_dict({"train/loss": ce, "train/kd": kd, "train/total_loss": loss})
+        self.log_train_means({"train/loss": ce, "train/kd": kd, "train/total_loss": loss}, batch["labels"])
         return self.token_weighted(loss, batch["labels"])  # chat data: micro-batches of unequal label counts

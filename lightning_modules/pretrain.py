@@ -116,7 +116,7 @@ class PretrainModule(LMModule):
         # no whole-batch logits
         # None under superposition (stage.document_mask refuses it; its bag rows carry no positions)
         loss, ce = self.model.loss(input_ids, labels, self.z_loss, positions=self.batch_positions(batch))
-        self.log("train/loss", ce)  # no prog_bar: Lightning would read it back (a GPU sync) every step
+        self.log_train_means({"train/loss": ce}, labels)
         return loss
 
     def positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:

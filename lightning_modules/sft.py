@@ -40,7 +40,7 @@ class SFTModule(LMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.model.loss(batch["input_ids"], batch["labels"], positions=batch.get("positions"))  # packed
-        self.log("train/loss", loss)
+        self.log_train_means({"train/loss": loss}, batch["labels"])
         dm = self.trainer.datamodule
         self.log("train/epoch", torch.tensor(dm.samples_consumed / dm.train_size))  # on the CPU: no copy to the GPU
         return self.token_weighted(loss, batch["labels"])
