@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from datamodules.prompts import PromptDataModule
 from slmlab.checkpoint import check_architecture, load_weights
+from slmlab.mixers import check_kernel_settings
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.lora import add_lora, merge_lora
 from slmlab.models.transformer import BACKBONE, COMPILE_MODES, CUDA_GRAPH_MODES
@@ -99,6 +100,7 @@ class LMModule(L.LightningModule):
                                  "model.activation_checkpointing=true: use stage.compile=true")
         if shards_parameters(self.trainer.strategy):
             self.refuse_what_fsdp_cannot_do()
+        check_kernel_settings(self.model_config, self.trainer.strategy.root_device)
         every, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
         if isinstance(every, int) and every % accumulate:
             # the validation's checkpoint would hold a data position inside an optimizer step

@@ -322,6 +322,39 @@ def test_asking_for_a_cute_kernel_where_it_cannot_run_says_why(kernels, hopper, 
         usable(asked, cuda)
 
 
+def test_kernel_settings_are_checked_before_training_naming_the_key(tmp_path, kernels, hopper):
+    """What the layers would raise at their first forward comes at set-up, as `model.<key>=...`; a
+    setting no layer reads is a warning, not silence."""
+    from dataclasses import replace
+
+    from hydra.utils import instantiate
+
+    from slmlab.mixers import check_kernel_settings
+    from tests.conftest import compose_config, tiny_run_overrides
+    from train import train
+
+    dense, hybrid = (instantiate(compose_config([f"model={m}"]).model) for m in ("tiny", "tiny_hybrid"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^model.attention_kernel=flash_attn: .* runs on CUDA tensors only, got cpu"):
+        train(compose_config(tiny_run_overrides(tmp_path) + ["model.attention_kernel=flash_attn"]))
+    assert not list(tmp_path.rglob("*.ckpt"))
+    with pytest.raises(ImportError, match=r"^model.kernel=fla: kernel='fla' was asked for, but fla does not import"):
+        check_kernel_settings(replace(hybrid, kernel="fla"), cuda)
+    with pytest.raises(ValueError, match=r"^model.kernel=mamba_ssm: GLA has no mamba_ssm kernel"):
+        check_kernel_settings(replace(hybrid, kernel="mamba_ssm"), cuda)
+    with pytest.raises(ValueError, match=r"^model.mlp_kernel=quack: .*quack.* runs on CUDA tensors only"):
+        check_kernel_settings(replace(dense, mlp_kernel="quack"), cpu)
+    with pytest.warns(UserWarning, match=r"model.kernel=fla is not used: no layer .* \(mixers: attention\)"):
+        check_kernel_settings(replace(dense, kernel="fla"), cpu)
+    with pytest.warns(UserWarning, match="model.mlp_kernel=quack is not used: model.kernel=torch"):
+        check_kernel_settings(replace(dense, kernel="torch", mlp_kernel="quack"), cuda)
+    kernels.update({"fla", "quack", "flash_attn"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # usable settings: silent
+        check_kernel_settings(replace(hybrid, kernel="fla", mlp_kernel="quack", attention_kernel="flash_attn"), cuda)
+        check_kernel_settings(hybrid, cpu)
+
+
 def test_before_any_kernel_package_imports_quack_is_told_to_keep_its_autotuning_winners(monkeypatch):
     """quack reads the switch when its autotuners are made, at import, and flash-attn-4 imports quack too:
     without it every process would autotune each GEMM shape again (minutes)."""

@@ -134,7 +134,8 @@ def test_a_data_module_that_cannot_read_bags_is_named(tmp_path):
     class ChatData:  # no read_bags
         batch_size, vocab_size, seq_len = 4, 512, 32
 
-    module.trainer = SimpleNamespace(datamodule=ChatData(), callbacks=[], strategy=None, world_size=1,
+    module.trainer = SimpleNamespace(datamodule=ChatData(), callbacks=[], world_size=1,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")),
                                      accumulate_grad_batches=1, val_check_interval=4, max_steps=8)
     with pytest.raises(ValueError, match="stage.superposition: the data module ChatData cannot read bags"):
         module.setup("fit")

@@ -65,6 +65,7 @@ class Attention(nn.Module):
     # whether its CUDA path compiles kernels at the first call (kernel warm-up); the QK-norm/RoPE kernels
     # are small enough to compile in the training process
     compiles_kernels = False
+    kernel_op = None  # no op of a kernel package: `model.attention_kernel` chooses causal attention's
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()

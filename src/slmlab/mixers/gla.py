@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import linear_flops
 from slmlab.ops import compute_dtype, gla, gla_flops_per_token
+from slmlab.ops.gla import GLA_PACKAGES
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RecurrentState:
 
 class GLA(nn.Module):
     compiles_kernels = True  # fla's Triton kernels
+    kernel_op = ("GLA", GLA_PACKAGES)  # the op `model.kernel` chooses an implementation of
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from slmlab.models.config import ModelConfig
 from slmlab.models.layers import linear_flops
 from slmlab.ops import compute_dtype, kernel_available, ssd, ssd_flops_per_token
+from slmlab.ops.ssd import SSD_PACKAGES
 from slmlab.ops.causal_conv import causal_conv1d_silu, causal_conv1d_silu_reference
 
 
@@ -64,6 +65,7 @@ class GatedRMSNorm(nn.Module):
 
 class Mamba2(nn.Module):
     compiles_kernels = True  # mamba-ssm's (or fla's) Triton kernels
+    kernel_op = ("SSD", SSD_PACKAGES)  # the op `model.kernel` chooses an implementation of
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ from slmlab.ops.backend import custom_op_usable, resolve_backend
 
 # fla's chunk kernels work in blocks of 64 time steps: the chunk length behind `gla_flops_per_token`
 KERNEL_CHUNK = 64
+GLA_PACKAGES = ("fla",)  # the kernel packages that implement `gla`, in the order kernel=auto tries them
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -163,7 +164,7 @@ def gla(
     flattened into one row of sequences (`cu_seqlens`).
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
-    if resolve_backend(kernel, q.device, ("fla",), "GLA") == "torch":
+    if resolve_backend(kernel, q.device, GLA_PACKAGES, "GLA") == "torch":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, starts)
     if starts is not None:
         if initial_state is not None or output_final_state:

@@ -30,6 +30,7 @@ from slmlab.ops.gla import causal_half, compute_dtype, gla, gla_chunked
 
 # chunk length of mamba-ssm's kernel as its Mamba2 module calls it: the one behind `ssd_flops_per_token`
 MAMBA_CHUNK = 256
+SSD_PACKAGES = ("mamba_ssm", "fla")  # the kernel packages that implement `ssd`, in the order kernel=auto tries them
 
 
 def ssd_recurrent(
@@ -114,7 +115,7 @@ def ssd(
 
     Final states come back in float32 (float64 for float64 inputs on the reference).
     """
-    backend = resolve_backend(kernel, x.device, ("mamba_ssm", "fla"), "SSD")
+    backend = resolve_backend(kernel, x.device, SSD_PACKAGES, "SSD")
     if backend == "torch":
         return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state, starts)
     if backend == "fla":
