@@ -750,6 +750,19 @@ def test_step_profiler_profiles_the_asked_optimizer_steps_of_a_run(tmp_path, cap
     assert sum(e.get("name") == "aten::embedding" for e in trace["traceEvents"]) == 2
 
 
+@pytest.mark.parametrize("start,steps,message", [
+    (20, 2, r"steps 20-21 are not all in this run \(steps 0-5\), so nothing is profiled"),
+    (5, 2, r"steps 5-6 are not all in this run"),
+])
+def test_a_profile_window_outside_the_run_is_a_warning(tmp_path, start, steps, message):
+    """The default start (20) in a shorter run, or a window past its end, once printed nothing at all."""
+    from train import train
+
+    with pytest.warns(UserWarning, match=rf"callbacks.profile: {message}"):
+        train(compose_config(tiny_run_overrides(tmp_path, steps=6, val_every=6) + [
+            "callbacks.sample=null", f"callbacks.profile.start={start}", f"callbacks.profile.steps={steps}"]))
+
+
 def test_compiled_blocks_keep_a_compiled_variant_for_every_mixer_kind_and_use(monkeypatch):
     """All blocks share one compiled forward, whose variants dynamo caps (8 by default). Each kind of
     mixer needs its own for training, evaluation, training-mode forwards without gradients (GRPO's and

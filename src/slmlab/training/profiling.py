@@ -6,6 +6,7 @@ its queue, then waits while Python loads the next batch and launches the next ke
 
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -113,6 +114,15 @@ class StepProfiler(Callback):
         self._t0 = 0.0
         self._done = False
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.steps or not trainer.is_global_zero:
+            return
+        end = self.start + self.steps
+        if trainer.global_step > self.start or (trainer.max_steps >= 0 and end > trainer.max_steps):
+            warnings.warn(f"callbacks.profile: steps {self.start}-{end - 1} are not all in this run (steps "
+                          f"{trainer.global_step}-{trainer.max_steps - 1}), so nothing is profiled; set "
+                          "callbacks.profile.start", stacklevel=2)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if (not self.steps or self._prof is not None or self._done or trainer.global_step != self.start
                 or not trainer.is_global_zero):
@@ -144,6 +154,8 @@ class StepProfiler(Callback):
         if self._prof is not None:  # the run ended inside the window: no report of a partial one
             self._prof.__exit__(None, None, None)
             self._prof = None
+            warnings.warn(f"callbacks.profile: the run ended inside steps {self.start}-{self.start + self.steps - 1}; "
+                          "no profile", stacklevel=2)
 
     def report(self, prof: profile, wall_seconds: float) -> list[str]:
         n = self.steps
