@@ -208,8 +208,8 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_a_clear_error():
 
     module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
                             optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant))
-    module.trainer = SimpleNamespace(strategy=None, val_check_interval=1, accumulate_grad_batches=1,
-                                     datamodule=SimpleNamespace(vocab_size=64, seq_len=16))
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), val_check_interval=1,
+                                     accumulate_grad_batches=1, datamodule=SimpleNamespace(vocab_size=64, seq_len=16))
     with pytest.raises(ValueError, match="tokenizer has 64 tokens but model.vocab_size=50"):
         module.setup("fit")
     module.trainer.datamodule = SimpleNamespace(vocab_size=50, seq_len=32)
