@@ -345,3 +345,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         load_checkpoint_model(bad)
     with pytest.raises(ValueError, match="broken.ckpt"):
         resolve_ckpt_path(str(bad), False, trainer=type("T", (), {"checkpoint_callback": None})())
+    gguf = tmp_path / "model-F16.gguf"  # chat.py ckpt=<an export for llama.cpp>: once "corrupt (BadZipFile)"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ValueError, match=r"model-F16.gguf is a GGUF file \(for llama.cpp\); slmlab reads a checkpoint"):
+        load_checkpoint_model(gguf)

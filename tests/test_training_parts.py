@@ -560,6 +560,26 @@ def test_throughput_windows_hold_each_batchs_loading_once_and_its_own_steps_flop
     assert len(startups) == 1
 
 
+def test_start_up_counts_from_launch_for_a_process_first_job_and_from_its_own_start_after(monkeypatch):
+    """A Hydra multirun runs its jobs one after another in one process: each later job's perf/startup_s
+    counted from the process's launch, so that of the fourth job of a grid held the three before it."""
+    from slmlab.training import callbacks
+    from slmlab.training.callbacks import ThroughputMonitor
+
+    monkeypatch.setattr(ThroughputMonitor, "built_in_process", 0)
+    monkeypatch.setattr(callbacks, "seconds_since_launch", lambda: 100.0)
+    clock = [5.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda key, value: logged.append((key, value)))
+    trainer = SimpleNamespace(is_global_zero=False)
+    first, second = ThroughputMonitor(), ThroughputMonitor()  # built at 5.0 s
+    clock[0] = 12.5
+    first._log_startup(trainer, module)
+    second._log_startup(trainer, module)
+    assert logged == [("perf/startup_s", 100.0), ("perf/startup_s", 7.5)]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("fused", [False, True], ids=["clipped-in-place", "clipped-by-fused-adamw"])

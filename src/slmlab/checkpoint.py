@@ -26,6 +26,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".gguf":  # not a damaged checkpoint: a format slmlab writes for llama.cpp only
+        raise ValueError(f"{path} is a GGUF file (for llama.cpp); slmlab reads a checkpoint (.ckpt) or a folder "
+                         "exported with format=hf or safetensors")
     try:
         with zipfile.ZipFile(path) as archive:
             bad_record = archive.testzip()

@@ -76,11 +76,16 @@ class ThroughputMonitor(Callback):
     GPU can have waited for data. A window runs from the end of one logging step to the end of the next,
     so it holds each of its batches' loading once; validation time is excluded. Once, perf/startup_s:
     launch to the end of the first optimizer step this process ran (imports, data, model, compilation,
-    kernel autotuning), also printed."""
+    kernel autotuning), also printed; in a process that runs several jobs one after another (a Hydra
+    multirun), each later job's from its own start (this callback's construction)."""
+
+    built_in_process = 0
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.peak = peak_flops_per_device
+        ThroughputMonitor.built_in_process += 1
+        self._job_start = None if ThroughputMonitor.built_in_process == 1 else time.perf_counter()
         self._first_step = self._seen_step = 0  # the step this process started from (a resumed run's), the last seen
         self._t0: float | None = None
 
@@ -141,7 +146,7 @@ class ThroughputMonitor(Callback):
     def _log_startup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()  # the step has run, not just been queued
-        seconds = seconds_since_launch()
+        seconds = seconds_since_launch() if self._job_start is None else time.perf_counter() - self._job_start
         if seconds is None:
             return
         pl_module.log("perf/startup_s", seconds)
