@@ -101,7 +101,12 @@ class LMModule(L.LightningModule):
         if shards_parameters(self.trainer.strategy):
             self.refuse_what_fsdp_cannot_do()
         check_kernel_settings(self.model_config, self.trainer.strategy.root_device)
-        every, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
+        # a time (Lightning's "DD:HH:MM:SS") leaves the trainer without val_check_interval
+        every, accumulate = getattr(self.trainer, "val_check_interval", None), self.trainer.accumulate_grad_batches
+        if every is None and accumulate > 1:
+            raise ValueError(f"a time-based trainer.val_check_interval validates (and checkpoints) after whichever "
+                             f"batch the time runs out on, inside an optimizer step of trainer.accumulate_grad_batches="
+                             f"{accumulate}: give a number of batches, a multiple of {accumulate}")
         if isinstance(every, int) and every % accumulate:
             # the validation's checkpoint would hold a data position inside an optimizer step
             raise ValueError(f"trainer.val_check_interval={every} counts batches: with trainer.accumulate_grad_batches="

@@ -243,6 +243,12 @@ def test_a_validation_inside_an_optimizer_step_is_refused(tmp_path):
                                          "trainer.accumulate_grad_batches=2 it must be a multiple of 2"):
         train(compose_config(tiny_run_overrides(tmp_path) + ["trainer.accumulate_grad_batches=2",
                                                              "trainer.val_check_interval=3"]))
+    # a time: validates after whichever batch it runs out on; it crashed set-up with an AttributeError
+    timed = ["trainer.val_check_interval='00:00:00:01'"]
+    with pytest.raises(ValueError, match="a time-based trainer.val_check_interval .* give a number of batches"):
+        train(compose_config(tiny_run_overrides(tmp_path / "accumulated") + ["trainer.accumulate_grad_batches=2", *timed]))
+    train(compose_config(tiny_run_overrides(tmp_path / "timed", steps=4) + timed))
+    assert metric(tmp_path / "timed" / "run", "val/loss")
 
 
 def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(tmp_path):
