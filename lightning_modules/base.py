@@ -64,6 +64,7 @@ class LMModule(L.LightningModule):
         self._grad_norm: tuple[int, torch.Tensor | None] | None = None  # (optimizer step, its norm)
         self._step_tokens: torch.Tensor | None = None  # label tokens of this step so far (`token_weighted`)
         self._train_sums: torch.Tensor | None = None  # `log_train_means`: this step's label tokens and sums
+        self._train_keys: list[str] = []  # ... and the metrics they are the sums of
 
     def frozen_copy(self, dtype: torch.dtype | None = None) -> CausalLM:
         """A copy of the current model that never trains (a reference policy or a teacher)."""

@@ -37,7 +37,8 @@ def check_kernel_settings(cfg: ModelConfig, device: torch.device) -> None:
     kinds = {mixer_class(name) for name in cfg.layer_mixers}
     ops = {kind.kernel_op for kind in kinds if kind.kernel_op}
     if cfg.kernel == "torch":
-        for key, value, default in (("attention_kernel", cfg.attention_kernel, "auto"), ("mlp_kernel", cfg.mlp_kernel, "torch")):
+        for key, value, default in (("attention_kernel", cfg.attention_kernel, "auto"),
+                                    ("mlp_kernel", cfg.mlp_kernel, "torch")):
             if value != default:
                 warnings.warn(f"model.{key}={value} is not used: model.kernel=torch runs every layer's PyTorch path",
                               stacklevel=2)

@@ -79,7 +79,7 @@ class ThroughputMonitor(Callback):
     kernel autotuning), also printed; in a process that runs several jobs one after another (a Hydra
     multirun), each later job's from its own start (this callback's construction)."""
 
-    built_in_process = 0
+    built_in_process = 0  # a Hydra multirun builds one per job, one job after another
 
     def __init__(self, log_every_n_steps: int = 10, peak_flops_per_device: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps

@@ -119,9 +119,10 @@ class StepProfiler(Callback):
             return
         end = self.start + self.steps
         if trainer.global_step > self.start or (trainer.max_steps >= 0 and end > trainer.max_steps):
+            last = trainer.max_steps - 1 if trainer.max_steps >= 0 else "on"
             warnings.warn(f"callbacks.profile: steps {self.start}-{end - 1} are not all in this run (steps "
-                          f"{trainer.global_step}-{trainer.max_steps - 1}), so nothing is profiled; set "
-                          "callbacks.profile.start", stacklevel=2)
+                          f"{trainer.global_step}-{last}), so nothing is profiled; set callbacks.profile.start",
+                          stacklevel=2)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if (not self.steps or self._prof is not None or self._done or trainer.global_step != self.start
