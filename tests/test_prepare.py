@@ -89,6 +89,27 @@ def test_a_null_split_key_in_parquet_is_named_not_hashed_as_none(tmp_path):
         list(DocumentReader(str(path), split_key="section").with_split_ids())
 
 
+def test_odd_rows_read_as_their_documents(tmp_path):
+    """Empty texts are no documents (each was a lone EOS in the shards, every one in the same split); a
+    UTF-8 byte-order mark is not text; a split key may be the text column itself, or hold a lone surrogate."""
+    from slmlab.data.records import is_val_record, read_jsonl
+
+    (tmp_path / "d.jsonl").write_bytes('\ufeff{"text": "a", "section": "s1"}\n{"text": ""}\n{"text": "b"}\n'.encode())
+    assert list(DocumentReader(str(tmp_path / "d.jsonl"))) == ["a", "b"]
+    assert [record for _, record in read_jsonl(tmp_path / "d.jsonl")][0] == {"text": "a", "section": "s1"}
+    (tmp_path / "d.txt").write_bytes("\ufeffhallo".encode())
+    assert list(DocumentReader(str(tmp_path / "d.txt"))) == ["hallo"]
+    pq.write_table(pa.table({"text": ["a", "", "b"]}), tmp_path / "d.parquet")
+    assert list(DocumentReader(str(tmp_path / "d.parquet"), split_key="text").with_split_ids()) == [("a", b"a"), ("b", b"b")]
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(DataError, match="empty.jsonl: empty file, no documents"):
+        list(DocumentReader(str(tmp_path / "empty.jsonl")))
+    (tmp_path / "s.jsonl").write_text('{"text": "x", "section": "sec\\ud800"}\n')
+    (reader_id,) = [key for _, key in DocumentReader(str(tmp_path / "s.jsonl"), split_key="section").with_split_ids()]
+    (where, record), = read_jsonl(tmp_path / "s.jsonl")
+    assert is_val_record(record, "section", 0.5, where) == is_val_document(reader_id, 0.5)  # one rule for both
+
+
 # -- prepare -----------------------------------------------------------------------------------
 
 def documents_in_shards(out_dir, manifest: Manifest, split: str) -> list[list[int]]:

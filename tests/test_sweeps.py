@@ -330,5 +330,7 @@ def test_multirun_folder_names_stay_short_and_distinct():
     assert len(overrides) > 255 and short_dirname("optim.lr=0.001") == "optim.lr=0.001"
     names = {short_dirname(overrides), short_dirname(other)}
     assert len(names) == 2 and all(len(n) == 120 for n in names)
+    umlauts = "schedule.name=" + "ä" * 200  # 414 bytes: file systems count bytes, not characters
+    assert len(short_dirname(umlauts).encode()) <= 120 and short_dirname(umlauts) != short_dirname(umlauts + "x")
     subdir = (CONF_DIR / "hydra" / "default.yaml").read_text()
     assert "short_dirname:${hydra:job.override_dirname}" in subdir  # what names each multirun job's folder

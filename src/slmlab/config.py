@@ -92,11 +92,14 @@ def _wandb_offline() -> bool:
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
-    """A directory name of at most `limit` characters: a longer one keeps its start and gets a hash of
-    the whole, so the multirun folders of many overrides stay distinct and within file-system limits."""
-    if len(name) <= limit:
+    """A directory name of at most `limit` UTF-8 bytes (what file systems count): a longer one keeps its
+    start and gets a hash of the whole, so the multirun folders of many overrides stay distinct and
+    within file-system limits."""
+    encoded = name.encode()
+    if len(encoded) <= limit:
         return name
-    return f"{name[: limit - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    start = encoded[: limit - 9].decode(errors="ignore")  # not through the middle of a character
+    return f"{start}_{hashlib.sha1(encoded).hexdigest()[:8]}"
 
 
 def _auto_precision() -> str:

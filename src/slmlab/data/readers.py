@@ -25,6 +25,7 @@ from slmlab.data.errors import DataError
 FORMATS = ("txt", "jsonl", "parquet")
 DECODE_ERROR_POLICIES = ("skip", "error")
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz cut short (an interrupted download) or damaged
+BOM = "\ufeff"  # what some Windows tools put at the start of a UTF-8 file
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -111,6 +112,7 @@ class DocumentReader:
             raise DataError(f"{path}: split_key={self.split_key!r} needs records (jsonl, parquet or a dataset), not txt")
         with _open(path) as f:
             text = self._decode(f.read(), str(path))
+        text = text and text.removeprefix(BOM)  # Windows editors' byte-order mark is not text
         if text:
             yield text, text.encode("utf-8")
 
@@ -119,6 +121,8 @@ class DocumentReader:
             for line_no, raw in enumerate(f, 1):
                 where = f"{path}:{line_no}"
                 line = self._decode(raw, where)
+                if line is not None and line_no == 1:
+                    line = line.removeprefix(BOM)
                 if line is None or not line.strip():
                     continue
                 try:
@@ -126,6 +130,8 @@ class DocumentReader:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg})") from None
                 text = self._text_of(record, where)
+                if not text:  # a document of no text would be a lone EOS in the shards
+                    continue
                 try:  # JSON escapes can encode lone surrogates ("\ud800"), which UTF-8 cannot
                     text.encode("utf-8")
                 except UnicodeEncodeError as e:
@@ -140,14 +146,14 @@ class DocumentReader:
         except ImportError:
             raise ImportError("reading parquet files needs `pyarrow`: pip install -e '.[hf]'") from None
         parquet = pq.ParquetFile(path)
-        columns = [self.text_key] + ([self.split_key] if self.split_key else [])
+        columns = list(dict.fromkeys([self.text_key] + ([self.split_key] if self.split_key else [])))
         for column in columns:
             if column not in parquet.schema_arrow.names:
                 raise DataError(f"{path}: no column {column!r} (columns: {parquet.schema_arrow.names})")
         row = 0
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-            keys = batch.column(1).to_pylist() if self.split_key else None
-            column = batch.column(0)
+            keys = batch.column(self.split_key).to_pylist() if self.split_key else None
+            column = batch.column(self.text_key)
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 # as bytes: decoding ourselves applies on_decode_error to invalid UTF-8 too
                 column = column.cast(pa.large_binary())
@@ -159,7 +165,7 @@ class DocumentReader:
                     raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
                 where = f"{path}: row {row}"
                 text = self._decode(raw, where)
-                if text is not None:
+                if text:  # None: not UTF-8; "": no document
                     # through _split_id, as jsonl records: a null key is an error, not the split id "None"
                     yield text, self._split_id({} if keys is None else {self.split_key: keys[i]}, text, where)
 
@@ -173,7 +179,8 @@ class DocumentReader:
         for row_no, record in enumerate(stream, 1):
             where = f"{name}: row {row_no}"
             text = self._text_of(record, where)
-            yield text, self._split_id(record, text, where)
+            if text:
+                yield text, self._split_id(record, text, where)
 
     def _text_of(self, record: object, where: str) -> str:
         if not isinstance(record, dict) or self.text_key not in record:
@@ -189,7 +196,13 @@ class DocumentReader:
             return text.encode("utf-8")
         if record.get(self.split_key) is None:
             raise DataError(f"{where}: no {self.split_key!r} (split_key) in the record")
-        return str(record[self.split_key]).encode("utf-8")
+        return key_split_id(record[self.split_key])
+
+
+def key_split_id(value: object) -> bytes:
+    """The split id of a record's `split_key` value. Only hashed, never decoded: a lone surrogate (which
+    JSON escapes can hold and UTF-8 cannot) passes through rather than failing."""
+    return str(value).encode("utf-8", "surrogatepass")
 
 
 def _infer_format(path: Path) -> str:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from slmlab.data.errors import DataError
 from slmlab.data.prepare import is_val_document
-from slmlab.data.readers import GZIP_ERRORS
+from slmlab.data.readers import BOM, GZIP_ERRORS, key_split_id
 
 BAD_ROW_POLICIES = ("error", "skip")
 T = TypeVar("T")
@@ -29,6 +29,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+                if line_no == 1:
+                    line = line.removeprefix(BOM)
                 if not line.strip():
                     continue
                 try:
@@ -74,4 +76,4 @@ def is_val_record(record: dict[str, Any], split_key: str, val_fraction: float, w
     records sharing a key (a section's conversations in both languages) share the split."""
     if record.get(split_key) is None:
         raise DataError(f"{record_name(record, where)}: no {split_key!r} (split_key) in the record")
-    return is_val_document(str(record[split_key]).encode("utf-8"), val_fraction)
+    return is_val_document(key_split_id(record[split_key]), val_fraction)
