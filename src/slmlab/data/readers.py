@@ -4,7 +4,8 @@ Local formats, by file name or `format`:
   txt      the whole file is one document
   jsonl    one JSON object per line, text under `text_key`
   parquet  column `text_key`, read one row group batch at a time
-`.gz` files are decompressed on the fly (`.txt.gz`, `.jsonl.gz`).
+`.gz` files are decompressed on the fly (`.txt.gz`, `.jsonl.gz`). An empty text is no document, and a
+file's UTF-8 byte-order mark is not text.
 
 Each document also has a *split id*, the bytes that decide its train/val split (see
 `prepare.is_val_document`): its text, or with `split_key` a field of its record, so that records
