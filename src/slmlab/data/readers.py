@@ -121,9 +121,7 @@ class DocumentReader:
         with _open(path) as f:
             for line_no, raw in enumerate(f, 1):
                 where = f"{path}:{line_no}"
-                line = self._decode(raw, where)
-                if line is not None and line_no == 1:
-                    line = line.removeprefix(BOM)
+                line = self._decode(raw.removeprefix(BOM.encode()) if line_no == 1 else raw, where)
                 if line is None or not line.strip():
                     continue
                 try:
