@@ -202,12 +202,15 @@ def test_an_interrupted_preparation_never_loads_and_is_redone(tmp_path, tokenize
         open_shards(out)
     (out / ".train_00000.bin.123-abcd.tmp").write_bytes(b"torn")  # as a killed writer leaves it
     (out / "train_00000.bin").write_bytes(b"torn")
+    (out / "val_00007.bin").write_bytes(b"a larger earlier preparation's")
     dm = TokenShardDataModule({"docs": {"path": str(out), "raw": {"files": [str(path)]}}},
                               {"path": str(tokenizer_path), "vocab_size": 300}, seq_len=8, batch_size=2,
                               val_fraction=0.1, verify="hash")
     dm.prepare_data()
     dm.setup()
     assert dm.manifests["docs"].splits["train"].documents + dm.manifests["docs"].splits["val"].documents == 50
+    listed = {shard.file for split in dm.manifests["docs"].splits.values() for shard in split.shards}
+    assert {f.name for f in out.iterdir()} == listed | {"manifest.json"}  # nothing left over
 
 
 def test_embedded_corpus_prepares_end_to_end(tmp_path):

@@ -83,7 +83,8 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     Tokenization runs in `num_proc` processes, in order, so the output does not depend on it.
     `max_tokens` stops reading once that many tokens (both splits) are written, at the end of a
     batch of about 1M characters. Every file is written atomically and the manifest last: a run
-    killed part way leaves a directory that does not load and is prepared again next time.
+    killed part way leaves a directory that does not load and is prepared again next time;
+    preparing deletes the shards and temp files a previous run left in `out_dir`.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
@@ -92,6 +93,11 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # while shards are rewritten the directory must not load
+    # an earlier preparation's shards, and the temp files of a writer killed mid-shard (`atomic_write`),
+    # would otherwise stay on disk beside the new ones, unread
+    for split in SPLITS:
+        for stale in (*out_dir.glob(f"{split}_*.bin"), *out_dir.glob(f".{split}_*.bin.*.tmp")):
+            stale.unlink()
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size()
     writers = {split: ShardWriter(out_dir, split, token_dtype(vocab_size), shard_tokens) for split in SPLITS}
