@@ -51,6 +51,8 @@ def test_report_of_a_multirun_tabulates_what_differs_and_the_final_metrics(multi
         job = multirun / row[0]
         assert row[2] == f"{metric(job, 'val/loss')[-1]:.4f}" and row[3] == f"{metric(job, 'val/bpb')[-1]:.4f}"
         assert row[4] == f"{statistics.median(metric(job, 'perf/tokens_per_s')):,.0f}"
+        # once per job, not again on each later row of the training metrics
+        assert len(metric(job, "perf/startup_s")) == 1 < len(metric(job, "perf/tokens_per_s"))
     assert_png(tmp_path / "loss_curves.png")
     assert not (tmp_path / "sft_tradeoff.png").exists()  # no SFT runs
     assert "| 1 | gla |" in capsys.readouterr().out

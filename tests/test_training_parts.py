@@ -571,8 +571,9 @@ def test_start_up_counts_from_launch_for_a_process_first_job_and_from_its_own_st
     clock = [5.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
     logged = []
-    module = SimpleNamespace(device=torch.device("cpu"), log=lambda key, value: logged.append((key, value)))
-    trainer = SimpleNamespace(is_global_zero=False)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.extend(metrics.items()))
+    trainer = SimpleNamespace(is_global_zero=False, loggers=[logger], global_step=1)
     first, second = ThroughputMonitor(), ThroughputMonitor()  # built at 5.0 s
     clock[0] = 12.5
     first._log_startup(trainer, module)

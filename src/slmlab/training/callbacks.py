@@ -149,7 +149,9 @@ class ThroughputMonitor(Callback):
         seconds = seconds_since_launch() if self._job_start is None else time.perf_counter() - self._job_start
         if seconds is None:
             return
-        pl_module.log("perf/startup_s", seconds)
+        # to the loggers directly: through `pl_module.log` Lightning repeats a step metric on every later row
+        for logger in trainer.loggers:
+            logger.log_metrics({"perf/startup_s": seconds}, step=trainer.global_step)
         if trainer.is_global_zero:
             print(f"first optimizer step done {seconds:.1f} s after launch", flush=True)
 
