@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from slmlab.data.tokenizer import load_tokenizer
 from slmlab.eval import bits_per_byte, load_probes, probe_report, seed_everything
 from slmlab.eval.__main__ import main as eval_main
+from slmlab.eval.callback import EvalSuites
 from slmlab.eval.probes import DEFAULT_PROBES, item_margins
 from slmlab.export import load_pretrained
 from slmlab.export.tokenizer import TokenizerFiles
@@ -166,6 +167,13 @@ def test_eval_cli_prints_the_same_tables_twice(tiny_runs, capsys):
         assert text in first
     with pytest.raises(SystemExit, match="suite=lm_eval needs tasks="):
         eval_main([f"ckpt={run.ckpt}", "suite=lm_eval"])
+
+
+def test_eval_callback_refuses_a_period_below_one_validation_naming_the_key():
+    # `validations % every` at each validation: 0 would fail there, with a ZeroDivisionError naming nothing
+    for every in (0, -1):
+        with pytest.raises(ValueError, match=f"callbacks.eval.every_n_validations={every}: must be at least 1"):
+            EvalSuites(every_n_validations=every)
 
 
 def test_eval_callback_logs_the_suites_during_training_without_changing_the_run(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slmlab.report import gather, main, read_metrics, sft_tradeoff, write_report
+from slmlab.report import differing_keys, gather, main, read_metrics, sft_tradeoff, write_report
 from tests.conftest import ROOT, metric, tiny_run_overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -81,6 +81,16 @@ def test_steps_a_resumed_run_redid_keep_their_later_values(tmp_path):
     assert read_metrics(run / "csv" / "metrics.csv")["train/loss"] == [(10, 5.0), (20, 4.0), (30, 3.6), (40, 3.4)]
 
 
+def test_a_job_killed_with_an_empty_metrics_file_still_gets_its_row(tmp_path, capsys):
+    # the CSV logger rewrites metrics.csv from scratch when new columns appear: a kill then leaves it empty
+    fake_run(tmp_path, "0", {"seed": 1}, ["seed=1"], [{"step": 10, "val/loss": 2.5}])
+    empty = fake_run(tmp_path, "1", {"seed": 2}, ["seed=2"], [])
+    (empty / "csv" / "metrics.csv").write_text("")
+    table = rows(write_report(gather([str(tmp_path)]), tmp_path / "report"))
+    assert table[1:] == [["0", "1", "2.5000"], ["1", "2", "–"]]
+    assert f"{empty / 'csv' / 'metrics.csv'} is missing or empty" in capsys.readouterr().err
+
+
 def sft_runs(root: Path) -> Path:
     """An SFT multirun over stage.epochs: instruction loss falls as forgetting rises; one job failed."""
     for i, (epochs, instruction, pretrain) in enumerate([(2.0, 2.1, 4.9), (0.5, 2.9, 4.4), (1.0, 2.5, 4.6)]):
@@ -115,7 +125,12 @@ def test_sft_report_plots_instruction_loss_against_forgetting_by_stopping_point(
 
 class FakeWandbRun:
     def __init__(self, name: str, lr: float) -> None:
-        self.name, self.config = name, {"optim": {"lr": lr}, "model": {"mixer": "gla"}}
+        out = f"/runs/outputs/{name}"  # resolved, as train.py logs the config to W&B
+        self.name, self.config = name, {"optim": {"lr": lr}, "model": {"mixer": "gla"}, "run_name": name,
+                                        "paths": {"output_dir": out, "log_dir": "/runs/outputs"},
+                                        "trainer": {"default_root_dir": out},
+                                        "callbacks": {"checkpoint": {"dirpath": f"{out}/checkpoints"}},
+                                        "logger": {"wandb": {"name": name, "save_dir": out}}}
         self.rows = [{"_step": 0, "_runtime": 1.0, "trainer/global_step": 49, "train/loss": 5.0, "epoch": 0},
                      {"_step": 1, "trainer/global_step": 99, "val/loss": 4.5, "val/bpb": 1.8}]
 
@@ -130,7 +145,9 @@ def test_wandb_runs_are_read_through_the_api(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=lambda: api))
     runs = gather(["wandb:team/slmlab"])
     assert [r.name for r in runs] == ["optim.lr=0.001", "optim.lr=0.003"]
-    assert runs[1].config == {"optim.lr": 3e-3, "model.mixer": "gla"}
+    assert runs[1].config == {"optim.lr": 3e-3, "model.mixer": "gla", "run_name": "optim.lr=0.003",
+                              "paths.log_dir": "/runs/outputs", "logger.wandb.name": "optim.lr=0.003"}
+    assert differing_keys(runs) == ["optim.lr"]  # not the paths and names of each run's own
     assert runs[0].history == {"train/loss": [(49, 5.0)], "val/loss": [(99, 4.5)], "val/bpb": [(99, 1.8)]}
     assert [r.name for r in gather(["wandb:team/slmlab/sweep123"])] == ["s"]
 

@@ -26,7 +26,8 @@ SUMMARY = [("val/loss", "val/loss", "last"), ("val/bpb", "val/bpb", "last"),
            ("val/pretrain/loss", "val/pretrain/loss", "last"), ("val/pass_rate", "val/pass_rate", "last"),
            ("tokens/s", "perf/tokens_per_s", "median")]  # median: the first interval includes start-up
 CURVES = ("train/loss", "val/loss")
-IGNORED_KEYS = {"run_name"}  # names the run, which the table's first column already does
+# name the run, which the table's first column already does
+IGNORED_KEYS = {"run_name", "logger.wandb.name"}
 ABSENT = "–"
 
 
@@ -63,7 +64,9 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     history: dict[str, list[tuple[int, float]]] = {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
+        if reader.fieldnames is None:  # an empty file: a job killed while the logger rewrote it
+            return history
+        if "step" not in reader.fieldnames:
             raise ValueError(f"{path}: no 'step' column, so not a metrics.csv of Lightning's CSVLogger")
         for row in reader:
             for key, value in row.items():
@@ -120,7 +123,11 @@ def load_wandb(path: str) -> list[Run]:
                 if (not key.startswith("_") and key not in ("trainer/global_step", "epoch")
                         and isinstance(value, (int, float)) and not isinstance(value, bool)):
                     history.setdefault(key, []).append((int(step), float(value)))
-        out.append(Run(run.name, flatten(dict(run.config)), [], history))
+        config = flatten(dict(run.config))
+        # W&B keeps the resolved config, where every path under the run's own folder differs from run to run
+        own = config.get("paths.output_dir")
+        config = {k: v for k, v in config.items() if not (own and isinstance(v, str) and v.startswith(str(own)))}
+        out.append(Run(run.name, config, [], history))
     if not out:
         raise ValueError(f"wandb:{path}: no runs")
     return out

@@ -50,6 +50,9 @@ class EvalSuites(Callback):
             raise ValueError(f"callbacks.eval.suites: {sorted(unknown)} not among {SUITES}")
         if "lm_eval" in suites and not tasks:
             raise ValueError("callbacks.eval.suites has lm_eval: give callbacks.eval.tasks=[<task>, ...]")
+        if every_n_validations < 1:  # else a ZeroDivisionError at the first validation, hours into the run
+            raise ValueError(f"callbacks.eval.every_n_validations={every_n_validations}: must be at least 1 "
+                             "(leave the callback out to evaluate never)")
         self.suites, self.tasks, self.limit, self.num_fewshot = list(suites), list(tasks), limit, num_fewshot
         self.include_path = include_path  # a folder of extra task YAMLs
         self.probes = load_probes(probes or DEFAULT_PROBES) if "probes" in suites else None
