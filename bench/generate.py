@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--state-batch", type=int, default=8, help="batch of the decoding-state table")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.batch % args.group:  # the rollout rows decode batch // group prompts, group samples each
+        parser.error(f"--batch {args.batch} is not a multiple of --group {args.group}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg: ModelConfig = instantiate(compose_config([f"model={args.model}"]).model)
