@@ -19,6 +19,7 @@ from slmlab.eval.probes import DEFAULT_PROBES, item_margins
 from slmlab.export import load_pretrained
 from slmlab.export.tokenizer import TokenizerFiles
 from slmlab.models.generate import generate
+from slmlab.training.batching import document_positions
 from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
 from train import train
 
@@ -53,6 +54,24 @@ def test_bits_per_byte_matches_a_hand_count_and_repeats(tiny_runs):
         assert result[name]["bpb"] == pytest.approx(source_nats / math.log(2) / source_bytes, rel=1e-5)
         nats, bytes_ = nats + source_nats, bytes_ + source_bytes
     assert result["overall"]["bpb"] == pytest.approx(nats / math.log(2) / bytes_, rel=1e-5)
+
+
+def test_bits_per_byte_with_document_mask_models_each_document_alone(tiny_runs):
+    """As validation of a run with `stage.document_mask=true` does: the positions restart after each EOS."""
+    run = tiny_runs[True]
+    model = load_pretrained(run.ckpt)
+    datamodule = instantiate(compose_config(run.overrides).data)
+    result = bits_per_byte(model, datamodule, document_mask=True)
+    name = datamodule.val_sources[0]
+    batches = list(datamodule.val_dataloader()[0])
+    inputs, labels = torch.cat([b["input_ids"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    assert (inputs == datamodule.eos_id).any()  # blocks that span documents, else nothing to tell apart
+    with torch.no_grad():
+        logits = model(inputs, positions=document_positions(inputs, datamodule.eos_id))
+    mean = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    # the tiny model tells the two apart by about 1e-5 of the loss
+    assert result[name]["loss"] == pytest.approx(mean, rel=1e-6)
+    assert result[name]["loss"] != pytest.approx(bits_per_byte(model, datamodule)[name]["loss"], rel=1e-6)
 
 
 def test_probe_margin_is_the_mean_nll_gap_per_token(tiny_runs):

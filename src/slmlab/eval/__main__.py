@@ -6,7 +6,8 @@ tokenizer at the model's vocabulary size), probes (a jsonl; default: the Debian 
 tasks (lm_eval, comma-separated), include_path (a folder of extra lm_eval task YAMLs), limit,
 num_fewshot, batch_size (16), seed (1234), device.
 Any other argument is a Hydra override of the training config; it picks the validation data of
-`suite=bpb`, e.g. `data=de_en paths.artifacts=/data/artifacts data.batch_size=32`.
+`suite=bpb`, e.g. `data=de_en paths.artifacts=/data/artifacts data.batch_size=32`; a model trained with
+`stage.document_mask=true` is evaluated so with that override too.
 Each suite starts from `seed_everything(seed)` and prints a table.
 """
 
@@ -62,7 +63,7 @@ def run_suite(suite: str, model: CausalLM, args: dict[str, str], cfg: DictConfig
     seed_everything(seed)
     batch_size = int(args.get("batch_size", 16))
     if suite == "bpb":
-        return table(bits_per_byte(model, instantiate(cfg.data)))
+        return table(bits_per_byte(model, instantiate(cfg.data), cfg.stage.get("document_mask", False)))
     tokens = find_tokenizer(args["ckpt"], tokenizer_path(cfg.data), args.get("tokenizer"))
     if suite == "probes":
         return table(probe_report(model, tokens.tokenizer, load_probes(args.get("probes", DEFAULT_PROBES)), batch_size))

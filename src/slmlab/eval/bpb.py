@@ -7,13 +7,17 @@ import torch.nn.functional as F
 
 from datamodules import TokenShardDataModule
 from slmlab.models import CausalLM
+from slmlab.training.batching import document_positions
 from slmlab.training.losses import IGNORE_INDEX
 
 
 @torch.no_grad()
-def bits_per_byte(model: CausalLM, datamodule: TokenShardDataModule) -> dict[str, dict[str, float]]:
+def bits_per_byte(model: CausalLM, datamodule: TokenShardDataModule,
+                  document_mask: bool = False) -> dict[str, dict[str, float]]:
     """{source: {"loss", "bpb", "nats", "tokens", "bytes"}, ..., "overall": {...}} over every block of
-    each source's validation split (the datamodule is set up here if it is not yet).
+    each source's validation split (the datamodule is set up here if it is not yet). With
+    `document_mask` each document of a block is modelled alone, as a model trained with
+    `stage.document_mask=true` was validated; else the block is one sequence.
 
     loss = nats / tokens; bpb = nats / ln 2 / bytes, where a source's bytes are its evaluated tokens
     times the UTF-8 bytes per token measured on its validation text (`bytes_per_token`); overall
@@ -26,7 +30,9 @@ def bits_per_byte(model: CausalLM, datamodule: TokenShardDataModule) -> dict[str
     for name, loader in zip(datamodule.val_sources, datamodule.val_dataloader()):
         nats, tokens = 0.0, 0
         for batch in loader:
-            logits = model(batch["input_ids"].to(device))
+            input_ids = batch["input_ids"].to(device)
+            positions = document_positions(input_ids, datamodule.eos_id) if document_mask else None
+            logits = model(input_ids, positions=positions)
             labels = batch["labels"].to(device)
             nats += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                     reduction="sum").item()
