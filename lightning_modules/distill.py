@@ -22,6 +22,8 @@ class DistillModule(PretrainModule):
                              "teacher's next-token distributions")
         if not 0 <= alpha <= 1:
             raise ValueError(f"stage.alpha={alpha} must lie in [0, 1]")
+        if temperature <= 0:  # the softened distributions divide the logits by it: 0 gives a NaN loss
+            raise ValueError(f"stage.temperature={temperature} must be positive")
         teacher_model = load_model(teacher).requires_grad_(False)
         if teacher_model.cfg.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"teacher {teacher} has vocab_size={teacher_model.cfg.vocab_size}, the student "

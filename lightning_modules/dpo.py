@@ -28,6 +28,13 @@ class DPOModule(PolicyModule):
             raise ValueError("stage.precompute_reference=true needs fixed pairs: on-policy pairs are new each step "
                              "(set stage.on_policy=false, or stage.precompute_reference=false)")
         if on_policy:
+            # else every prompt's samples tie, every step is skipped, and the policy never changes
+            if candidates < 2:
+                raise ValueError(f"stage.candidates={candidates}: on-policy DPO pairs the best and worst of "
+                                 ">= 2 samples")
+            if self.temperature <= 0:
+                raise ValueError(f"stage.temperature={self.temperature}: on-policy DPO samples its candidates "
+                                 "(greedy gives one answer)")
             self.refuse_per_shape_tuning("stage=dpo stage.on_policy=true")
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.on_policy, self.candidates, self.precompute_reference = on_policy, candidates, precompute_reference

@@ -3,6 +3,7 @@ sampling completions of prompts, and the constraint-following pass-rate as valid
 
 from time import perf_counter
 
+import numpy as np
 import torch
 
 from lightning_modules.base import LMModule
@@ -42,13 +43,18 @@ class PolicyModule(LMModule):
 
     def sample(self, prompts: list[dict], n: int, temperature: float) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """n completions of each prompt: per prompt, ids (n, T), completion labels (n, T - 1), decoded texts.
-        Logs perf/rollout_tokens_per_s: the completion tokens per second of sampling (this rank's)."""
+        Logs perf/rollout_tokens_per_s: the completion tokens per second of sampling (this rank's).
+
+        Sampling is seeded by (data.seed, rank, training batches this rank has taken): the global RNG is
+        not in the checkpoint, so a resumed run would otherwise draw other samples than an uninterrupted one."""
         dm = self.trainer.datamodule
         was_training = self.model.training
         self.model.eval()
         start, tokens, out = perf_counter(), 0, []
+        seed = np.random.SeedSequence([dm.seed, self.trainer.global_rank, dm.batches_consumed]).generate_state(1)[0]
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
         seqs = generate_prompts(self.model, [item["prompt_ids"] for item in prompts], self.max_new_tokens,
-                                stop_id=dm.eos_id, n=n, temperature=temperature, top_p=self.top_p)
+                                stop_id=dm.eos_id, n=n, temperature=temperature, top_p=self.top_p, generator=generator)
         for item, seq in zip(prompts, seqs):
             labels = completion_labels(seq, len(item["prompt_ids"]), dm.eos_id)
             tokens += int((labels != IGNORE_INDEX).sum())  # generate has waited for the GPU at each token anyway

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,17 @@ def test_grpo_logs_its_rollouts_completion_tokens_per_second(pretrained, tmp_pat
     assert len(speed) == 2 and speed == pytest.approx([8 * n for n in lengths]), (speed, lengths)
 
 
+@pytest.mark.parametrize("overrides", [["stage=grpo", "stage.group_size=4"],
+                                       ["stage=dpo", "stage.on_policy=true", "data=ifeval_prompts"]])
+def test_stages_that_sample_their_training_data_resume_exactly(pretrained, tmp_path, overrides):
+    """The samples after a resume are those the uninterrupted run drew at the same step."""
+    from tests.test_train import assert_resume_is_exact
+
+    prompts = lowercase_prompts(tmp_path)
+    assert_resume_is_exact(tmp_path, overrides + [f"init_from={pretrained}", f"data.prompts={prompts}", "data.batch_size=2",
+                                                  "stage.max_new_tokens=6"], steps=6, val_every=3, stop_at=3)
+
+
 @pytest.mark.parametrize("overrides,what", [(["stage=dpo"], "stage=dpo"), (["stage=grpo"], "stage=grpo"),
                                             (["stage=sft", "+data/constraint_val=embedded"], "data.constraint_val"),
                                             (["stage=sft"], None), ([], None)])
@@ -219,11 +231,30 @@ def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_pat
     assert metric(run, "train/reward_accuracy") and metric(run, "val/pass_rate")
 
 
+@pytest.mark.parametrize("setting,match", [("stage.candidates=1", "stage.candidates=1: .* >= 2 samples"),
+                                           ("stage.temperature=0", "stage.temperature=0: .*greedy")])
+def test_on_policy_dpo_refuses_settings_whose_samples_always_tie(pretrained, tmp_path, setting, match):
+    """One candidate, or greedy candidates, never make a pair: every step would be skipped."""
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=dpo", "stage.on_policy=true", f"init_from={pretrained}",
+                                                         setting])
+    with pytest.raises(InstantiationException, match=match):
+        instantiate(cfg.stage)
+
+
 def test_logit_distillation_pulls_the_student_to_the_teacher(pretrained, tmp_path):
     train(compose_config(tiny_run_overrides(tmp_path, steps=12, val_every=6) + [
         "stage=distill", f"teacher={pretrained}", "optim.lr=3e-3", "stage.alpha=1.0"]))
     kd = metric(tmp_path / "run", "train/kd")
     assert kd[-1] < kd[0] * 0.8, kd
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0])
+def test_a_distillation_temperature_that_is_not_positive_is_named(pretrained, tmp_path, temperature):
+    """The logits are divided by it: at 0 every loss would be NaN."""
+    cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=distill", f"teacher={pretrained}",
+                                                         f"stage.temperature={temperature}"])
+    with pytest.raises(InstantiationException, match=f"stage.temperature={temperature} must be positive"):
+        instantiate(cfg.stage)
 
 
 def test_distillation_with_document_mask_trains_student_and_teacher_within_documents(pretrained, tmp_path):
@@ -324,6 +355,22 @@ def test_seqkd_writes_teacher_answers_as_a_chat_dataset_deterministically(pretra
     for row in a:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         assert isinstance(row["messages"][-1]["content"], str)
+
+
+@pytest.mark.parametrize("row", [{"id": "q1", "conversation": []},
+                                 {"id": "q1", "messages": [{"role": "user"}]},
+                                 {"id": "q1", "messages": ["what is apt?"]}])
+def test_seqkd_names_the_file_line_and_id_of_a_row_without_valid_messages(pretrained, tmp_path, row):
+    from slmlab.data.errors import DataError
+    from slmlab.seqkd import teacher_conversations
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "q0", "messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                       + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(prompts))}:2 \(id 'q1'\): "):
+        teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=2, keep_unfinished=True)
 
 
 def test_seqkd_skips_the_answers_the_teacher_did_not_finish(pretrained, tmp_path, monkeypatch, capsys):

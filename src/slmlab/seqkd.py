@@ -29,9 +29,9 @@ from slmlab import CORPUS_DIR
 from slmlab.checkpoint import load_model
 from slmlab.config import compose_config
 from slmlab.data.atomic import atomic_write
-from slmlab.data.chat import IM_END, encode_chat, load_chat_tokenizer
+from slmlab.data.chat import IM_END, check_messages, encode_chat, load_chat_tokenizer
 from slmlab.data.errors import DataError
-from slmlab.data.records import is_val_record, read_jsonl
+from slmlab.data.records import is_val_record, read_jsonl, record_name
 from slmlab.models.generate import generate
 
 
@@ -62,6 +62,7 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
             if split_key is None:
                 break
             continue  # read on for the held-out rows
+        check_messages(row.get("messages"), record_name(row, where))  # a bad row is named by file and line
         first_answer = next((i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"), len(row["messages"]))
         turns = row["messages"][:first_answer]
         if not turns:
