@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], str | None]:
     args = {**DEFAULTS, **{k: v for k, v in pairs if k in KEYS}}
     if "ckpt" not in args:
         parser.error("missing ckpt=<checkpoint or exported folder>")
-    for key, cast in SAMPLING.items():
+    for key, cast in {**SAMPLING, "seed": int}.items():
         if key in args:
             try:
                 cast(args[key])

@@ -64,5 +64,8 @@ def test_bad_arguments_are_named(run, capsys):
     with pytest.raises(SystemExit):
         parse_args([f"ckpt={run.ckpt}", "temperature=hot"])
     assert "temperature='hot' is not a float" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before the model loads, not a traceback from int() after it
+        parse_args([f"ckpt={run.ckpt}", "seed=abc"])
+    assert "seed='abc' is not a int" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="model not found: nowhere.ckpt"):
         main(["ckpt=nowhere.ckpt", "--prompt", "hi"])

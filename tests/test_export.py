@@ -105,6 +105,21 @@ def test_load_pretrained_reads_hf_and_safetensors_folders_back(tiny_runs, tmp_pa
     assert (tmp_path / "safetensors" / "tokenizer.json").read_bytes() == run.tokenizer.read_bytes()
 
 
+@QK_NORM
+def test_an_hf_folder_gives_back_every_config_value_it_was_written_with(tiny_runs, tmp_path, qk_norm):
+    """config.json records the initialisation's std as `initializer_range`; it came back as the default."""
+    tokens = TokenizerFiles.load(tiny_runs[qk_norm].tokenizer)
+    cfg = ModelConfig(vocab_size=tokens.tokenizer.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=12, ffn_hidden=48, max_seq_len=40, rope_theta=5e5, qk_norm=qk_norm, norm_eps=1e-5,
+                      tie_embeddings=False, init_std=0.05)
+    model = CausalLM(cfg).eval()
+    back = load_pretrained(export_hf(model, tokens, tmp_path / "hf"))
+    assert back.cfg == cfg
+    x = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
 def test_load_pretrained_reads_a_sharded_folder_saved_by_transformers(tiny_runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     run = tiny_runs[False]
@@ -116,6 +131,14 @@ def test_load_pretrained_reads_a_sharded_folder_saved_by_transformers(tiny_runs,
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), ours(tokens), rtol=0, atol=0)
+
+
+def test_the_weights_file_of_an_exported_folder_is_not_called_a_corrupt_checkpoint(tmp_path):
+    """chat.py ckpt=exported/model.safetensors: once "checkpoint ... is truncated or corrupt (BadZipFile)"."""
+    model = CausalLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, ffn_hidden=32))
+    folder = export_safetensors_folder(model, tmp_path / "native")
+    with pytest.raises(ValueError, match=r"model.safetensors holds an exported model's weights alone; pass the folder"):
+        load_pretrained(folder / "model.safetensors")
 
 
 def test_an_hf_folder_of_another_architecture_is_refused(tmp_path):
@@ -140,6 +163,23 @@ def test_features_without_an_hf_equivalent_are_named(tmp_path, tiny_runs):
     back = load_pretrained(export_safetensors_folder(hybrid, tmp_path / "native"))
     x = torch.randint(0, 512, (1, 8))
     torch.testing.assert_close(back(x), hybrid.eval()(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_initialises_the_same_model(tiny_runs, tmp_path):
+    """Its model_config lacks the field: the model is the one with that field's default, as load_model
+    builds it, not "another architecture" (residual: checkpoint None, config 'plain')."""
+    from slmlab.checkpoint import load_model, load_weights, read_checkpoint
+
+    ckpt = read_checkpoint(tiny_runs[True].ckpt)
+    for key in ("residual", "rope_layers"):
+        del ckpt["model_config"][key]
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    older = load_model(tmp_path / "older.ckpt")
+    model = CausalLM(older.cfg)
+    load_weights(model, tmp_path / "older.ckpt")
+    tokens = torch.randint(0, older.cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), older(tokens), rtol=0, atol=0)
 
 
 def test_export_cli_names_what_is_wrong(tiny_runs, tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from slmlab.data.tokenizer import train_tokenizer
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.models.generate import generate, held_back, penalize_repeats, stream_text
+from slmlab.models.generate import generate, generate_prompts, held_back, penalize_repeats, stream_text
 
 TEXT = ["apt installs packages. dpkg unpacks them. The package manager keeps a list of packages."] * 20
 
@@ -133,6 +133,16 @@ def test_generation_never_runs_past_the_context():
     assert out.shape == (1, 64)
     with pytest.raises(ValueError, match="max_seq_len=64"):
         generate(model, torch.zeros(1, 64, dtype=torch.long), 1)
+
+
+def test_an_empty_prompt_is_refused_with_a_message_that_says_so():
+    """The first token is predicted from the prompt's last position: an empty prompt (e.g. a sample prompt
+    "" encoded) has none, and failed deep inside the model with an IndexError."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_prompts(model, [[5, 6], []], 3, stop_id=0)
 
 
 def test_text_that_may_begin_a_stop_string_is_held_back():

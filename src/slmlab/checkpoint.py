@@ -29,6 +29,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     if path.suffix == ".gguf":  # not a damaged checkpoint: a format slmlab writes for llama.cpp only
         raise ValueError(f"{path} is a GGUF file (for llama.cpp); slmlab reads a checkpoint (.ckpt) or a folder "
                          "exported with format=hf or safetensors")
+    if path.suffix == ".safetensors":  # not damaged either: an exported folder's weights, without its config.json
+        raise ValueError(f"{path} holds an exported model's weights alone; pass the folder that holds it and its "
+                         "config.json")
     try:
         with zipfile.ZipFile(path) as archive:
             bad_record = archive.testzip()
@@ -145,7 +148,9 @@ def check_architecture(theirs: dict, ours: ModelConfig, source: str) -> None:
     (`mixer`, `layout`), and a mixer's own fields only where the model has that mixer; `source` says
     which checkpoint."""
     known = {f.name for f in fields(ModelConfig)}
-    mixers = ModelConfig(**{k: v for k, v in theirs.items() if k in known}).layer_mixers
+    their_cfg = ModelConfig(**{k: v for k, v in theirs.items() if k in known})
+    # as `load_model` reads it: a field the checkpoint predates has its default, n_kv_heads/head_dim resolved
+    theirs, mixers = asdict(their_cfg), their_cfg.layer_mixers
     ignored = FREE_FIELDS | {"mixer", "layout"} | {
         key for mixer, keys in MIXER_FIELDS.items() if mixer not in mixers + ours.layer_mixers for key in keys}
     diff = [f"{key}: checkpoint {theirs.get(key)!r}, config {value!r}" for key, value in asdict(ours).items()

@@ -184,6 +184,7 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         qk_norm=model_type == "qwen3",
         norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=config.get("tie_word_embeddings", False),
+        init_std=config.get("initializer_range", 0.02),
     )
 
 

@@ -70,6 +70,9 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
     sampled one (the rest of a longer prompt; see `generate`'s `prompt_lens`).
     """
     batch, prompt_len = prompt.shape
+    if prompt_len == 0:  # the first token is predicted from the last prompt position: there must be one
+        raise ValueError("cannot decode from an empty prompt: start it with at least one token (the end-of-text "
+                         "token that precedes every training document, for an unconditioned sample)")
     if prompt_len >= model.cfg.max_seq_len:
         raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within max_seq_len={model.cfg.max_seq_len}")
     steps = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
