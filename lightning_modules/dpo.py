@@ -7,7 +7,7 @@ import torch
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import score
 from slmlab.training.batching import cat_right_padded, padded_length
-from slmlab.training.losses import IGNORE_INDEX, dpo_loss
+from slmlab.training.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss
 
 
 class DPOModule(PolicyModule):
@@ -24,6 +24,8 @@ class DPOModule(PolicyModule):
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                  on_policy: bool = False, candidates: int = 4, precompute_reference: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if loss_type not in DPO_LOSS_TYPES:  # before any reference pass or rollout, not at the first step
+            raise ValueError(f"stage.loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
         if precompute_reference and on_policy:
             raise ValueError("stage.precompute_reference=true needs fixed pairs: on-policy pairs are new each step "
                              "(set stage.on_policy=false, or stage.precompute_reference=false)")

@@ -49,6 +49,8 @@ def test_only_the_adapters_of_the_named_layers_train_and_unknown_names_are_refus
                          for i in range(2) for layer in ("q", "v") for ab in "AB"]
     with pytest.raises(ValueError, match=r"stage.lora_targets: \['qkv'\] name no linear layer.*'gate'"):
         add_lora(tiny(None), rank=2, alpha=4, targets=["q", "qkv"])
+    with pytest.raises(ValueError, match=r"stage.lora_targets is empty: name some of \['down', 'gate'"):
+        add_lora(tiny(None), rank=2, alpha=4, targets=[])
     with pytest.raises(ValueError, match="stage.lora_rank=0"):
         add_lora(tiny(None), rank=0, alpha=4)
 

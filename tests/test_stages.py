@@ -232,9 +232,11 @@ def test_on_policy_dpo_prefers_the_better_of_its_own_samples(pretrained, tmp_pat
 
 
 @pytest.mark.parametrize("setting,match", [("stage.candidates=1", "stage.candidates=1: .* >= 2 samples"),
-                                           ("stage.temperature=0", "stage.temperature=0: .*greedy")])
+                                           ("stage.temperature=0", "stage.temperature=0: .*greedy"),
+                                           ("stage.loss_type=hinge", r"stage.loss_type='hinge' is not one of \('sigmoid'")])
 def test_on_policy_dpo_refuses_settings_whose_samples_always_tie(pretrained, tmp_path, setting, match):
-    """One candidate, or greedy candidates, never make a pair: every step would be skipped."""
+    """One candidate, or greedy candidates, never make a pair: every step would be skipped. An unknown loss is
+    named before the first rollout."""
     cfg = compose_config(tiny_run_overrides(tmp_path) + ["stage=dpo", "stage.on_policy=true", f"init_from={pretrained}",
                                                          setting])
     with pytest.raises(InstantiationException, match=match):

@@ -56,6 +56,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] |
     model.requires_grad_(False)
     linears = [(name, m) for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, nn.Linear)]
     names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+    if targets is not None and not targets:  # would freeze every weight and train nothing
+        raise ValueError(f"stage.lora_targets is empty: name some of {names}, or null for all of them")
     if targets is not None and (unknown := sorted(set(targets) - set(names))):
         raise ValueError(f"stage.lora_targets: {unknown} name no linear layer of this model's blocks (they are {names})")
     for name, module in linears:

@@ -189,6 +189,9 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, softc
     return out.view(labels.shape)
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
     """DPO (Rafailov et al. 2023) on sequence log-probs, (batch,) each (summed; IPO's per-token means).
@@ -204,7 +207,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use sigmoid or ipo")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {DPO_LOSS_TYPES}")
     return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
