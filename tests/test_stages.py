@@ -375,8 +375,9 @@ def test_seqkd_names_the_file_line_and_id_of_a_row_without_valid_messages(pretra
         teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=2, keep_unfinished=True)
 
 
-def test_seqkd_skips_the_answers_the_teacher_did_not_finish(pretrained, tmp_path, monkeypatch, capsys):
-    """An answer cut by max_new_tokens, written as a closed turn, would teach the student to stop there."""
+def test_seqkd_skips_the_answers_the_teacher_did_not_finish_or_left_empty(pretrained, tmp_path, monkeypatch, capsys):
+    """An answer cut by max_new_tokens, written as a closed turn, would teach the student to stop there; an
+    empty one, to say nothing."""
     import slmlab.seqkd
     from slmlab.data.chat import IM_END, load_chat_tokenizer
     from slmlab.data.errors import DataError
@@ -402,6 +403,11 @@ def test_seqkd_skips_the_answers_the_teacher_did_not_finish(pretrained, tmp_path
                                               keep_unfinished=True)
     assert len(kept) == 3
     calls.clear()
+    monkeypatch.setattr(slmlab.seqkd, "generate", lambda model, prompt, budget, **kwargs: torch.cat(
+        [prompt, torch.tensor([[end]])], 1))  # the teacher ends its turn at once
+    with pytest.raises(DataError, match="no prompt answered: .* 3 answers empty"):
+        slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
+    monkeypatch.setattr(slmlab.seqkd, "generate", teacher)
     prompts.write_text(prompts.read_text().splitlines()[0] + "\n")
     with pytest.raises(DataError, match="no prompt answered: .* 1 answers unfinished"):
         slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)

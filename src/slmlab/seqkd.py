@@ -9,7 +9,8 @@ Each conversation's turns before its first assistant turn are the prompt; sampli
 OdinNext's recipe (temperature 0.7, top-p 0.9) and is seeded, so a rerun writes the same file.
 Answers the teacher did not finish (no end of turn within `--max-new-tokens` or its context) are
 skipped and counted: written as a closed turn, they would teach the student to stop mid-sentence
-(`--keep-unfinished` writes them anyway). A written row keeps every field of its source row (`id`,
+(`--keep-unfinished` writes them anyway); so are empty answers, which would teach it to say nothing.
+A written row keeps every field of its source row (`id`,
 `section`, ...), so the SFT data config splits it as it splits the source. Rows of that config's
 validation split (`--data`: its `split_key` and `val_fraction`) are not answered: they are copied as
 they are, so the student is validated on the same held-out conversations, with their reference
@@ -52,7 +53,7 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
     tokenizer, template = load_chat_tokenizer(tokenizer_path)
     end_of_turn = tokenizer.token_to_id(IM_END)
     generator = torch.Generator().manual_seed(seed)
-    out, answered, held_out, too_long, unfinished = [], 0, 0, 0, 0
+    out, answered, held_out, too_long, unfinished, empty = [], 0, 0, 0, 0, 0
     for where, row in read_jsonl(prompts):
         if split_key is not None and is_val_record(row, split_key, val_fraction, where):
             out.append(row)
@@ -79,10 +80,13 @@ def teacher_conversations(teacher: str, tokenizer_path: str, prompts: str, max_n
             unfinished += 1
             continue
         answer = tokenizer.decode([t for t in seq if t != end_of_turn]).strip()
+        if not answer:
+            empty += 1
+            continue
         out.append({"id": len(out), **row, "messages": turns + [{"role": "assistant", "content": answer}]})
         answered += 1
     summary = (f"{too_long} prompts fill the teacher's max_seq_len={context}; {unfinished} answers unfinished "
-               f"(skipped; --keep-unfinished keeps them); {held_out} held out "
+               f"(skipped; --keep-unfinished keeps them); {empty} answers empty (skipped); {held_out} held out "
                f"(split_key={split_key!r}, val_fraction={val_fraction})")
     if not answered:
         raise DataError(f"{prompts}: no prompt answered: {summary}")
