@@ -21,7 +21,7 @@ from slmlab.config import tokenizer_path, training_config
 from slmlab.data.chat import CHATML_TEMPLATE, encode_chat
 from slmlab.data.tokenizer import SPECIAL_TOKENS
 from slmlab.eval.seed import seed_everything
-from slmlab.export.load import load_pretrained
+from slmlab.export.load import load_pretrained, to_device
 from slmlab.export.tokenizer import TokenizerFiles, find_tokenizer
 from slmlab.models import CausalLM
 from slmlab.models.generate import stream_text
@@ -91,6 +91,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], str | None]:
                 cast(args[key])
             except ValueError:
                 parser.error(f"{key}={args[key]!r} is not a {cast.__name__}")
+    if "max_new_tokens" in args and int(args["max_new_tokens"]) < 1:  # else the prompt fills the whole context
+        parser.error(f"max_new_tokens={args['max_new_tokens']}: must be at least 1")
     return args, [f"{k}={v}" for k, v in pairs if k not in KEYS], ns.prompt
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str]) -> None:
     try:
         model = load_pretrained(args["ckpt"])
         if "device" in args:
-            model = model.to(torch.device(args["device"]))
+            model = to_device(model, args["device"])
         cfg_tokenizer = tokenizer_path(training_config(model.cfg, overrides).data)
         tokens = find_tokenizer(args["ckpt"], cfg_tokenizer, args.get("tokenizer"))
         tokens.check_fits(model.cfg.vocab_size)

@@ -67,5 +67,10 @@ def test_bad_arguments_are_named(run, capsys):
     with pytest.raises(SystemExit):  # before the model loads, not a traceback from int() after it
         parse_args([f"ckpt={run.ckpt}", "seed=abc"])
     assert "seed='abc' is not a int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([f"ckpt={run.ckpt}", "max_new_tokens=0"])
+    assert "max_new_tokens=0: must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="model not found: nowhere.ckpt"):
         main(["ckpt=nowhere.ckpt", "--prompt", "hi"])
+    with pytest.raises(SystemExit, match="error: device='gpu0': "):  # an error line, not a traceback
+        main([f"ckpt={run.ckpt}", "device=gpu0", "--prompt", "hi"])

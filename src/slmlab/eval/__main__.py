@@ -13,7 +13,6 @@ Each suite starts from `seed_everything(seed)` and prints a table.
 
 import sys
 
-import torch
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -22,7 +21,7 @@ from slmlab.config import tokenizer_path, training_config
 from slmlab.eval.bpb import bits_per_byte
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
-from slmlab.export.load import load_pretrained
+from slmlab.export.load import load_pretrained, to_device
 from slmlab.export.tokenizer import find_tokenizer
 from slmlab.models import CausalLM
 
@@ -88,7 +87,7 @@ def main(argv: list[str]) -> None:
         args, overrides = split_args(argv)
         model = load_pretrained(args["ckpt"])
         if "device" in args:
-            model = model.to(torch.device(args["device"]))
+            model = to_device(model, args["device"])
         cfg = training_config(model.cfg, overrides)
         for suite in args["suite"].split(","):
             print(f"== {suite}\n{run_suite(suite, model, args, cfg)}")

@@ -14,6 +14,14 @@ from slmlab.models import CausalLM, ModelConfig
 HF_INDEX_FILE = "model.safetensors.index.json"  # the weight map of a sharded Hugging Face model
 
 
+def to_device(model: CausalLM, device: str) -> CausalLM:
+    """`model` moved to the `device=` argument of a command; ValueError naming it where there is no such device."""
+    try:
+        return model.to(torch.device(device))
+    except RuntimeError as e:  # "Invalid device string", "no CUDA GPUs are available", an ordinal out of range
+        raise ValueError(f"device={device!r}: {e}") from None
+
+
 def load_pretrained(path: str | Path) -> CausalLM:
     """A model in float32 on the CPU, in eval mode, from any of:
     - a Lightning checkpoint file (`.ckpt`) of an slmlab run;
