@@ -112,6 +112,10 @@ def test_a_malformed_probes_file_names_its_line(tmp_path):
     path.write_text(f"{good}\n" + json.dumps({"prompt": "p", "correct": " a", "wrong": []}) + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: a probe needs prompt, correct and a non-empty wrong list"):
         load_probes(path)
+    for bad in ({"correct": "", "wrong": [" b"]}, {"correct": " a", "wrong": [" b", ""]}, {"correct": " a", "wrong": " b"}):
+        path.write_text(f"{good}\n" + json.dumps({"prompt": "p", **bad}) + "\n")
+        with pytest.raises(ValueError, match=f"{path}:2: a probe's correct answer and each of its wrong list are non-empty"):
+            load_probes(path)
 
 
 def test_lm_eval_accuracy_is_the_argmax_of_the_adapters_loglikelihoods(tiny_runs, monkeypatch):

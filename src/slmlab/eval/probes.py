@@ -28,6 +28,9 @@ def load_probes(path: str | Path = DEFAULT_PROBES) -> list[dict]:
 def _check_probe(item: dict, where: str) -> dict:
     if not {"prompt", "correct", "wrong"} <= item.keys() or not item["wrong"]:
         raise DataError(f"{where}: a probe needs prompt, correct and a non-empty wrong list")
+    # an empty answer scores 0 nats over 0 tokens, and a string as `wrong` would be read letter by letter
+    if not isinstance(item["wrong"], list) or not all(isinstance(a, str) and a for a in [item["correct"], *item["wrong"]]):
+        raise DataError(f"{where}: a probe's correct answer and each of its wrong list are non-empty strings")
     return item
 
 
