@@ -248,9 +248,20 @@ def test_flops_per_token_count_from_shapes_not_from_fsdp_shards():
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         tiny(n_kv_heads=3)
-    for key in ("n_heads", "n_kv_heads"):  # a ZeroDivisionError once
+    for key in ("n_heads", "n_kv_heads", "hgrn2_expand_ratio", "ssm_headdim", "ssm_ngroups"):  # a ZeroDivisionError once
         with pytest.raises(ValueError, match=f"model.{key}=0 must be at least 1"):
             tiny(**{key: 0})
+
+
+def test_an_odd_dimension_that_rope_rotates_is_a_clear_error():
+    """RoPE rotates pairs of channels; an odd head once failed at the first forward with a shape mismatch."""
+    with pytest.raises(ValueError, match=r"model.head_dim=15 must be even.*attention"):
+        tiny(head_dim=15)
+    with pytest.raises(ValueError, match=r"model.hgrn2_expand_ratio=1 must be even.*hgrn2"):
+        tiny(layout="A,H", hgrn2_expand_ratio=1, rope_layers="all")
+    model = CausalLM(tiny(head_dim=15, rope_layers="none"))  # nothing rotated: an odd head is fine
+    assert model(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)
+    tiny(layout="A,H", hgrn2_expand_ratio=1, rope_layers="even")  # the HGRN2 layer (1) is not rotated
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

@@ -74,7 +74,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for key in ("n_heads", "n_kv_heads"):  # divisors below
+        for key in ("n_heads", "n_kv_heads", "hgrn2_expand_ratio", "ssm_headdim", "ssm_ngroups"):  # divisors
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
         if self.head_dim is None:
@@ -91,6 +91,12 @@ class ModelConfig:
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
         self.layer_mixers = self._parse_layout()
+        # RoPE rotates pairs of channels: an odd head would fail at the first forward with a shape mismatch
+        rotated = {name for i, name in enumerate(self.layer_mixers) if self.rope_on(i)}
+        for key, names in (("head_dim", {"attention", "sparse_attention"}), ("hgrn2_expand_ratio", {"hgrn2"})):
+            if rotated & names and getattr(self, key) % 2:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be even: RoPE rotates pairs of channels "
+                                 f"(rope_layers={self.rope_layers!r} reaches {', '.join(sorted(rotated & names))} layers)")
 
     def _parse_layout(self) -> list[str]:
         if self.layout is None:
