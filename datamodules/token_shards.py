@@ -59,7 +59,7 @@ class TokenShardDataModule(StreamDataModule):
         self.paths = {name: Path(source["path"]) for name, source in sources.items()}
         self.readers = {name: _reader(name, source["raw"]) for name, source in sources.items()
                         if source.get("raw") is not None}  # name -> (DocumentReader, max_tokens)
-        self.mixture = Mixture({name: float(source.get("weight", 1.0)) for name, source in sources.items()})
+        self.mixture = Mixture({name: _weight(name, source.get("weight", 1.0)) for name, source in sources.items()})
         self.tokenizer_path = Path(tokenizer["path"])
         self.max_vocab_size = int(tokenizer["vocab_size"])
         self.min_frequency = int(tokenizer.get("min_frequency", 2))
@@ -160,13 +160,25 @@ class TokenShardDataModule(StreamDataModule):
 
 
 def _check_keys(config: Mapping, allowed: set[str], where: str, required: set[str]) -> None:
+    if not isinstance(config, Mapping):  # e.g. `data.sources.de=null`: else "'NoneType' object is not iterable"
+        raise DataError(f"{where}: expected a mapping with keys {sorted(allowed)}, got {config!r}")
     if unknown := set(config) - allowed:
         raise DataError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
     if missing := required - set(config):
         raise DataError(f"{where}: missing keys {sorted(missing)}")
 
 
+def _weight(name: str, weight: object) -> float:
+    """A source's weight as a float; DataError naming the source for a null or a string (float() names neither)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise DataError(f"source {name!r}: weight={weight!r} must be a number (0 for a validation-only source)")
+    return float(weight)
+
+
 def _reader(name: str, raw: Mapping) -> tuple[DocumentReader, int | None]:
+    if not isinstance(raw, Mapping):  # a file name given as `raw` failed in dict() with a ValueError naming nothing
+        raise DataError(f"source {name!r}: raw={raw!r} must be a mapping of DocumentReader arguments, "
+                        "e.g. {files: [...], format: jsonl}")
     raw = dict(raw)
     max_tokens = raw.pop("max_tokens", None)
     try:

@@ -213,6 +213,14 @@ def test_config_mistakes_are_named(tmp_path, tokenizer_path):
         TokenShardDataModule({"a": {"path": "x", "weight": 0}}, tokenizer, seq_len=8, batch_size=2)
     with pytest.raises(DataError, match="source 'a': raw"):
         TokenShardDataModule({"a": {"path": "x", "raw": {"file": "y"}}}, tokenizer, seq_len=8, batch_size=2)
+    # float() and iteration named neither the source nor the key (`data.sources.de=null`, `weight=null`)
+    with pytest.raises(DataError, match=r"source 'a': expected a mapping with keys \['path', 'raw', 'weight'\], got None"):
+        TokenShardDataModule({"a": None}, tokenizer, seq_len=8, batch_size=2)
+    for weight in (None, "half"):
+        with pytest.raises(DataError, match=rf"source 'a': weight={weight!r} must be a number"):
+            TokenShardDataModule({"a": {"path": "x", "weight": weight}}, tokenizer, seq_len=8, batch_size=2)
+    with pytest.raises(DataError, match=r"source 'a': raw='y.jsonl' must be a mapping"):
+        TokenShardDataModule({"a": {"path": "x", "raw": "y.jsonl"}}, tokenizer, seq_len=8, batch_size=2)
 
 
 def test_superposition_phases_read_runs_of_bag_times_the_tokens_and_resume_exactly(make_dm):

@@ -121,6 +121,15 @@ def test_bad_schedule_arguments_name_the_value():
         WSD(opt, total_steps=1000, decay_fraction=0.1, decay_shape="square")  # before step 900, where it decays
 
 
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+@pytest.mark.parametrize("schedule", [WSD, Cosine])
+def test_a_floor_outside_zero_to_one_is_refused(schedule, ratio):
+    """min_lr_ratio=-0.1 used to end the decay at a negative LR (gradient ascent), 1.5 to raise the LR."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=rf"schedule.min_lr_ratio={ratio} must lie in \[0, 1\]"):
+        schedule(opt, total_steps=10, min_lr_ratio=ratio)
+
+
 def test_lm_loss_with_z_loss_by_hand():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
     labels = torch.tensor([[0, 2, IGNORE_INDEX]])

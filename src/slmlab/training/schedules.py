@@ -22,6 +22,9 @@ class WarmupSchedule(LRScheduler):
         if not 0 <= warmup_steps <= total_steps:
             raise ValueError(f"schedule.warmup_steps={warmup_steps} must lie in [0, trainer.max_steps={total_steps}] "
                              "(the schedule spans the run's optimizer steps): lower schedule.warmup_steps")
+        if not 0 <= min_lr_ratio <= 1:  # below 0 the LR turns negative (gradient ascent), above 1 it rises
+            raise ValueError(f"schedule.min_lr_ratio={min_lr_ratio} must lie in [0, 1] (the floor as a fraction "
+                             "of the peak LR)")
         self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
         self.schedule = type(self).__name__  # in the checkpoint: a resumed run may switch schedule=...
         super().__init__(optimizer)
