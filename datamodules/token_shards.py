@@ -55,14 +55,16 @@ class TokenShardDataModule(StreamDataModule):
         for name, source in sources.items():
             _check_keys(source, _SOURCE_KEYS, f"source {name!r}", required={"path"})
         _check_keys(tokenizer, _TOKENIZER_KEYS, "tokenizer", required={"path", "vocab_size"})
+        check_at_least(1, **{f"tokenizer.{key}": tokenizer[key] for key in ("vocab_size", "min_frequency")
+                             if key in tokenizer})  # int() named no key, and cut 4.5 to 4
 
         self.paths = {name: Path(source["path"]) for name, source in sources.items()}
         self.readers = {name: _reader(name, source["raw"]) for name, source in sources.items()
                         if source.get("raw") is not None}  # name -> (DocumentReader, max_tokens)
         self.mixture = Mixture({name: _weight(name, source.get("weight", 1.0)) for name, source in sources.items()})
         self.tokenizer_path = Path(tokenizer["path"])
-        self.max_vocab_size = int(tokenizer["vocab_size"])
-        self.min_frequency = int(tokenizer.get("min_frequency", 2))
+        self.max_vocab_size = tokenizer["vocab_size"]
+        self.min_frequency = tokenizer.get("min_frequency", 2)
         self.tokenizer_max_documents = tokenizer.get("max_documents")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.val_fraction, self.shard_tokens, self.num_proc, self.verify = val_fraction, shard_tokens, num_proc, verify

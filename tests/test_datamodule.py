@@ -221,6 +221,9 @@ def test_config_mistakes_are_named(tmp_path, tokenizer_path):
             TokenShardDataModule({"a": {"path": "x", "weight": weight}}, tokenizer, seq_len=8, batch_size=2)
     with pytest.raises(DataError, match=r"source 'a': raw='y.jsonl' must be a mapping"):
         TokenShardDataModule({"a": {"path": "x", "raw": "y.jsonl"}}, tokenizer, seq_len=8, batch_size=2)
+    for key, value in (("vocab_size", "abc"), ("vocab_size", 300.5), ("min_frequency", 0)):
+        with pytest.raises(DataError, match=rf"tokenizer.{key}={value!r}: must be an integer of at least 1"):
+            TokenShardDataModule({"a": {"path": "x"}}, tokenizer | {key: value}, seq_len=8, batch_size=2)
 
 
 def test_superposition_phases_read_runs_of_bag_times_the_tokens_and_resume_exactly(make_dm):
