@@ -377,6 +377,21 @@ def test_grpo_loss_by_hand():
     assert logps.grad[0, 2] == 0 and logps.grad[1, 1] == 0  # padding gets no gradient
 
 
+def test_a_micro_batch_without_labels_has_zero_loss_and_gradient_as_the_chunked_loss():
+    """Chat rows cut before their answer can leave a micro-batch without labels: a NaN there would void
+    the whole optimizer step (the non-finite guard skips it)."""
+    from slmlab.training.losses import distill_loss
+
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.full((2, 3), IGNORE_INDEX)
+    loss, ce = lm_loss(logits, labels, z_loss=1e-3)
+    kd = distill_loss(logits, torch.randn(2, 3, 5), labels, temperature=2.0)
+    chunked, _ = chunked_lm_loss(logits.detach().flatten(0, 1)[None], torch.eye(5), labels.flatten()[None], None, 1e-3, 4)
+    assert loss.item() == ce.item() == kd.item() == chunked.item() == 0.0
+    (loss + kd).backward()
+    assert logits.grad.abs().sum() == 0
+
+
 def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
     from slmlab.training.losses import distill_loss
 

@@ -20,12 +20,15 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> tuple[Tensor
     """
     logits = logits.float().flatten(0, 1)
     labels = labels.flatten()
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    mask = labels != IGNORE_INDEX
+    # a sum over at least one: a micro-batch without labels (chat rows cut before their answer) gives 0,
+    # as `chunked_lm_loss` does, not a NaN that would void its whole optimizer step
+    count = mask.sum().clamp(min=1)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
     if not z_loss:
         return ce, ce
-    mask = labels != IGNORE_INDEX
     lse = torch.logsumexp(logits[mask], dim=-1)
-    return ce + z_loss * lse.square().mean(), ce
+    return ce + z_loss * lse.square().sum() / count, ce
 
 
 def compute_dtype_of(hidden: Tensor) -> torch.dtype:
@@ -243,9 +246,10 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, ref_logps: Tensor, advantages: T
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Forward KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et
-    al. 2015) so gradients keep their scale across temperatures; mean over positions with a label."""
+    al. 2015) so gradients keep their scale across temperatures; mean over positions with a label (0
+    without any, as `lm_loss`)."""
     t = temperature
     mask = (labels != IGNORE_INDEX).flatten()
     s = F.log_softmax(student_logits.float().flatten(0, 1)[mask] / t, dim=-1)
     p = F.log_softmax(teacher_logits.float().flatten(0, 1)[mask] / t, dim=-1)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+    return F.kl_div(s, p, log_target=True, reduction="sum") / mask.sum().clamp(min=1) * t * t
