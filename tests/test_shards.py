@@ -119,6 +119,15 @@ def test_a_manifest_field_of_the_wrong_type_is_named(tmp_path, change, problem):
         open_shards(tmp_path)
 
 
+def test_a_split_total_that_its_shards_do_not_add_up_to_is_named(tmp_path):
+    write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)})
+    record = json.loads((tmp_path / MANIFEST).read_text())
+    record["splits"]["val"]["tokens"] = 49
+    (tmp_path / MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / MANIFEST}: split 'val' counts 49 tokens, its shards 50")):
+        open_shards(tmp_path)
+
+
 def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
     write_shards(tmp_path, {"train": np.arange(50), "val": np.arange(50)})
     data = bytearray((tmp_path / MANIFEST).read_bytes())

@@ -111,6 +111,9 @@ class Manifest:
             raise DataError(f"{path}: dtype {dtype} does not fit vocab_size {manifest.vocab_size}")
         if missing := set(SPLITS) - set(manifest.splits):
             raise DataError(f"{path}: no split {sorted(missing)}")
+        for name, split in manifest.splits.items():  # bits-per-byte and the logs read the split's total
+            if split.tokens != (listed := sum(shard.tokens for shard in split.shards)):
+                raise DataError(f"{path}: split {name!r} counts {split.tokens} tokens, its shards {listed}")
         return manifest
 
 
