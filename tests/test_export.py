@@ -247,6 +247,23 @@ def interleaved_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
 
 
+def test_gguf_vocab_of_a_tokenizer_without_our_special_tokens_leaves_their_ids_out(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from slmlab.export.gguf import _add_vocab
+    from slmlab.export.tokenizer import TokenizerFiles
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["apt install dpkg"] * 4, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
+    _add_vocab(writer, TokenizerFiles.load(tmp_path), vocab_size=300)
+    assert not {key for key in writer.kv_data[0] if key.endswith(("bos_token_id", "eos_token_id", "padding_token_id"))}
+    assert len(writer.kv_data[0]["tokenizer.ggml.tokens"].value) == 300
+
+
 def test_llama_gguf_permutation_turns_our_rope_into_llama_cpps():
     gguf_export = pytest.importorskip("slmlab.export.gguf")
     heads, head_dim, d_model, seq = 3, 8, 16, 5

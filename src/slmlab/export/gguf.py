@@ -102,9 +102,11 @@ def _add_vocab(writer: gguf.GGUFWriter, tokens: TokenizerFiles, vocab_size: int)
     # tokenizers writes merges as "a b" (older files) or ["a", "b"] (newer): GGUF wants "a b"
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     ids = tokens.model_token_ids()
-    writer.add_bos_token_id(ids["bos_token_id"])
-    writer.add_eos_token_id(ids["eos_token_id"])
-    writer.add_pad_token_id(ids["pad_token_id"])
+    # a tokenizer not trained here may lack <|endoftext|> or <|pad|>: those keys are left out, not written as None
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("pad_token_id", writer.add_pad_token_id)):
+        if ids[key] is not None:
+            add(ids[key])
     if (im_end := tokens.token_id(IM_END)) is not None:
         writer.add_eot_token_id(im_end)  # llama.cpp ends a chat turn there
     writer.add_add_bos_token(False)
