@@ -248,6 +248,9 @@ def test_flops_per_token_count_from_shapes_not_from_fsdp_shards():
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         tiny(n_kv_heads=3)
+    with pytest.raises(ValueError, match="model.ssm_d_conv=1 must be at least 2"):  # decoding failed
+        tiny(layout="M,A", ssm_d_conv=1)
+    tiny(ssm_d_conv=1)  # no Mamba-2 layer: unused
     for key in ("n_heads", "n_kv_heads", "hgrn2_expand_ratio", "ssm_headdim", "ssm_ngroups"):  # a ZeroDivisionError once
         with pytest.raises(ValueError, match=f"model.{key}=0 must be at least 1"):
             tiny(**{key: 0})

@@ -91,6 +91,8 @@ class ModelConfig:
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
         self.layer_mixers = self._parse_layout()
+        if "mamba2" in self.layer_mixers and self.ssm_d_conv < 2:  # decoding keeps the last d_conv - 1 inputs
+            raise ValueError(f"model.ssm_d_conv={self.ssm_d_conv} must be at least 2 (mamba-ssm's kernel takes 2-4)")
         # RoPE rotates pairs of channels: an odd head would fail at the first forward with a shape mismatch
         rotated = {name for i, name in enumerate(self.layer_mixers) if self.rope_on(i)}
         for key, names in (("head_dim", {"attention", "sparse_attention"}), ("hgrn2_expand_ratio", {"hgrn2"})):
