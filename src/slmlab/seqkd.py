@@ -10,11 +10,10 @@ OdinNext's recipe (temperature 0.7, top-p 0.9) and is seeded, so a rerun writes 
 Answers the teacher did not finish (no end of turn within `--max-new-tokens` or its context) are
 skipped and counted: written as a closed turn, they would teach the student to stop mid-sentence
 (`--keep-unfinished` writes them anyway); so are empty answers, which would teach it to say nothing.
-A written row keeps every field of its source row (`id`,
-`section`, ...), so the SFT data config splits it as it splits the source. Rows of that config's
-validation split (`--data`: its `split_key` and `val_fraction`) are not answered: they are copied as
-they are, so the student is validated on the same held-out conversations, with their reference
-answers, as after plain SFT.
+A written row keeps every field of its source row (`id`, `section`, ...), so the SFT data config
+splits it as it splits the source. Rows of that config's validation split (`--data`: its `split_key`
+and `val_fraction`) are not answered: they are copied as they are, so the student is validated on the
+same held-out conversations, with their reference answers, as after plain SFT.
 """
 
 import argparse

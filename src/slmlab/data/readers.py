@@ -26,7 +26,7 @@ from slmlab.data.errors import DataError
 FORMATS = ("txt", "jsonl", "parquet")
 DECODE_ERROR_POLICIES = ("skip", "error")
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz cut short (an interrupted download) or damaged
-BOM = "\ufeff"  # what some Windows tools put at the start of a UTF-8 file
+BOM = "\ufeff".encode()  # the UTF-8 byte-order mark some Windows tools put at the start of a file
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -112,8 +112,7 @@ class DocumentReader:
         if self.split_key is not None:
             raise DataError(f"{path}: split_key={self.split_key!r} needs records (jsonl, parquet or a dataset), not txt")
         with _open(path) as f:
-            text = self._decode(f.read(), str(path))
-        text = text and text.removeprefix(BOM)  # Windows editors' byte-order mark is not text
+            text = self._decode(f.read().removeprefix(BOM), str(path))
         if text:
             yield text, text.encode("utf-8")
 
@@ -121,7 +120,7 @@ class DocumentReader:
         with _open(path) as f:
             for line_no, raw in enumerate(f, 1):
                 where = f"{path}:{line_no}"
-                line = self._decode(raw.removeprefix(BOM.encode()) if line_no == 1 else raw, where)
+                line = self._decode(raw.removeprefix(BOM) if line_no == 1 else raw, where)
                 if line is None or not line.strip():
                     continue
                 try:

@@ -26,7 +26,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for line_no, raw in enumerate(f, 1):
                 where = f"{path}:{line_no}"
                 try:  # decoded here, not by the file object: its error would name neither file nor line
-                    line = (raw.removeprefix(BOM.encode()) if line_no == 1 else raw).decode("utf-8")
+                    line = (raw.removeprefix(BOM) if line_no == 1 else raw).decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
                 if not line.strip():
