@@ -268,7 +268,10 @@ def pipeline_rows(args, device: torch.device) -> list[dict]:
     batch = max(1, args.tokens // seq)
     run_name = f"bench-pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [f"model={name}", f"data.seq_len={seq}", f"data.batch_size={batch}",
-                 f"trainer.max_steps={args.pipeline_steps}", "trainer.val_check_interval=100000",
+                 # never validates (the interval counts batches, so it is a multiple of the accumulation, as
+                 # train.py requires); the warmup fits in a short run unless an override sets it
+                 f"trainer.max_steps={args.pipeline_steps}", f"trainer.val_check_interval={100000 * args.accumulate}",
+                 f"schedule.warmup_steps={args.pipeline_steps // 3}",
                  "trainer.log_every_n_steps=10", "callbacks.sample=null", "callbacks.periodic=null",
                  "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false", f"run_name={run_name}",
                  f"trainer.accumulate_grad_batches={args.accumulate}",

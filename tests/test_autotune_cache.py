@@ -102,6 +102,18 @@ def test_the_shipped_quack_results_are_helios_novas_mlp_at_batch_16():
                for key in keys)
 
 
+def test_the_shipped_h200_quack_results_are_helios_novas_mlp_at_batch_24_and_32():
+    """The same six GEMMs at 24 x 2048 (the recipe's micro-batch) and 32 x 2048 tokens, where the H200's
+    throughput rows in the README were measured."""
+    files = sorted((SHIPPED / "NVIDIA_H200" / QUACK_FOLDER).glob(PATTERN))
+    keys = [json.loads(f.read_text())["key"] for f in files]
+    for tokens in (49152, 65536):
+        at = [f for f, key in zip(files, keys) if f"({tokens}, " in key or f", {tokens})" in key]
+        assert sorted(f.name.split("_")[0] for f in at) == ["gemm"] * 4 + ["mod"] * 2
+    assert len(files) == 12
+    assert all(any(f"({a}, {b})" in key for a, b in ((1024, 3072), (3072, 1024), (6144, 1024))) for key in keys)
+
+
 def test_a_full_tuning_run_clears_the_triton_results_and_keeps_quacks(tmp_path):
     write(tmp_path / "abc123" / "chunk_gla_fwd_kernel.autotune.json", "{}")
     write(tmp_path / PREHOOK_FILE, "[]")
