@@ -46,6 +46,17 @@ def test_a_packed_row_gives_each_document_the_logits_and_loss_it_has_alone(layou
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_decoding_state_with_packed_positions_is_refused():
+    """No mixer continues a state across documents (the KV cache and Mamba-2's convolution would mix
+    them), so the two together are refused rather than decoded wrong."""
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64,
+                      layout="A,M", ssm_d_state=16, ssm_headdim=16, kernel="torch")
+    model = CausalLM(cfg).eval()
+    state = model.init_state(2, 64)
+    with pytest.raises(ValueError, match="decoding state and packed-document positions"):
+        model(torch.randint(0, 97, (2, 48)), state=state, positions=packed_positions(LENGTHS))
+
+
 def test_gradients_do_not_cross_documents():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=64,

@@ -147,6 +147,10 @@ class CausalLM(nn.Module):
         (batch, seq, bag), enter as the mean of their embeddings (token superposition training).
         positions (batch, seq): rows of packed documents, each token's position in its own document (0
         where one starts); every mixer then keeps the documents apart, so each is modelled as if alone."""
+        if state is not None and positions is not None:
+            # a decoding state continues one sequence per row; no mixer carries one across documents
+            raise ValueError("a decoding state and packed-document positions cannot be given together: "
+                             "decode each document in its own row")
         if input_ids.dim() == 3:  # each bag's mean straight from the table, not its bag of embeddings first
             x = F.embedding_bag(input_ids.flatten(0, 1), self.embed.weight, mode="mean").unflatten(0, input_ids.shape[:2])
         else:
