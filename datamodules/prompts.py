@@ -40,7 +40,8 @@ class PromptDataModule(EpochDataModule):
     """Prompts `{"id", "prompt": str, "language": "en"|"de", "constraints": [...], "split": "train"|"heldout"}`
     (JSON lines); the constraints are `slmlab.rewards` constraints, checked when the file is read.
 
-    Training batches are lists of `batch_size` prompts of split `split`, each a dict with
+    Training batches are lists of `batch_size` prompts of split `split` (None: validation only, as
+    `data.constraint_val`, which then needs no training prompts), each a dict with
     "prompt_ids": the prompt as a user turn with the chat template and its generation prompt
     applied. Epochs, the endless stream and exact resume work as in `ChatDataModule`. Validation
     (and `heldout()`) covers the held-out prompts, in file order.
@@ -49,10 +50,10 @@ class PromptDataModule(EpochDataModule):
         module can check that the prompts fit the model.
     """
 
-    def __init__(self, prompts: str, tokenizer: str, batch_size: int, split: str = "train", seed: int = 1234,
+    def __init__(self, prompts: str, tokenizer: str, batch_size: int, split: str | None = "train", seed: int = 1234,
                  num_workers: int = 0, on_bad_row: str = "error", max_prompt_len: int | None = None):
         super().__init__(batch_size, seed, num_workers)
-        if split not in SPLITS:
+        if split is not None and split not in SPLITS:
             raise DataError(f"split={split!r} is not one of {SPLITS}")
         if max_prompt_len is not None:
             check_at_least(1, max_prompt_len=max_prompt_len)
@@ -78,11 +79,11 @@ class PromptDataModule(EpochDataModule):
                 self.dropped += 1
                 continue
             self.prompts[split].append(prompt)
-        for split in (self.split, "heldout"):
+        for split in ("heldout",) if self.split is None else (self.split, "heldout"):
             if not self.prompts[split]:
                 raise DataError(f"{self.prompts_path}: no prompts of split {split!r}"
                                 + (f" within max_prompt_len={self.max_prompt_len} tokens" if self.dropped else ""))
-        self.train_collate = PromptList(self.prompts[self.split])
+        self.train_collate = None if self.split is None else PromptList(self.prompts[self.split])
         self.val_collate = PromptList(self.prompts["heldout"])
         self.tokenizer, self.chat_template = tokenizer, template
         self.vocab_size, self.eos_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(IM_END)
@@ -111,6 +112,12 @@ class PromptDataModule(EpochDataModule):
             except ValueError as e:
                 raise DataError(f"{name}: {e}") from None
         return record["split"], {key: record[key] for key in ("id", "prompt", "constraints", "language")}
+
+    @property
+    def train_size(self) -> int:
+        if self.split is None and self.tokenizer is not None:
+            raise DataError(f"{self.prompts_path}: split=null serves validation only; set split=train to train on it")
+        return super().train_size
 
     def heldout(self) -> list[Prompt]:
         """The held-out prompts, in file order, for evaluation."""

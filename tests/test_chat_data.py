@@ -396,6 +396,19 @@ def test_prompts_carry_the_generation_prompt_and_split_train_from_heldout(tmp_pa
     assert all(int(p["id"][1:]) % 2 == 0 for p in short.prompts["train"])
 
 
+def test_validation_only_prompts_need_no_training_split(tmp_path, tokenizer_path):
+    """As data.constraint_val (split null) a file of held-out prompts alone serves; training on it says why not."""
+    path = write_jsonl(tmp_path / "prompts.jsonl", [prompt(i, "heldout") for i in range(4)])
+    with pytest.raises(DataError, match="no prompts of split 'train'"):
+        PromptDataModule(str(path), str(tokenizer_path), batch_size=2).setup()
+    dm = PromptDataModule(str(path), str(tokenizer_path), batch_size=2, split=None)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=False)
+    dm.setup()
+    assert [p["id"] for batch in dm.val_dataloader() for p in batch] == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(DataError, match=re.escape(f"{path}: split=null serves validation only")):
+        dm.train_size
+
+
 def test_prompts_with_unknown_constraints_are_named(tmp_path, tokenizer_path):
     records = [prompt(i, "train") for i in range(5)]
     records[2]["constraints"] = [{"kind": "rhymes"}]
