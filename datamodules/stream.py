@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from slmlab.data.errors import DataError
+from slmlab.data.errors import DataError, check_at_least
 from slmlab.data.streams import EpochBatches, OrderedItems, SampleStream
 
 
@@ -129,13 +129,6 @@ class EpochDataModule(StreamDataModule):
 def _num_samples(batch: Any) -> int:
     """Samples in a batch: a dict of tensors with the batch first, or a list of samples."""
     return len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
-
-
-def check_at_least(minimum: int, **values: int) -> None:
-    """DataError naming the first argument that is not an integer of at least `minimum`."""
-    for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise DataError(f"{key}={value!r}: must be an integer of at least {minimum}")
 
 
 def check_fraction(**values: float) -> None:

@@ -57,8 +57,16 @@ class TokenShardDataModule(StreamDataModule):
         _check_keys(tokenizer, _TOKENIZER_KEYS, "tokenizer", required={"path", "vocab_size"})
         check_at_least(1, **{f"tokenizer.{key}": tokenizer[key] for key in ("vocab_size", "min_frequency")
                              if key in tokenizer})  # int() named no key, and cut 4.5 to 4
+        if tokenizer.get("max_documents") is not None:  # islice() named no key for -1, and 0 trained on nothing
+            check_at_least(1, **{"tokenizer.max_documents": tokenizer["max_documents"]})
 
         self.paths = {name: Path(source["path"]) for name, source in sources.items()}
+        first_with = {}  # shard directory -> the first source of it
+        for name, path in self.paths.items():
+            # a second source of the same shards was "already prepared": its raw text was silently never read
+            if (other := first_with.setdefault(path.resolve(), name)) != name:
+                raise DataError(f"sources {other!r} and {name!r}: both have the shard directory {path.resolve()}; "
+                                "each source needs its own path")
         self.readers = {name: _reader(name, source["raw"]) for name, source in sources.items()
                         if source.get("raw") is not None}  # name -> (DocumentReader, max_tokens)
         self.mixture = Mixture({name: _weight(name, source.get("weight", 1.0)) for name, source in sources.items()})
@@ -183,10 +191,14 @@ def _reader(name: str, raw: Mapping) -> tuple[DocumentReader, int | None]:
                         "e.g. {files: [...], format: jsonl}")
     raw = dict(raw)
     max_tokens = raw.pop("max_tokens", None)
+    if max_tokens is not None:  # checked here, not when preparing: that can be after hours of tokenizer training
+        check_at_least(1, **{f"source {name!r}: raw.max_tokens": max_tokens})
     try:
         return DocumentReader(**raw), max_tokens
     except TypeError as e:  # an unknown key
         raise DataError(f"source {name!r}: raw {raw}: {e}") from None
+    except DataError as e:
+        raise DataError(f"source {name!r}: {e}") from None
 
 
 def _nonempty(blocks: Blocks, source: str, split: str) -> Blocks:

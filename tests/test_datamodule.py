@@ -256,3 +256,12 @@ def test_a_source_too_short_for_a_bag_is_named(make_dm):
     dm.read_bags(BagSchedule(((16, 8),)))  # 16 * 9 = 144 tokens: source b has 105
     with pytest.raises(DataError, match=r"b: its train split has no run of 144 tokens .* bags of 16"):
         take(dm, 1)
+
+
+def test_two_sources_of_one_shard_directory_are_named(tmp_path, tokenizer_path):
+    """The second source's raw text was never read: its shards counted as prepared by the first."""
+    paths = {"en": tmp_path / "shards" / "en", "de": tmp_path / "shards" / "de" / ".." / "en"}
+    sources = {name: {"path": str(path), "raw": {"files": [str(tmp_path / f"{name}.jsonl")]}}
+               for name, path in paths.items()}
+    with pytest.raises(DataError, match=re.escape(f"sources 'en' and 'de': both have the shard directory {paths['en'].resolve()};")):
+        TokenShardDataModule(sources, {"path": str(tokenizer_path), "vocab_size": 300}, seq_len=SEQ_LEN, batch_size=2)

@@ -253,3 +253,49 @@ def test_records_sharing_a_split_key_land_in_the_same_split(tmp_path, tokenizer_
     with pytest.raises(DataError, match="no 'id' \\(split_key\\)"):
         path.write_text(json.dumps({"text": "no id"}) + "\n")
         list(DocumentReader(str(path), split_key="id"))
+
+
+def test_a_truncated_or_damaged_parquet_file_is_named(tmp_path):
+    """pyarrow's own errors (an interrupted download, damaged pages) named no file."""
+    pq.write_table(pa.table({"text": documents(50)}), tmp_path / "d.parquet", row_group_size=10)
+    whole = (tmp_path / "d.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "damaged.parquet").write_bytes(whole[:100] + bytes(200) + whole[300:])
+    for name in ("cut.parquet", "damaged.parquet"):
+        with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ": truncated or corrupt parquet file"):
+            list(DocumentReader(str(tmp_path / name)))
+
+
+def test_a_limit_on_documents_or_tokens_that_is_not_a_positive_integer_is_named(tmp_path, tokenizer_path):
+    """islice() failed naming no key (-1), 0 read nothing, and max_tokens=-1 stopped after the first batch."""
+    path = str(write_jsonl(tmp_path / "d.jsonl", documents(20)))
+    for value in (-1, 0, 2.5):
+        with pytest.raises(DataError, match=rf"max_documents={value!r}: must be an integer of at least 1"):
+            DocumentReader(path, max_documents=value)
+        with pytest.raises(DataError, match=rf"max_tokens={value!r}: must be an integer of at least 1"):
+            prepare_shards(DocumentReader(path), tmp_path / "out", tokenizer_path, val_fraction=0.1, max_tokens=value)
+    tokenizer = {"path": str(tokenizer_path), "vocab_size": 300}
+    for raw, problem in (({"max_tokens": -1}, "source 'a': raw.max_tokens=-1"),
+                         ({"max_documents": -1}, "source 'a': raw source: max_documents=-1")):
+        with pytest.raises(DataError, match=re.escape(problem) + ": must be an integer of at least 1"):
+            TokenShardDataModule({"a": {"path": "x", "raw": {"files": [path], **raw}}}, tokenizer, seq_len=8,
+                                 batch_size=2)
+    with pytest.raises(DataError, match="tokenizer.max_documents=-1: must be an integer of at least 1"):
+        TokenShardDataModule({"a": {"path": "x"}}, tokenizer | {"max_documents": -1}, seq_len=8, batch_size=2)
+
+
+def test_converting_chat_data_skips_a_tool_call_without_content_and_names_a_missing_column(tmp_path, monkeypatch):
+    """A tool call's message has no "content": that failed with a bare KeyError, as did a wrong --messages-key."""
+    from slmlab.data.chat import convert_hf
+
+    datasets = pytest.importorskip("datasets")
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"messages": answer}, {"messages": [answer[0], {"role": "assistant", "tool_calls": [{"name": "f"}]}]},
+            {"messages": None}, {"messages": answer}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: iter(rows))
+    out = tmp_path / "chat.jsonl"
+    assert convert_hf("org/chat", out) == 2
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["org/chat/train/0", "org/chat/train/3"]
+    with pytest.raises(DataError, match=re.escape("org/chat (split train): row 0 has no 'conversations' "
+                                                  "(columns: ['messages']); set --messages-key")):
+        convert_hf("org/chat", out, messages_key="conversations")

@@ -202,7 +202,11 @@ def convert_hf(dataset: str, out: str | Path, split: str = "train", config: str 
         for row, record in enumerate(stream):
             if max_rows is not None and row >= max_rows:
                 break
-            messages = [{"role": m["role"], "content": m["content"]} for m in record[messages_key]]
+            if messages_key not in record:  # a KeyError named neither the dataset nor the columns it has
+                raise DataError(f"{dataset} (split {split}): row {row} has no {messages_key!r} "
+                                f"(columns: {sorted(record)}); set --messages-key")
+            # a tool call's message may have no "content" (or a null one): skipped below, not a KeyError
+            messages = [{"role": m.get("role"), "content": m.get("content")} for m in record[messages_key] or []]
             if not messages or any(m["role"] not in ROLES or not isinstance(m["content"], str) for m in messages) \
                     or not any(m["role"] == "assistant" for m in messages):
                 skipped += 1

@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from slmlab.data.errors import DataError
+from slmlab.data.errors import DataError, check_at_least
 from slmlab.data.readers import DocumentReader
 from slmlab.data.shards import MANIFEST, SPLITS, Manifest, ShardWriter, Split, token_dtype
 from slmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
@@ -90,6 +90,8 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
         raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
     if num_proc < 1:
         raise DataError(f"num_proc={num_proc}: must be at least 1")
+    if max_tokens is not None:  # 0 or -1 stopped after the first batch; a string failed mid-way, naming nothing
+        check_at_least(1, max_tokens=max_tokens)
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # while shards are rewritten the directory must not load

@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
-from slmlab.data.errors import DataError
+from slmlab.data.errors import DataError, check_at_least
 
 FORMATS = ("txt", "jsonl", "parquet")
 DECODE_ERROR_POLICIES = ("skip", "error")
@@ -50,6 +50,8 @@ class DocumentReader:
             raise DataError(f"raw source: format={format!r} is not one of {FORMATS}")
         if on_decode_error not in DECODE_ERROR_POLICIES:
             raise DataError(f"raw source: on_decode_error={on_decode_error!r} is not one of {DECODE_ERROR_POLICIES}")
+        if max_documents is not None:  # islice() named no key for -1, and 0 read nothing
+            check_at_least(1, **{"raw source: max_documents": max_documents})
         if isinstance(files, str):
             files = [files]
         self.files = None if files is None else list(files)
@@ -143,29 +145,32 @@ class DocumentReader:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError("reading parquet files needs `pyarrow`: pip install -e '.[hf]'") from None
-        parquet = pq.ParquetFile(path)
-        columns = list(dict.fromkeys([self.text_key] + ([self.split_key] if self.split_key else [])))
-        for column in columns:
-            if column not in parquet.schema_arrow.names:
-                raise DataError(f"{path}: no column {column!r} (columns: {parquet.schema_arrow.names})")
-        row = 0
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-            keys = batch.column(self.split_key).to_pylist() if self.split_key else None
-            column = batch.column(self.text_key)
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                # as bytes: decoding ourselves applies on_decode_error to invalid UTF-8 too
-                column = column.cast(pa.large_binary())
-            elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-                raise DataError(f"{path}: column {self.text_key!r} has type {column.type}, expected string")
-            for i, raw in enumerate(column.to_pylist()):
-                row += 1
-                if raw is None:
-                    raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
-                where = f"{path}: row {row}"
-                text = self._decode(raw, where)
-                if text:  # None: not UTF-8; "": no document
-                    # through _split_id, as jsonl records: a null key is an error, not the split id "None"
-                    yield text, self._split_id({} if keys is None else {self.split_key: keys[i]}, text, where)
+        try:  # pyarrow names no file when one is cut short (an interrupted download) or damaged
+            parquet = pq.ParquetFile(path)
+            columns = list(dict.fromkeys([self.text_key] + ([self.split_key] if self.split_key else [])))
+            for column in columns:
+                if column not in parquet.schema_arrow.names:
+                    raise DataError(f"{path}: no column {column!r} (columns: {parquet.schema_arrow.names})")
+            row = 0
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+                keys = batch.column(self.split_key).to_pylist() if self.split_key else None
+                column = batch.column(self.text_key)
+                if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                    # as bytes: decoding ourselves applies on_decode_error to invalid UTF-8 too
+                    column = column.cast(pa.large_binary())
+                elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                    raise DataError(f"{path}: column {self.text_key!r} has type {column.type}, expected string")
+                for i, raw in enumerate(column.to_pylist()):
+                    row += 1
+                    if raw is None:
+                        raise DataError(f"{path}: row {row} has no {self.text_key!r} (null)")
+                    where = f"{path}: row {row}"
+                    text = self._decode(raw, where)
+                    if text:  # None: not UTF-8; "": no document
+                        # through _split_id, as jsonl records: a null key is an error, not the split id "None"
+                        yield text, self._split_id({} if keys is None else {self.split_key: keys[i]}, text, where)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: truncated or corrupt parquet file ({e})") from None
 
     def _hf_documents(self) -> Iterator[tuple[str, bytes]]:
         try:
