@@ -167,3 +167,11 @@ def test_hgrn2_rope_makes_the_even_layers_position_dependent():
     x = torch.randint(0, 61, (1, 12))
     assert torch.equal(rope(x)[:, 0], plain(x)[:, 0])  # position 0 is not rotated
     assert not torch.allclose(rope(x)[:, 1:], plain(x)[:, 1:])
+
+
+def test_a_mixer_beside_a_layout_is_an_error_not_dropped():
+    """`model=tiny_hybrid model.mixer=gla` once trained the layout's mixers without a word."""
+    with pytest.raises(ValueError, match=r"model.mixer='gla' is not used where model.layout='M,G\*2,S'.*"
+                                         r"model.layout=null"):
+        cfg(n_layers=4, layout="M,G*2,S", mixer="gla")
+    assert cfg(layout="G,S").layer_mixers == ["gla", "sparse_attention"]

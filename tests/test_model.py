@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.layers import Rotary, SwiGLU, fused_linear
+from slmlab.models.transformer import Block
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -325,3 +327,38 @@ def test_the_backbone_compiles_as_one_graph_and_decodes_eagerly():
         assert torch._dynamo.utils.counters["frames"]["ok"] == 1
         torch.testing.assert_close(model(ids[:, :5], state=model.init_state(2, 12)), eager[:, :5], rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["frames"]["ok"] == 1  # decoding compiled nothing
+
+
+@pytest.mark.parametrize("norm", ["rms", "zc_rms"])
+def test_a_float64_block_computes_its_norms_and_rope_in_float64(norm):
+    """A float64 model is what gradcheck and reference comparisons need: RMSNorm, QK-norm and RoPE once
+    rounded to float32 whatever the input, and gradcheck failed on every block."""
+    torch.manual_seed(0)
+    block = Block(tiny(d_model=16, n_heads=2, n_kv_heads=1, ffn_hidden=8, norm=norm), 0).double()
+    x = torch.randn(1, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(vocab_size=0), "model.vocab_size=0 must be at least 1"),
+    (dict(max_seq_len=0), "model.max_seq_len=0 must be at least 1"),
+    (dict(head_dim=0), "model.head_dim=0 must be at least 1"),
+    (dict(norm_eps=-1e-6), "model.norm_eps=-1e-06 must be at least 0"),
+    (dict(rope_theta=0.0), "model.rope_theta=0.0 must be positive"),
+    (dict(layout="S,A", sliding_window=0), "model.sliding_window=0 must be at least 1"),
+    (dict(layout="S,A", global_tokens=-1), "model.global_tokens=-1 at least 0"),
+    (dict(layout="G,A", gla_decay_init=1.0), "model.gla_decay_init=1.0 must lie strictly between 0 and 1"),
+    (dict(layout="M,A", ssm_dt_min=0.0), "model.ssm_dt_min=0.0 and model.ssm_dt_max=0.1 must satisfy"),
+    (dict(layout="M,A", ssm_d_state=0), "model.ssm_d_state=0 must be at least 1"),
+])
+def test_a_setting_out_of_its_range_is_an_error_naming_it(overrides, named):
+    """Each of these once built a model: one that ran on (a sparse window of 0 attended to nothing, a zero
+    RoPE theta gave NaNs), or one that failed with a bare ZeroDivisionError or math domain error."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        tiny(**overrides)
+
+
+def test_the_settings_of_a_mixer_no_layer_has_are_not_checked():
+    attention_only = tiny(sliding_window=0, gla_decay_init=1.0, ssm_dt_min=0.0, ssm_d_state=0)
+    assert attention_only.layer_mixers == ["attention"] * 2
+    assert tiny(mixer="gla", rope_theta=0.0).layer_mixers == ["gla"] * 2  # GLA rotates nothing

@@ -74,13 +74,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for key in ("n_heads", "n_kv_heads", "hgrn2_expand_ratio", "ssm_headdim", "ssm_ngroups"):  # divisors
+        # sizes and divisors; a zero one built a model that ran on silently, or failed far from its key
+        for key in ("vocab_size", "d_model", "max_seq_len", "n_heads", "n_kv_heads", "hgrn2_expand_ratio",
+                    "ssm_headdim", "ssm_ngroups"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
             self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 1:
+            raise ValueError(f"model.head_dim={self.head_dim} must be at least 1")
+        if self.norm_eps < 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps} must be at least 0")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         for key, value, allowed in (("norm", self.norm, ("rms", "zc_rms")), ("residual", self.residual, ("plain", "gated")),
@@ -90,15 +96,39 @@ class ModelConfig:
                                     ("mlp_kernel", self.mlp_kernel, MLP_KERNELS)):
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
+        if self.layout is not None and self.mixer != "attention":
+            # the layout names every layer's mixer: `mixer` would be dropped without a word
+            raise ValueError(f"model.mixer={self.mixer!r} is not used where model.layout={self.layout!r} gives each "
+                             f"layer's mixer: set model.layout=null to run {self.mixer} in every layer, or change the layout")
         self.layer_mixers = self._parse_layout()
-        if "mamba2" in self.layer_mixers and self.ssm_d_conv < 2:  # decoding keeps the last d_conv - 1 inputs
-            raise ValueError(f"model.ssm_d_conv={self.ssm_d_conv} must be at least 2 (mamba-ssm's kernel takes 2-4)")
+        self._check_mixer_settings(set(self.layer_mixers))
         # RoPE rotates pairs of channels: an odd head would fail at the first forward with a shape mismatch
         rotated = {name for i, name in enumerate(self.layer_mixers) if self.rope_on(i)}
         for key, names in (("head_dim", {"attention", "sparse_attention"}), ("hgrn2_expand_ratio", {"hgrn2"})):
             if rotated & names and getattr(self, key) % 2:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be even: RoPE rotates pairs of channels "
                                  f"(rope_layers={self.rope_layers!r} reaches {', '.join(sorted(rotated & names))} layers)")
+        if rotated & {"attention", "sparse_attention", "hgrn2"} and self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta={self.rope_theta} must be positive (its inverse powers are RoPE's frequencies)")
+
+    def _check_mixer_settings(self, used: set[str]) -> None:
+        """The settings of the mixers in `used`, in the ranges their layers can be built and run with (the
+        settings of mixers no layer has are not read)."""
+        if "mamba2" in used:
+            if self.ssm_d_conv < 2:  # decoding keeps the last d_conv - 1 inputs
+                raise ValueError(f"model.ssm_d_conv={self.ssm_d_conv} must be at least 2 (mamba-ssm's kernel takes 2-4)")
+            for key in ("ssm_d_state", "ssm_expand"):
+                if getattr(self, key) < 1:
+                    raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
+            if not 0 < self.ssm_dt_min <= self.ssm_dt_max:  # the initial steps are log-uniform between them
+                raise ValueError(f"model.ssm_dt_min={self.ssm_dt_min} and model.ssm_dt_max={self.ssm_dt_max} must "
+                                 f"satisfy 0 < ssm_dt_min <= ssm_dt_max")
+        if "gla" in used and not 0 < self.gla_decay_init < 1:  # stored as its logit in the decay's bias
+            raise ValueError(f"model.gla_decay_init={self.gla_decay_init} must lie strictly between 0 and 1")
+        if "sparse_attention" in used and (self.sliding_window < 1 or self.global_tokens < 0):
+            # a window of 0 left queries beyond the global tokens attending to nothing
+            raise ValueError(f"model.sliding_window={self.sliding_window} must be at least 1 and "
+                             f"model.global_tokens={self.global_tokens} at least 0")
 
     def _parse_layout(self) -> list[str]:
         if self.layout is None:

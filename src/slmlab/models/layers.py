@@ -5,11 +5,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmlab.ops.backend import fused_mlp_usable
+from slmlab.ops.gla import compute_dtype
 from slmlab.ops.swiglu import silu_mul
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 for stability under bf16.
+    """x / rms(x) * weight, computed in float32 for stability under bf16 (float64 stays float64).
 
     zero_centred: the parameter is stored as an offset from 1 (scale = 1 + weight, initialised to 0),
     so weight decay or a zero init pulls the scale towards 1 rather than 0 (OdinNext's ZC-RMSNorm).
@@ -21,8 +22,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.float() + 1 if self.zero_centred else self.weight.float()
-        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
+        dtype = compute_dtype(x.dtype)
+        scale = self.weight.to(dtype) + 1 if self.zero_centred else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
 
 def linear_flops(*linears: nn.Linear) -> int:
@@ -99,7 +101,8 @@ class SwiGLU(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (half-split layout, as in Llama/Qwen/HF `rotate_half`), in float32.
+    """Rotary position embedding (half-split layout, as in Llama/Qwen/HF `rotate_half`), in float32
+    (float64 inputs in float64, by the float32 angles).
 
     cos/sin of positions below max_len come from a table built once: computed inside a compiled
     kernel they were recomputed for every head, in backward again, and made RoPE compute-bound on
@@ -143,5 +146,5 @@ class Rotary(nn.Module):
         else:
             cos_sin = self.angles(offset + torch.arange(T, device=x.device, dtype=torch.float32))
         cos, sin = cos_sin.unsqueeze(-2)  # broadcast over heads
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = x.to(compute_dtype(x.dtype)).chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
