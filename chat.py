@@ -24,7 +24,7 @@ from slmlab.eval.seed import seed_everything
 from slmlab.export.load import load_pretrained, to_device
 from slmlab.export.tokenizer import TokenizerFiles, find_tokenizer
 from slmlab.models import CausalLM
-from slmlab.models.generate import stream_text
+from slmlab.models.generate import check_sampling, stream_text
 
 SAMPLING = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}
 DEFAULTS = {"max_new_tokens": "256", "temperature": "0.7", "top_p": "0.9", "repetition_penalty": "1.1", "seed": "0"}
@@ -93,6 +93,11 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], str | None]:
                 parser.error(f"{key}={args[key]!r} is not a {cast.__name__}")
     if "max_new_tokens" in args and int(args["max_new_tokens"]) < 1:  # else the prompt fills the whole context
         parser.error(f"max_new_tokens={args['max_new_tokens']}: must be at least 1")
+    try:  # before the model loads, not at the first answer
+        check_sampling(**{k: SAMPLING[k](args[k]) for k in ("temperature", "top_k", "top_p", "repetition_penalty")
+                          if k in args})
+    except ValueError as e:
+        parser.error(str(e))
     return args, [f"{k}={v}" for k, v in pairs if k not in KEYS], ns.prompt
 
 

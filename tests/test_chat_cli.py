@@ -74,3 +74,14 @@ def test_bad_arguments_are_named(run, capsys):
         main(["ckpt=nowhere.ckpt", "--prompt", "hi"])
     with pytest.raises(SystemExit, match="error: device='gpu0': "):  # an error line, not a traceback
         main([f"ckpt={run.ckpt}", "device=gpu0", "--prompt", "hi"])
+
+
+def test_sampling_settings_out_of_range_are_named_before_the_model_loads(capsys):
+    """repetition_penalty=0 failed at the first answer with torch's "probability tensor contains inf";
+    temperature=-0.7 sampled the least likely tokens."""
+    for arg, message in (("repetition_penalty=0", "repetition_penalty=0.0 must be > 0"),
+                         ("temperature=-0.7", "temperature=-0.7 must be >= 0"),
+                         ("top_p=2", "top_p=2.0 must lie in [0, 1]"), ("top_k=-5", "top_k=-5 must be >= 0")):
+        with pytest.raises(SystemExit):
+            parse_args(["ckpt=never_loaded.ckpt", arg])
+        assert message in capsys.readouterr().err, arg

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from slmlab.data.tokenizer import load_tokenizer
+from slmlab.data.tokenizer import load_tokenizer, train_tokenizer
 from slmlab.eval import bits_per_byte, load_probes, probe_report, seed_everything
 from slmlab.eval.__main__ import main as eval_main
 from slmlab.eval.callback import EvalSuites
 from slmlab.eval.probes import DEFAULT_PROBES, item_margins
-from slmlab.export import load_pretrained
+from slmlab.eval.scoring import encode_pair, score_continuations
+from slmlab.export import export_safetensors_folder, load_pretrained
 from slmlab.export.tokenizer import TokenizerFiles
+from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.generate import generate
 from slmlab.training.batching import document_positions
 from tests.conftest import ROOT, compose_config, metric, tiny_run_overrides
@@ -219,3 +221,39 @@ def test_eval_callback_logs_the_suites_during_training_without_changing_the_run(
                           TokenizerFiles.load(compose_config(evaluated).data.tokenizer.path).tokenizer,
                           load_probes(DEFAULT_PROBES), batch_size=4)
     assert margins[-1] == pytest.approx(report["all"]["margin"], rel=1e-5)
+
+
+def test_eval_cli_names_a_tokenizer_larger_than_the_models_vocabulary(tmp_path):
+    """The probes' token ids then run past the embedding: an IndexError from inside torch, naming no file."""
+    train_tokenizer(DEFAULT_PROBES.read_text(encoding="utf-8").splitlines() * 5, 1000, tmp_path / "tokenizer.json",
+                    min_frequency=1)
+    model = CausalLM(ModelConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, ffn_hidden=16, max_seq_len=64))
+    folder = export_safetensors_folder(model, tmp_path / "model")
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'tokenizer.json'} has 1000 tokens but the model only 300"):
+        eval_main([f"ckpt={folder}", "suite=probes", f"tokenizer={tmp_path / 'tokenizer.json'}"])
+
+
+def test_a_probe_whose_answer_merges_into_the_prompts_last_token_is_named(tiny_runs):
+    """The prompt "Install it with ap" and the answer "t" tokenize as "Install it with" + " apt": the answer has
+    no token of its own, and its NLL per token was 0 / 0, a ZeroDivisionError naming no probe."""
+    run = tiny_runs[True]
+    tokenizer = load_tokenizer(run.tokenizer)
+    item = {"prompt": "Install it with ap", "correct": "t", "wrong": [" dpkg"]}
+    assert encode_pair(tokenizer, item["prompt"], item["correct"])[1] == []  # the premise
+    with pytest.raises(ValueError, match="probe 'Install it with ap': the answer 't' has no token of its own"):
+        item_margins(load_pretrained(run.ckpt), tokenizer, [item])
+
+
+def test_a_batch_size_below_one_is_refused_naming_it():
+    """0 failed in range() naming no setting; a negative size scored nothing, and the probes then failed on None."""
+    model = CausalLM(ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, ffn_hidden=16, max_seq_len=16))
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size={batch_size} must be at least 1"):
+            score_continuations(model, [([1, 2], [3])], batch_size)
+        with pytest.raises(ValueError, match=f"callbacks.eval.batch_size={batch_size} must be at least 1"):
+            EvalSuites(batch_size=batch_size)
+    pytest.importorskip("lm_eval")
+    from slmlab.eval.lm_eval_adapter import SlmlabLM
+
+    with pytest.raises(ValueError, match="batch_size='0': give a number of at least 1"):  # before the model loads
+        SlmlabLM("never_loaded.ckpt", "tokenizer.json", batch_size="0")

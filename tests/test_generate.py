@@ -5,7 +5,7 @@ import torch
 
 from slmlab.data.tokenizer import train_tokenizer
 from slmlab.models import CausalLM, ModelConfig
-from slmlab.models.generate import generate, generate_prompts, held_back, penalize_repeats, stream_text
+from slmlab.models.generate import generate, generate_prompts, held_back, penalize_repeats, sample_next, stream_text
 
 TEXT = ["apt installs packages. dpkg unpacks them. The package manager keeps a list of packages."] * 20
 
@@ -225,3 +225,28 @@ def test_static_decoding_under_bf16_autocast_with_float32_weights():
             torch.testing.assert_close(decoder.step(model, token), model(token[:, None], state)[:, -1],
                                        rtol=0, atol=0.08)
     release_decoders(model)
+
+
+def test_nucleus_sampling_keeps_the_smallest_prefix_whose_mass_reaches_top_p():
+    """A prefix reaching top_p exactly ends the nucleus: of four equally likely tokens, top_p 0.5 keeps two
+    (as Hugging Face's TopPLogitsWarper), not three."""
+    generator = torch.Generator().manual_seed(0)
+    for logits, top_p, kept in ((torch.zeros(1, 4), 0.5, 2), (torch.zeros(1, 4), 0.25, 1),
+                                (torch.tensor([[0.5, 0.25, 0.25]]).log(), 0.5, 1),
+                                (torch.tensor([[0.5, 0.25, 0.25]]).log(), 0.75, 2), (torch.zeros(1, 4), 0.0, 1)):
+        draws = {int(sample_next(logits, top_p=top_p, generator=generator)) for _ in range(200)}
+        assert len(draws) == kept, (logits, top_p, draws)
+
+
+def test_sampling_settings_out_of_range_are_refused_naming_them():
+    """A negative temperature sampled the least likely tokens and a negative penalty flipped the sign of seen
+    tokens' logits, silently; a zero penalty, a negative top_k or top_p failed inside torch naming none of them."""
+    model, prompt = tiny_model(), torch.randint(0, 97, (2, 4))
+    for setting, message in (({"temperature": -0.7}, "temperature=-0.7 must be >= 0"),
+                             ({"top_k": -1}, "top_k=-1 must be >= 0"),
+                             ({"top_p": -0.1}, r"top_p=-0.1 must lie in \[0, 1\]"),
+                             ({"top_p": 1.5}, r"top_p=1.5 must lie in \[0, 1\]"),
+                             ({"repetition_penalty": 0.0}, "repetition_penalty=0.0 must be > 0"),
+                             ({"repetition_penalty": -1.1}, "repetition_penalty=-1.1 must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompt, 3, **setting)

@@ -64,6 +64,7 @@ def run_suite(suite: str, model: CausalLM, args: dict[str, str], cfg: DictConfig
     if suite == "bpb":
         return table(bits_per_byte(model, instantiate(cfg.data), cfg.stage.get("document_mask", False)))
     tokens = find_tokenizer(args["ckpt"], tokenizer_path(cfg.data), args.get("tokenizer"))
+    tokens.check_fits(model.cfg.vocab_size)  # else ids past the embedding fail inside it, naming no file
     if suite == "probes":
         return table(probe_report(model, tokens.tokenizer, load_probes(args.get("probes", DEFAULT_PROBES)), batch_size))
     # lm-eval is an optional dependency: imported only for its suite

@@ -53,6 +53,8 @@ class EvalSuites(Callback):
         if every_n_validations < 1:  # else a ZeroDivisionError at the first validation, hours into the run
             raise ValueError(f"callbacks.eval.every_n_validations={every_n_validations}: must be at least 1 "
                              "(leave the callback out to evaluate never)")
+        if batch_size < 1:
+            raise ValueError(f"callbacks.eval.batch_size={batch_size} must be at least 1")
         self.suites, self.tasks, self.limit, self.num_fewshot = list(suites), list(tasks), limit, num_fewshot
         self.include_path = include_path  # a folder of extra task YAMLs
         self.probes = load_probes(probes or DEFAULT_PROBES) if "probes" in suites else None

@@ -48,8 +48,8 @@ class SlmlabLM(TemplateLM):
         super().__init__()
         if tokenizer is None and not (isinstance(ckpt, str) and Path(ckpt).is_dir()):
             raise ValueError("tokenizer=<tokenizer.json> is needed unless ckpt is an exported folder holding one")
-        if not str(batch_size).isdigit():
-            raise ValueError(f"batch_size={batch_size!r}: give a number (no automatic batch size)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r}: give a number of at least 1 (no automatic batch size)")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # the harness's command line asks for cuda unless told otherwise
                 log.warning("device=%s is not available: evaluating on the CPU", device)

@@ -40,7 +40,12 @@ def item_margins(model: CausalLM, tokenizer: Tokenizer, items: Sequence[dict], b
     for item in items:
         options = [item["correct"], *item["wrong"]]
         spans.append((len(pairs), len(options)))
-        pairs += [encode_pair(tokenizer, item["prompt"], option) for option in options]
+        for option in options:
+            context, continuation = encode_pair(tokenizer, item["prompt"], option)
+            if not continuation:  # merged into the prompt's last token: no NLL per token to compare
+                raise DataError(f"probe {item['prompt']!r}: the answer {option!r} has no token of its own (it "
+                                "joins the prompt's last token); end the prompt where a word ends")
+            pairs.append((context, continuation))
     nll = [-s.logprob / s.tokens for s in score_continuations(model, pairs, batch_size)]
     return [sum(nll[start + 1:start + n]) / (n - 1) - nll[start] for start, n in spans]
 

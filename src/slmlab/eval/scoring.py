@@ -49,6 +49,8 @@ def score_continuations(model: CausalLM, pairs: Sequence[tuple[list[int], list[i
     Longest first in right-padded batches (padding after a row cannot change its causal logits);
     contexts are cut from the left to fit `max_seq_len` positions.
     """
+    if batch_size < 1:  # else range() fails naming no setting (0), or nothing is scored (negative)
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
     max_len = model.cfg.max_seq_len
     device = model.lm_head.weight.device
     for context, continuation in pairs:

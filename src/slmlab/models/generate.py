@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -32,10 +33,26 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does
+        before = F.pad(sorted_logits.softmax(dim=-1).cumsum(dim=-1)[:, :-1], (1, 0))
+        drop = before >= top_p
+        drop[:, 0] = False  # top_p 0 keeps the likeliest token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> None:
+    """ValueError naming a sampling setting outside its range: a negative temperature would sample the
+    least likely tokens, a penalty <= 0 turn seen tokens' logits to infinities or flip their sign."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 is off)")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p={top_p} must lie in [0, 1] (1 is off)")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 is off)")
 
 
 def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -69,6 +86,7 @@ def decode(model: "CausalLM", prompt: Tensor, max_new_tokens: int, *, temperatur
     forced (batch, k): at the first k steps, the token fed and yielded where it is >= 0 instead of the
     sampled one (the rest of a longer prompt; see `generate`'s `prompt_lens`).
     """
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     batch, prompt_len = prompt.shape
     if prompt_len == 0:  # the first token is predicted from the last prompt position: there must be one
         raise ValueError("cannot decode from an empty prompt: start it with at least one token (the end-of-text "
