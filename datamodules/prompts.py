@@ -47,7 +47,8 @@ class PromptDataModule(EpochDataModule):
     (and `heldout()`) covers the held-out prompts, in file order.
     max_prompt_len: prompts of more tokens are dropped (counted in `dropped`), leaving room for the
         completion in the model's positions. `seq_len` is the longest prompt kept, so that a
-        module can check that the prompts fit the model.
+        module can check that the prompts fit the model; prompts of a split it does not serve (with
+        split None, the training ones) are left out.
     """
 
     def __init__(self, prompts: str, tokenizer: str, batch_size: int, split: str | None = "train", seed: int = 1234,
@@ -71,15 +72,18 @@ class PromptDataModule(EpochDataModule):
             return
         tokenizer, template = load_chat_tokenizer(self.tokenizer_path)
         rows, self.skipped = parse_jsonl(self.prompts_path, self._parse, self.on_bad_row)
+        used = ("heldout",) if self.split is None else (self.split, "heldout")
         self.prompts = {split: [] for split in SPLITS}
         for split, prompt in rows:
+            if split not in used:  # never served: its lengths must not decide what fits the model
+                continue
             messages = [{"role": "user", "content": prompt["prompt"]}]
             prompt["prompt_ids"] = encode_chat(tokenizer, messages, template, add_generation_prompt=True)[0]
             if self.max_prompt_len is not None and len(prompt["prompt_ids"]) > self.max_prompt_len:
                 self.dropped += 1
                 continue
             self.prompts[split].append(prompt)
-        for split in ("heldout",) if self.split is None else (self.split, "heldout"):
+        for split in used:
             if not self.prompts[split]:
                 raise DataError(f"{self.prompts_path}: no prompts of split {split!r}"
                                 + (f" within max_prompt_len={self.max_prompt_len} tokens" if self.dropped else ""))

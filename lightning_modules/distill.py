@@ -5,6 +5,9 @@ For sequence-level KD (SFT on teacher generations), see `python -m slmlab.seqkd`
 
 import torch
 
+from datamodules.chat import ChatDataModule
+from datamodules.token_shards import TokenShardDataModule
+from lightning_modules.policy import frozen_dtype
 from lightning_modules.pretrain import PretrainModule
 from slmlab.checkpoint import load_model
 from slmlab.training.losses import distill_loss, lm_loss
@@ -14,7 +17,7 @@ class DistillModule(PretrainModule):
     """loss = alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ stage.z_loss's term),
     on whatever data the run uses (pretraining shards or chat data); validation is the pretraining one."""
 
-    def __init__(self, *args, teacher: str, temperature: float = 1.0, alpha: float = 0.5,
+    def __init__(self, *args, teacher: str | None, temperature: float = 1.0, alpha: float = 0.5,
                  teacher_dtype: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.superposition:
@@ -24,14 +27,31 @@ class DistillModule(PretrainModule):
             raise ValueError(f"stage.alpha={alpha} must lie in [0, 1]")
         if temperature <= 0:  # the softened distributions divide the logits by it: 0 gives a NaN loss
             raise ValueError(f"stage.temperature={temperature} must be positive")
+        if teacher is None:
+            raise ValueError("stage=distill needs teacher=<checkpoint of the model to distil from>")
+        dtype = frozen_dtype("stage.teacher_dtype", teacher_dtype)  # before the teacher is read
         teacher_model = load_model(teacher).requires_grad_(False)
         if teacher_model.cfg.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"teacher {teacher} has vocab_size={teacher_model.cfg.vocab_size}, the student "
                              f"{self.model_config.vocab_size}: logit distillation needs one shared vocabulary")
-        if teacher_dtype:
-            teacher_model = teacher_model.to(getattr(torch, teacher_dtype))
+        if dtype is not None:
+            teacher_model = teacher_model.to(dtype)
         self.hold_frozen("teacher", teacher_model)
         self.temperature, self.alpha = temperature, alpha
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and not isinstance(dm, (TokenShardDataModule, ChatDataModule)):
+            raise ValueError(f"stage=distill trains on token shards (data=de_en, ...) or conversations "
+                             f"(data=chat_embedded, ...), not a {type(dm).__name__}")
+        if isinstance(dm, ChatDataModule):
+            if dm.constraint_val is not None:  # its validation is the loss, not a pass-rate
+                raise ValueError("stage=distill validates the loss on held-out text: remove data.constraint_val")
+            if self.document_mask:  # positions would restart after the question: the reply would not see it
+                raise ValueError("stage.document_mask splits rows at each end-of-document token, and every turn of "
+                                 "a conversation ends with one (<|im_end|>): leave it off for chat data "
+                                 "(data.packing=true keeps packed conversations apart)")
+        super().setup(stage)
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)

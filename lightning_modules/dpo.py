@@ -4,6 +4,8 @@
 import numpy as np
 import torch
 
+from datamodules.preferences import PreferenceDataModule
+from datamodules.prompts import PromptDataModule
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import score
 from slmlab.training.batching import cat_right_padded, padded_length
@@ -26,6 +28,15 @@ class DPOModule(PolicyModule):
         super().__init__(*args, **kwargs)
         if loss_type not in DPO_LOSS_TYPES:  # before any reference pass or rollout, not at the first step
             raise ValueError(f"stage.loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
+        if beta <= 0:  # 0: no gradient; below: the rejected replies are preferred
+            raise ValueError(f"stage.beta={beta} must be positive: the implicit reward is beta times the policy's "
+                             "log-prob ratio to the reference")
+        if not 0 <= label_smoothing < 0.5:  # 0.5: no preference is learnt; above: the rejected replies are preferred
+            raise ValueError(f"stage.label_smoothing={label_smoothing} must lie in [0, 0.5): the share of pairs "
+                             "assumed to be mislabelled")
+        if label_smoothing and loss_type != "sigmoid":
+            raise ValueError(f"stage.label_smoothing={label_smoothing} applies to stage.loss_type=sigmoid, not "
+                             f"{loss_type}")
         if precompute_reference and on_policy:
             raise ValueError("stage.precompute_reference=true needs fixed pairs: on-policy pairs are new each step "
                              "(set stage.on_policy=false, or stage.precompute_reference=false)")
@@ -41,6 +52,15 @@ class DPOModule(PolicyModule):
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.on_policy, self.candidates, self.precompute_reference = on_policy, candidates, precompute_reference
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2): chosen, rejected
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        expected, data = ((PromptDataModule, "constraint prompts: data=ifeval_prompts") if self.on_policy
+                          else (PreferenceDataModule, "preference pairs: data=prefs"))
+        if dm is not None and not isinstance(dm, expected):  # else the first step fails on a batch of another shape
+            raise ValueError(f"stage=dpo stage.on_policy={str(self.on_policy).lower()} trains on {data} (a "
+                             f"{expected.__name__}), not a {type(dm).__name__}")
+        super().setup(stage)
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each row's log-prob of its response tokens, (batch,): summed; for IPO their mean, as TRL computes

@@ -9,6 +9,7 @@ k3 KL penalty to the frozen initial policy. One gradient step per batch of rollo
 
 import torch
 
+from datamodules.prompts import PromptDataModule
 from lightning_modules.policy import PolicyModule
 from slmlab.rewards import all_pass, score
 from slmlab.training.batching import cat_right_padded, padded_length
@@ -24,8 +25,17 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"stage.group_size={group_size}: advantages are normalised within a group of >= 2")
         if self.temperature <= 0:
             raise ValueError(f"stage.temperature={self.temperature}: GRPO samples its groups (greedy gives one answer)")
+        if kl_beta < 0:  # a negative penalty rewards drifting away from the reference
+            raise ValueError(f"stage.kl_beta={kl_beta} must be >= 0")
         self.refuse_per_shape_tuning("stage=grpo")
         self.group_size, self.clip_eps, self.kl_beta = group_size, clip_eps, kl_beta
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and not isinstance(dm, PromptDataModule):  # else the first rollout fails on another batch
+            raise ValueError(f"stage=grpo samples answers to constraint prompts: data=ifeval_prompts (a "
+                             f"PromptDataModule), not a {type(dm).__name__}")
+        super().setup(stage)
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         seqs, labels, rewards, passed = [], [], [], []

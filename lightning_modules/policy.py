@@ -12,6 +12,17 @@ from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.rollout import PassRate, completion_labels, completion_texts
 
 
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The precisions a frozen model (a reference policy, a teacher) may be kept in."""
+
+
+def frozen_dtype(key: str, name: str | None) -> torch.dtype | None:
+    """The dtype of setting `key` (None: the model's own); ValueError naming the key for another name."""
+    if name is not None and name not in FROZEN_DTYPES:
+        raise ValueError(f"{key}={name!r} is not one of {', '.join(FROZEN_DTYPES)} (or null: float32)")
+    return FROZEN_DTYPES[name] if name is not None else None
+
+
 class PolicyModule(LMModule):
     """The reference is the policy as loaded (`init_from`), frozen, optionally in a lower precision
     (`reference_dtype: bfloat16` halves its memory). It is not part of the checkpoint: a resumed run
@@ -24,8 +35,12 @@ class PolicyModule(LMModule):
         super().__init__(*args, **kwargs)
         if kwargs.get("init_from") is None:
             raise ValueError(f"stage={self.stage} needs init_from=<checkpoint of the policy to improve (usually the SFT run)>")
+        if max_new_tokens < 1:
+            raise ValueError(f"stage.max_new_tokens={max_new_tokens} must be at least 1")
+        if top_p is not None and not 0 < top_p <= 1:  # top_p 0 keeps the likeliest token: greedy, samples all tie
+            raise ValueError(f"stage.top_p={top_p} must lie in (0, 1] (1 or null: no nucleus sampling)")
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.hold_frozen("reference", self.frozen_copy(getattr(torch, reference_dtype) if reference_dtype else None))
+        self.hold_frozen("reference", self.frozen_copy(frozen_dtype("stage.reference_dtype", reference_dtype)))
 
     def refuse_per_shape_tuning(self, where: str) -> None:
         """ValueError unless the MLP's kernels suit batches of sampled completions: their rows and padded

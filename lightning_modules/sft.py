@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from datamodules.chat import CONSTRAINTS_SOURCE
+from datamodules.chat import CONSTRAINTS_SOURCE, ChatDataModule
 from lightning_modules.base import LMModule
 from lightning_modules.pretrain import loss_and_bpb
 from slmlab.training.rollout import PassRate
@@ -23,8 +23,11 @@ class SFTModule(LMModule):
         self.epochs, self.max_new_tokens = epochs, max_new_tokens
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         dm = self.trainer.datamodule
+        if not isinstance(dm, ChatDataModule):  # else the first step fails on a batch of another shape
+            raise ValueError(f"stage=sft trains on conversations: data=chat_embedded or data=smoltalk (a "
+                             f"ChatDataModule), not a {type(dm).__name__}")
+        super().setup(stage)
         steps = max(1, round(dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
                              * self.epochs))
         warmup = self.scheduler_factory.keywords.get("warmup_steps", 0)

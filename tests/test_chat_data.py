@@ -515,3 +515,22 @@ def test_packed_batches_carry_each_tokens_position_in_its_conversation(make_chat
             assert batch["positions"][row, a:b].tolist() == list(range(b - a))
         assert batch["positions"][row, n:].tolist() == list(range(100 - n))
     assert max(conversations) > 1
+
+
+def test_validation_only_prompts_fit_the_model_by_their_held_out_prompts_alone(tmp_path, tokenizer_path):
+    """As data.constraint_val (split null) only the held-out prompts are served: a long training prompt in the
+    same file no longer raised `seq_len` (the length a stage checks against model.max_seq_len) or counted as
+    dropped."""
+    records = [prompt(i, "heldout") for i in range(4)]
+    records.append({**prompt(9, "train"), "prompt": "What is section 9 about? " + "Tell me more. " * 40})
+    path = write_jsonl(tmp_path / "prompts.jsonl", records)
+    both = PromptDataModule(str(path), str(tokenizer_path), batch_size=2, split="heldout")
+    both.setup()
+    longest_held_out = max(len(p["prompt_ids"]) for p in both.heldout())
+    dm = PromptDataModule(str(path), str(tokenizer_path), batch_size=2, split=None)
+    dm.setup()
+    assert dm.seq_len == longest_held_out  # not the training prompt's length, several times longer
+    assert [p["id"] for p in dm.heldout()] == ["q0", "q1", "q2", "q3"]
+    capped = PromptDataModule(str(path), str(tokenizer_path), batch_size=2, split=None, max_prompt_len=longest_held_out)
+    capped.setup()
+    assert capped.dropped == 0

@@ -499,3 +499,65 @@ def test_seqkd_fails_and_writes_nothing_when_no_prompt_is_answered(pretrained, t
     message = str(failed.value.code)  # a message as the code: exit status 1
     assert message.startswith(f"error: {source}: no prompt answered: 1 prompts fill the teacher's max_seq_len=32")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["stage=sft", "data=prefs"], "stage=sft trains on conversations: data=chat_embedded .*not a PreferenceDataModule"),
+    (["stage=dpo", "stage.on_policy=true"],
+     "stage=dpo stage.on_policy=true trains on constraint prompts: data=ifeval_prompts .*not a PreferenceDataModule"),
+    (["stage=dpo", "data=ifeval_prompts"],
+     "stage=dpo stage.on_policy=false trains on preference pairs: data=prefs .*not a PromptDataModule"),
+    (["stage=grpo", "data=chat_embedded"], "stage=grpo samples answers to constraint prompts: .*not a ChatDataModule"),
+    (["stage=distill", "data=prefs"], "stage=distill trains on token shards .*not a PreferenceDataModule"),
+    (["stage=distill", "data=chat_embedded", "+data/constraint_val=embedded"],
+     "stage=distill validates the loss on held-out text: remove data.constraint_val"),
+    (["stage=distill", "data=chat_embedded", "+stage.document_mask=true"],
+     r"stage.document_mask splits rows .* every turn of a conversation ends with one \(<\|im_end\|>\)")])
+def test_a_stage_given_data_of_another_kind_names_the_data_it_needs_before_training(pretrained, tmp_path, overrides,
+                                                                                   match):
+    """Forgetting `data=ifeval_prompts` for on-policy DPO (or any other stage/data mismatch) failed at the first
+    step with a TypeError or KeyError about the batch. Document masks on conversations trained silently with
+    every turn cut off from the ones before it: the replies never saw their questions."""
+    with pytest.raises(ValueError, match=match):
+        train(compose_config(tiny_run_overrides(tmp_path, steps=2, val_every=2) + [
+            f"init_from={pretrained}", f"teacher={pretrained}", *overrides]))
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["stage=distill"], "stage=distill needs teacher=<checkpoint"),
+    (["stage=distill", "teacher=PRETRAINED", "stage.teacher_dtype=bf16"],
+     "stage.teacher_dtype='bf16' is not one of float32, bfloat16, float16"),
+    (["stage=dpo", "stage.reference_dtype=half"], "stage.reference_dtype='half' is not one of float32, bfloat16"),
+    (["stage=dpo", "stage.beta=0"], "stage.beta=0 must be positive"),
+    (["stage=dpo", "stage.beta=-0.1"], "stage.beta=-0.1 must be positive"),
+    (["stage=dpo", "stage.label_smoothing=0.5"], r"stage.label_smoothing=0.5 must lie in \[0, 0.5\)"),
+    (["stage=dpo", "stage.loss_type=ipo", "stage.label_smoothing=0.1"],
+     "stage.label_smoothing=0.1 applies to stage.loss_type=sigmoid, not ipo"),
+    (["stage=grpo", "stage.kl_beta=-0.04"], "stage.kl_beta=-0.04 must be >= 0"),
+    (["stage=grpo", "stage.top_p=0"], r"stage.top_p=0 must lie in \(0, 1\]"),
+    (["stage=grpo", "stage.max_new_tokens=0"], "stage.max_new_tokens=0 must be at least 1")])
+def test_post_training_settings_that_cannot_work_are_named(pretrained, tmp_path, overrides, match):
+    """Each was taken silently (a beta of 0 or a label smoothing of 0.5 learns no preference, a negative one
+    prefers the rejected replies, IPO ignored label smoothing, top_p 0 samples greedily so every group ties)
+    or failed without naming the setting (a missing teacher, a dtype torch does not know)."""
+    overrides = [o.replace("PRETRAINED", str(pretrained)) for o in overrides]
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [f"init_from={pretrained}", *overrides])
+    with pytest.raises(InstantiationException, match=match):
+        instantiate(cfg.stage)
+
+
+@pytest.mark.parametrize("data", ["de_en", "ifeval_prompts"])
+def test_seqkd_names_a_data_config_that_is_not_chat_data(pretrained, tmp_path, data):
+    """`--data` names the SFT data whose validation split the output keeps: pretraining or prompt data has no
+    such split, and failed with a traceback about a missing config key."""
+    from slmlab.seqkd import main as seqkd
+    from tests.conftest import ROOT
+
+    out = tmp_path / "seqkd.jsonl"
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    with pytest.raises(SystemExit) as failed:
+        seqkd(["--teacher", str(pretrained), "--tokenizer", str(tokenizer), "--out", str(out), "--data", data])
+    assert re.match(f"error: --data {data} configures a datamodules.*DataModule, not SFT data: .*--data chat_embedded",
+                    str(failed.value.code))
+    assert not out.exists()

@@ -17,6 +17,7 @@ same held-out conversations, with their reference answers, as after plain SFT.
 """
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
+from hydra.utils import get_object
 
+from datamodules.chat import ChatDataModule
 from slmlab import CORPUS_DIR
 from slmlab.checkpoint import load_model
 from slmlab.config import compose_config
@@ -114,9 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         data = compose_config([f"data={args.data}"]).data
+        if not issubclass(get_object(data._target_), ChatDataModule):  # its split is the one the output keeps
+            raise DataError(f"--data {args.data} configures a {data._target_}, not SFT data: name the chat data "
+                            "config the output is for (a ChatDataModule, e.g. --data chat_embedded)")
+        defaults = inspect.signature(ChatDataModule).parameters  # of the keys a config leaves out
+        split_key, val_fraction = (data.get(key, defaults[key].default) for key in ("split_key", "val_fraction"))
         rows = teacher_conversations(args.teacher, args.tokenizer, args.prompts, args.max_new_tokens,
-                                     args.temperature, args.top_p, args.seed, args.limit, data.split_key,
-                                     data.val_fraction, args.keep_unfinished)
+                                     args.temperature, args.top_p, args.seed, args.limit, split_key, val_fraction,
+                                     args.keep_unfinished)
     except (DataError, HydraException) as e:  # no file written, and a failing status stops a pipeline
         sys.exit(f"error: {e}")
     with atomic_write(Path(args.out)) as f:
