@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> float | None:
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
 
-    check_argument_types(cfg)  # stage.* and trainer.* have no schema: a wrong type is named here
+    check_argument_types(cfg)  # stage.*, trainer.* and callbacks.* have no schema: a wrong type is named here
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     # `callbacks.sample=null` / `logger.csv=null` switch one off

@@ -3,6 +3,7 @@ logging, weights from a previous stage (`init_from`), and per-source validation 
 
 import copy
 import logging
+import warnings
 from dataclasses import asdict
 from functools import partial
 
@@ -22,6 +23,21 @@ from slmlab.training.optim import param_groups_for
 from slmlab.training.strategies import shards_parameters
 
 log = logging.getLogger(__name__)
+
+# a parameter group's keys that are no hyperparameter of the optimizer: its tensors, and the LR the schedule sets
+NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+
+
+def _as_setting(value: object) -> object:
+    """A parameter group's value, comparable: betas come as a list from the config, a tuple from a checkpoint."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _numeric(value: object) -> bool:
+    """Whether a parameter group's value is a number or a tuple of them (lr, betas, eps, momentum...), not a
+    switch (fused, amsgrad, a NorMuon moment or none) that decides what optimizer state there is."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 class LMModule(L.LightningModule):
@@ -181,8 +197,35 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(self.param_groups)
+        # this run's settings, which a resumed optimizer state replaces by the checkpoint's (see on_train_start)
+        self._configured_groups = [{k: v for k, v in group.items() if k not in NOT_HYPERPARAMETERS}
+                                   for group in optimizer.param_groups]
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # Loading an optimizer state also loads the checkpoint's hyperparameters: a run resumed with another
+        # optim.weight_decay, optim.betas... silently kept the old ones. This run's numbers apply from the
+        # step reached, as another optim.lr does (the schedule's load_state_dict); a switch stays the
+        # checkpoint's, as the optimizer state was built for it.
+        applied, kept = {}, {}
+        for group, configured in zip(self.trainer.optimizers[0].param_groups, self._configured_groups):
+            for key, value in configured.items():
+                old = group.get(key)
+                if _as_setting(old) == _as_setting(value):
+                    continue
+                if _numeric(old) and _numeric(value):
+                    applied.setdefault(key, f"optim.{key} {old} -> {value}")
+                    group[key] = value
+                else:
+                    kept.setdefault(key, f"optim.{key} {old} (not {value})")
+        if applied:
+            warnings.warn(f"the optimizer's settings differ from the checkpoint's ({', '.join(applied.values())}): "
+                          f"this run's apply from step {self.trainer.global_step}", stacklevel=2)
+        if kept:
+            warnings.warn(f"the resumed optimizer keeps the checkpoint's {', '.join(kept.values())}: its state was "
+                          "made for them. Start a new run from its weights to change them: init_from=<checkpoint>",
+                          stacklevel=2)
 
     def gradient_norm(self) -> torch.Tensor | None:
         """The total norm of the model's gradients at this optimizer step, before clipping (under FSDP over
@@ -280,8 +323,9 @@ class LMModule(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         elif norm is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # a fused Adam(W) divides each gradient by `grad_scale` as it reads it (GradScaler's unscaling):
-            # clip_grad_norm_'s factor without a pass of its own over the gradients
-            optimizer.grad_scale = torch.clamp((norm + 1e-6) / gradient_clip_val, min=1.0)
+            # clip_grad_norm_'s factor without a pass of its own over the gradients. The kernel reads it as
+            # float32, whatever the weights' dtype (bf16-true, 16-true: the norm is in theirs)
+            optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / gradient_clip_val, min=1.0)
         elif norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
         else:

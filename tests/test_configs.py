@@ -10,7 +10,7 @@ from omegaconf.errors import ValidationError
 
 from slmlab.config import CONF_DIR as CONF
 from slmlab.config import check_argument_types
-from tests.conftest import compose_config
+from tests.conftest import compose_config, tiny_run_overrides
 from train import train
 
 # parameter counts recomputed from the seed specs (../specs/systems.md)
@@ -145,3 +145,15 @@ def test_the_run_prints_the_model_in_one_line_with_the_flops_mfu_counts():
     assert line == (
         f"model: 899,409,360 parameters ({helix.num_params(non_embedding=True):,} without the embedding), 28 layers "
         f"(mamba2 x6, gla x16, sparse_attention x6), d_model 1280; {flops / 1e9:.3g} GFLOPs per token trained at seq 8192")
+
+
+@pytest.mark.parametrize("override,named", [
+    ("callbacks.sample.max_new_tokens=abc", "callbacks.sample.max_new_tokens='abc'"),
+    ("callbacks.profile.steps=1.5", "callbacks.profile.steps=1.5"),
+    ("callbacks.periodic.every_n_train_steps=ten", "callbacks.periodic.every_n_train_steps='ten'"),
+])
+def test_a_wrong_type_in_a_callback_setting_names_the_key_before_anything_runs(override, named, tmp_path):
+    """The end-of-run sample read its settings only once training had ended: a TypeError after the run."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train(compose_config(tiny_run_overrides(tmp_path, steps=2, val_every=2) + [override]))
+    assert not (tmp_path / "run").exists()  # nothing was set up or written

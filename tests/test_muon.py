@@ -2,6 +2,7 @@
 into, each half of its step against its definition, and a run through train.py that resumes exactly."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -215,3 +216,11 @@ def test_the_odinnext_recipe_trains_at_tiny_size(tmp_path):
     assert "current_model_state" in ckpt and "neuron_second_moment" in ckpt["optimizer_states"][0]["state"][0]
     if cuda:
         assert ckpt["MixedPrecision"]["scale"] > 0  # the GradScaler's state resumes with the run
+
+
+@pytest.mark.parametrize("betas", [[0.9], [0.9, 0.95, 0.99], [0.9, 1.5]])
+def test_betas_that_are_not_two_values_in_zero_to_one_are_named(betas):
+    """A single beta used to pass, and the first step of the AdamW groups failed unpacking it."""
+    cfg = compose_config(["optim=muon", f"optim.betas=[{','.join(map(str, betas))}]"])
+    with pytest.raises(ValueError, match=re.escape(f"optim.betas={betas}")):
+        instantiate(cfg.optim)([{"params": [nn.Parameter(torch.randn(4, 4))], "use_muon": True}])

@@ -847,3 +847,68 @@ def test_sampled_batches_are_padded_to_a_few_shapes_within_the_context():
     assert padded_length(40, limit=48) == 48 and padded_length(50, limit=48) == 50  # the context caps it
     rows = cat_right_padded([torch.ones(2, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], value=-1, length=8)
     assert rows.shape == (3, 8) and rows[0].tolist() == [1, 1, 1] + [-1] * 5 and rows[2, :5].tolist() == [1] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16-true", "16-true"])
+def test_fused_adamw_clips_weights_held_in_half_precision(dtype):
+    """Under bf16-true or 16-true the weights, their gradients and so their norm are in half precision;
+    fused AdamW reads the clipping factor (`grad_scale`) as float32 only. A clip far below the gradients'
+    norm leaves Adam's first step at lr * g / eps, below half precision's resolution: nothing moves."""
+    from functools import partial
+
+    from lightning_modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16),
+                            optimizer=partial(torch.optim.AdamW), scheduler=partial(Constant)).to(dtype)
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=0, strategy=None)
+    params = list(module.model.parameters())
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape).to(dtype)
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0, fused=True)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1e-12, gradient_clip_algorithm="norm")
+    optimizer.step()
+    assert max((p - b).abs().max().item() for p, b in zip(params, before)) < 1e-3  # unclipped: 0.1
+
+
+@pytest.mark.parametrize("optim,switch,off", [("adamw", "fused", "false"), ("muon", "neuron_beta2", "null")])
+def test_a_run_resumed_with_other_optimizer_settings_applies_them(optim, switch, off, recwarn):
+    """optim.weight_decay 0.1 -> 0.0 and optim.betas on resume: the checkpoint's optimizer state used to
+    bring its own values back, silently. The LR stays the schedule's (restored beside it); a switch that
+    decides what state the optimizer keeps (fused AdamW, NorMuon's moment) stays the checkpoint's, named."""
+    from hydra.utils import instantiate
+
+    def module_and_optimizer(overrides: list[str]):
+        cfg = compose_config([f"optim={optim}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                              "model.ffn_hidden=48", "model.vocab_size=64", *overrides])
+        module = instantiate(cfg.stage)
+        module.trainer = SimpleNamespace(max_steps=100, global_step=4)
+        optimizer = module.configure_optimizers()["optimizer"]
+        module.trainer.optimizers = [optimizer]
+        return module, optimizer
+
+    _, saved = module_and_optimizer(["optim.weight_decay=0.1"])
+    saved.param_groups[0]["lr"] = 1e-5  # where the schedule had brought it
+    switched = saved.param_groups[0][switch]
+    module, resumed = module_and_optimizer(["optim.weight_decay=0.0", "optim.betas=[0.8,0.9]", f"optim.{switch}={off}"])
+    resumed.load_state_dict(saved.state_dict())  # what Lightning does before training starts
+    module.on_train_start()
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.0] * len(resumed.param_groups)
+    assert all(tuple(g["betas"]) == (0.8, 0.9) for g in resumed.param_groups)
+    assert resumed.param_groups[0]["lr"] == 1e-5
+    assert all(g[switch] == switched for g in resumed.param_groups)
+    messages = [str(w.message) for w in recwarn]
+    assert any("optim.weight_decay 0.1 -> 0.0" in m and "from step 4" in m for m in messages), messages
+    assert any(f"keeps the checkpoint's optim.{switch} {switched} (not " in m for m in messages), messages
+    recwarn.clear()
+    module, again = module_and_optimizer(["optim.weight_decay=0.0", "optim.betas=[0.8,0.9]"])
+    again.load_state_dict(resumed.state_dict())
+    module.on_train_start()  # the same settings: nothing to say
+    assert not [w for w in recwarn if "optimizer" in str(w.message)]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_a_decay_fraction_outside_zero_to_one_is_named_with_its_key(fraction):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=rf"schedule.decay_fraction={fraction} must lie in \(0, 1\]"):
+        WSD(opt, total_steps=10, decay_fraction=fraction)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from slmlab import CORPUS_DIR
@@ -188,15 +188,22 @@ def _init_hints(cls: type) -> dict[str, object]:
     return hints
 
 
-def check_argument_types(cfg: DictConfig, groups: Sequence[str] = ("stage", "trainer")) -> None:
+def check_argument_types(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
     """ValueError naming the key when a scalar setting of a group without a schema (its options are
     the constructor's arguments) does not fit the constructor's annotation: `trainer.max_steps=abc`
-    or `stage.z_loss=abc` fail here, not deep inside Lightning or torch."""
+    or `stage.z_loss=abc` fail here, not deep inside Lightning or torch. `groups` (dotted keys) defaults
+    to stage, trainer and every callback: `callbacks.sample.max_new_tokens=abc` failed only once
+    training had ended."""
+    if groups is None:
+        groups = ["stage", "trainer", *(f"callbacks.{name}" for name in cfg.get("callbacks") or {})]
     for group in groups:
-        node = cfg.get(group)
-        if node is None or "_target_" not in node:
+        node = OmegaConf.select(cfg, group)
+        if not OmegaConf.is_dict(node) or "_target_" not in node:
             continue
-        hints = _init_hints(get_class(node._target_))
+        target = get_object(node._target_)
+        if not isinstance(target, type):  # a factory function: its annotations are not read
+            continue
+        hints = _init_hints(target)
         for key, hint in hints.items():
             # interpolations are typed where they point; None is "not set", which each module checks
             if key not in node or OmegaConf.is_interpolation(node, key) or OmegaConf.is_config(node[key]):

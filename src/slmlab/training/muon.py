@@ -92,6 +92,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, neuron_beta2: float | None = 0.95, adamw_lr: float = 3e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):  # else its first AdamW step fails unpacking them
+            raise ValueError(f"optim.betas={list(betas)}: AdamW's two betas, each in [0, 1)")
         groups = list(params)
         if not groups or not isinstance(groups[0], dict) or not all("use_muon" in g for g in groups):
             raise ValueError("Muon takes parameter groups that each say `use_muon` (see muon_groups)")

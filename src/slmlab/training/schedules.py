@@ -77,7 +77,8 @@ class WSD(WarmupSchedule):
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.1,
                  decay_shape: str = "cosine", min_lr_ratio: float = 0.0) -> None:
         if not 0 < decay_fraction <= 1:
-            raise ValueError(f"decay_fraction={decay_fraction} must lie in (0, 1]")
+            raise ValueError(f"schedule.decay_fraction={decay_fraction} must lie in (0, 1] (the share of "
+                             "trainer.max_steps spent decaying)")
         if decay_shape not in DECAY_SHAPES:  # else the typo would surface only when the decay starts
             raise ValueError(f"schedule.decay_shape={decay_shape!r}: use {', '.join(DECAY_SHAPES)}")
         self.decay_steps = max(1, round(decay_fraction * total_steps))
