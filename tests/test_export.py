@@ -182,6 +182,25 @@ def test_a_checkpoint_written_before_a_config_field_existed_initialises_the_same
         torch.testing.assert_close(model.eval()(tokens), older(tokens), rtol=0, atol=0)
 
 
+def test_a_model_trained_on_named_kernels_loads_and_runs_on_the_cpu(tiny_runs, tmp_path):
+    """model.kernel=fla / attention_kernel=flash_attn ask for GPU kernels by name; the checkpoint and its
+    exported folder still evaluate on the CPU, with the same logits."""
+    from slmlab.checkpoint import load_model, read_checkpoint
+
+    ckpt = read_checkpoint(tiny_runs[True].ckpt)
+    ckpt["model_config"].update(kernel="fla", attention_kernel="flash_attn")
+    torch.save(ckpt, tmp_path / "gpu.ckpt")
+    model = load_model(tmp_path / "gpu.ckpt")
+    folder = export_safetensors_folder(model, tmp_path / "native")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "kernel": "fla", "attention_kernel": "flash_attn"}))
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    want = load_model(tiny_runs[True].ckpt)(tokens)
+    with torch.no_grad():
+        for loaded in (model, load_pretrained(folder)):
+            torch.testing.assert_close(loaded(tokens), want, rtol=0, atol=0)
+
+
 def test_export_cli_names_what_is_wrong(tiny_runs, tmp_path):
     with pytest.raises(SystemExit, match="model not found: .*nope.ckpt"):
         export_main([f"ckpt={tmp_path / 'nope.ckpt'}", "format=safetensors", f"out={tmp_path}"])

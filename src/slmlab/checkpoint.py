@@ -109,15 +109,21 @@ def _model_state(ckpt: dict) -> dict:
     return merged_state(adapted_state(ckpt))
 
 
+# kernels a training run asked for by name (model.kernel=fla, attention_kernel=flash_attn) need its
+# machine; a model loaded to be used elsewhere (evaluation, chat, export, a teacher) takes what the machine
+# it runs on has. They compute the same function (FREE_FIELDS).
+PORTABLE_KERNELS = {"kernel": "auto", "attention_kernel": "auto"}
+
+
 def load_model(path: str | Path) -> CausalLM:
-    """The network of a checkpoint, in float32 on the CPU, in eval mode."""
+    """The network of a checkpoint, in float32 on the CPU, in eval mode, on the kernels the device it
+    moves to has (`PORTABLE_KERNELS`)."""
     ckpt = read_checkpoint(path)
-    model = CausalLM(ModelConfig(**ckpt["model_config"]))
+    model = CausalLM(ModelConfig(**{**ckpt["model_config"], **PORTABLE_KERNELS}))
     model.load_state_dict(_model_state(ckpt))
     return model.eval()
 
 
-# fields that do not change what the weights mean: a later stage may set them differently
 # fields that neither shape the weights nor change what the model computes (initialisation included)
 FREE_FIELDS = {"kernel", "attention_kernel", "mlp_kernel", "max_seq_len", "init_std", "activation_checkpointing",
                "gla_decay_init", "ssm_dt_min", "ssm_dt_max"}

@@ -28,6 +28,7 @@ def load_pretrained(path: str | Path) -> CausalLM:
     - a folder written by `python -m slmlab.export format=safetensors` (config.json is a ModelConfig);
     - a Hugging Face Qwen3 / Llama folder (config.json has a `model_type`), e.g. one written by
       `format=hf`, sharded or not.
+    Kernels named in training are not kept: the model runs on what its device has (`PORTABLE_KERNELS`).
     """
     path = Path(path)
     if not path.exists():
@@ -41,7 +42,7 @@ def load_pretrained(path: str | Path) -> CausalLM:
         cfg = model_config_from_hf(config)
         state = from_hf_state_dict(_read_weights(path), cfg)
     else:
-        cfg = ModelConfig(**config)
+        cfg = ModelConfig(**{**config, **checkpoint.PORTABLE_KERNELS})
         state = _read_weights(path)
     model = CausalLM(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
