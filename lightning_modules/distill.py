@@ -44,13 +44,8 @@ class DistillModule(PretrainModule):
         if dm is not None and not isinstance(dm, (TokenShardDataModule, ChatDataModule)):
             raise ValueError(f"stage=distill trains on token shards (data=de_en, ...) or conversations "
                              f"(data=chat_embedded, ...), not a {type(dm).__name__}")
-        if isinstance(dm, ChatDataModule):
-            if dm.constraint_val is not None:  # its validation is the loss, not a pass-rate
-                raise ValueError("stage=distill validates the loss on held-out text: remove data.constraint_val")
-            if self.document_mask:  # positions would restart after the question: the reply would not see it
-                raise ValueError("stage.document_mask splits rows at each end-of-document token, and every turn of "
-                                 "a conversation ends with one (<|im_end|>): leave it off for chat data "
-                                 "(data.packing=true keeps packed conversations apart)")
+        if isinstance(dm, ChatDataModule) and dm.constraint_val is not None:  # its validation is the loss
+            raise ValueError("stage=distill validates the loss on held-out text: remove data.constraint_val")
         super().setup(stage)
 
     def on_fit_start(self) -> None:

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from datamodules.chat import ChatDataModule
 from lightning_modules.base import LMModule
 from slmlab.data.bags import BagSchedule, bag_row_len
 from slmlab.training.batching import document_positions
@@ -76,6 +77,11 @@ class PretrainModule(LMModule):
         self.bag_schedule: BagSchedule | None = None
 
     def setup(self, stage: str) -> None:
+        if self.document_mask and isinstance(self.trainer.datamodule, ChatDataModule):
+            # positions would restart after the question: the reply would not see it
+            raise ValueError("stage.document_mask splits rows at each end-of-document token, and every turn of "
+                             "a conversation ends with one (<|im_end|>): leave it off for chat data "
+                             "(data.packing=true keeps packed conversations apart)")
         super().setup(stage)
         if self.superposition and stage == "fit":
             data = self.trainer.datamodule

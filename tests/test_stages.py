@@ -512,6 +512,8 @@ def test_seqkd_fails_and_writes_nothing_when_no_prompt_is_answered(pretrained, t
     (["stage=distill", "data=chat_embedded", "+data/constraint_val=embedded"],
      "stage=distill validates the loss on held-out text: remove data.constraint_val"),
     (["stage=distill", "data=chat_embedded", "+stage.document_mask=true"],
+     r"stage.document_mask splits rows .* every turn of a conversation ends with one \(<\|im_end\|>\)"),
+    (["stage=pretrain", "data=chat_embedded", "stage.document_mask=true"],
      r"stage.document_mask splits rows .* every turn of a conversation ends with one \(<\|im_end\|>\)")])
 def test_a_stage_given_data_of_another_kind_names_the_data_it_needs_before_training(pretrained, tmp_path, overrides,
                                                                                    match):
