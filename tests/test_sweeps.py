@@ -4,8 +4,11 @@ sampled configuration of each W&B sweep trained at tiny size. wandb itself is no
 
 import itertools
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,6 +292,23 @@ def test_lr_schedule_recipe_selects_optuna_and_its_search_space_composes():
     assert space == {"optim.lr": [1e-4, 1e-2], "schedule": ["wsd", "cosine"], "schedule.warmup_steps": [10, 100]}
     for params in configurations({key: {"values": values} for key, values in space.items()}):
         check_overrides({"experiment": "lr_schedule", **params})
+
+
+def test_a_failed_trial_of_the_lr_schedule_study_does_not_end_the_study(tmp_path):
+    """A learning rate the optimizer refuses (as one that diverges) fails its trial; the study goes on
+    to its other trials and reports the best of those that finished."""
+    sweep_dir = tmp_path / "study"
+    tiny = [o for o in tiny_run_overrides(sweep_dir) if not o.startswith("paths.")]  # each trial has its own dir
+    done = subprocess.run([sys.executable, "train.py", "-m", "experiment=lr_schedule", "hydra.sweeper.n_trials=3",
+                           "optim.lr=choice(-1.0,0.001)", *tiny, "+trainer.limit_val_batches=2",
+                           f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra:job.num}"],
+                          cwd=ROOT, env={**os.environ, "SLMLAB_ARTIFACTS": str(ROOT / ".pytest_cache" / "artifacts")},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Invalid learning rate: -1.0" in done.stdout  # the seeded sampler tries the failing value too
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_params"]["optim.lr"] == 0.001 and math.isfinite(results["best_value"])
 
 
 # -- one sampled configuration of each W&B sweep, trained at tiny size ------------------------------
