@@ -15,7 +15,7 @@ from slmlab.data.bags import BagSchedule
 from slmlab.data.blocks import Blocks
 from slmlab.data.errors import DataError
 from slmlab.data.mixture import Mixture
-from slmlab.data.prepare import is_val_document, prepare_shards
+from slmlab.data.prepare import check_raw_settings, is_val_document, preparation_lock, prepare_shards
 from slmlab.data.readers import DocumentReader
 from slmlab.data.shards import MANIFEST, VERIFY_MODES, Manifest, check_tokenizer, open_shards
 from slmlab.data.streams import TrainBatches, ValBatches
@@ -92,8 +92,10 @@ class TokenShardDataModule(StreamDataModule):
     def prepare_data(self) -> None:
         """Train the tokenizer if its file is missing; prepare every source whose manifest is missing.
 
-        A no-op when all exist. Lightning calls it on one process per node; concurrent calls on
-        shared storage only repeat work, since every file is written atomically and deterministically
+        A no-op when all exist; a prepared source whose `raw` settings changed since is an error.
+        Lightning calls it on one process per node: on shared storage one process prepares a source
+        while the others wait for it and then use its shards (`preparation_lock`). Concurrent
+        tokenizer trainings only repeat work, as the file is written atomically and deterministically
         (set `prepare_data_per_node = False` on the datamodule to prepare once for all nodes).
         """
         if not self.tokenizer_path.exists():
@@ -103,15 +105,20 @@ class TokenShardDataModule(StreamDataModule):
             log.info("training a %d-token tokenizer on %s", self.max_vocab_size, ", ".join(self.readers))
             train_tokenizer(self._tokenizer_texts(), self.max_vocab_size, self.tokenizer_path, self.min_frequency)
         for name, out_dir in self.paths.items():
-            if (out_dir / MANIFEST).exists():
-                log.info("source %r: shards in %s already prepared", name, out_dir)
-                continue
-            if name not in self.readers:
+            # locked only to prepare: prepared shards stay usable from a directory this user cannot write
+            if name in self.readers and not (out_dir / MANIFEST).exists():
+                with preparation_lock(out_dir):
+                    if not (out_dir / MANIFEST).exists():  # again: another process may have prepared it meanwhile
+                        reader, max_tokens = self.readers[name]
+                        prepare_shards(reader, out_dir, self.tokenizer_path, val_fraction=self.val_fraction,
+                                       shard_tokens=self.shard_tokens, num_proc=self.num_proc, max_tokens=max_tokens)
+                        continue
+            if not (out_dir / MANIFEST).exists():
                 raise DataError(f"source {name!r}: {out_dir / MANIFEST} not found, and the source has no `raw` "
                                 "to prepare it from")
-            reader, max_tokens = self.readers[name]
-            prepare_shards(reader, out_dir, self.tokenizer_path, val_fraction=self.val_fraction,
-                           shard_tokens=self.shard_tokens, num_proc=self.num_proc, max_tokens=max_tokens)
+            if name in self.readers:
+                check_raw_settings(name, out_dir, Manifest.load(out_dir), *self.readers[name])
+            log.info("source %r: shards in %s already prepared", name, out_dir)
 
     def _tokenizer_texts(self) -> Iterator[str]:
         """The train-split documents of every raw source: validation text must not shape the tokenizer."""

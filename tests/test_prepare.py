@@ -210,7 +210,7 @@ def test_an_interrupted_preparation_never_loads_and_is_redone(tmp_path, tokenize
     dm.setup()
     assert dm.manifests["docs"].splits["train"].documents + dm.manifests["docs"].splits["val"].documents == 50
     listed = {shard.file for split in dm.manifests["docs"].splits.values() for shard in split.shards}
-    assert {f.name for f in out.iterdir()} == listed | {"manifest.json"}  # nothing left over
+    assert {f.name for f in out.iterdir()} == listed | {"manifest.json", ".prepare.lock"}  # nothing left over
 
 
 def test_embedded_corpus_prepares_end_to_end(tmp_path):
@@ -299,3 +299,91 @@ def test_converting_chat_data_skips_a_tool_call_without_content_and_names_a_miss
     with pytest.raises(DataError, match=re.escape("org/chat (split train): row 0 has no 'conversations' "
                                                   "(columns: ['messages']); set --messages-key")):
         convert_hf("org/chat", out, messages_key="conversations")
+
+
+def shard_source(shards, files, tokenizer_path, **raw) -> TokenShardDataModule:
+    """A datamodule of one source `docs` with shards in `shards`, prepared from `files` with `raw` settings."""
+    return TokenShardDataModule({"docs": {"path": str(shards), "raw": {"files": [str(f) for f in files], **raw}}},
+                                {"path": str(tokenizer_path), "vocab_size": 300}, seq_len=8, batch_size=2,
+                                val_fraction=0.1)
+
+
+def test_changed_raw_settings_of_prepared_shards_are_an_error_naming_each(tmp_path, tokenizer_path):
+    """A raised max_documents silently kept training on the shards of the first, smaller preparation."""
+    path, shards = write_jsonl(tmp_path / "docs.jsonl", documents(60)), tmp_path / "shards"
+    shard_source(shards, [path], tokenizer_path, max_documents=20).prepare_data()
+    size = path.stat().st_size
+    with pytest.raises(DataError) as error:
+        shard_source(shards, [path], tokenizer_path, max_documents=40, max_tokens=5000).prepare_data()
+    assert str(error.value) == (
+        f"source 'docs': the shards in {shards} were prepared with other raw settings: "
+        "raw.max_documents: 20 when prepared, 40 now; raw.max_tokens: None when prepared, 5000 now. "
+        f"Delete {shards} to prepare it again, or give the source another `path`")
+    write_jsonl(path, documents(61))  # the same file with other text
+    with pytest.raises(DataError, match=re.escape(f"raw.files: [docs.jsonl ({size:,} bytes)] when prepared, "
+                                                  f"[docs.jsonl ({path.stat().st_size:,} bytes)] now")):
+        shard_source(shards, [path], tokenizer_path, max_documents=20).prepare_data()
+
+
+def test_prepared_shards_match_their_raw_settings_from_a_moved_checkout(tmp_path, tokenizer_path):
+    (tmp_path / "a").mkdir()
+    path, shards = write_jsonl(tmp_path / "a" / "docs.jsonl", documents(30)), tmp_path / "a" / "shards"
+    shard_source(shards, [path], tokenizer_path).prepare_data()
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)
+    before = {p: p.stat().st_mtime_ns for p in moved.rglob("*")}
+    shard_source(moved / "shards", [moved / "docs.jsonl"], tokenizer_path).prepare_data()
+    assert {p: p.stat().st_mtime_ns for p in moved.rglob("*")} == before  # accepted as prepared, nothing rewritten
+
+
+def test_shards_prepared_before_raw_settings_were_recorded_still_load(tmp_path, tokenizer_path, caplog):
+    path, shards = write_jsonl(tmp_path / "docs.jsonl", documents(30)), tmp_path / "shards"
+    shard_source(shards, [path], tokenizer_path).prepare_data()
+    record = json.loads((shards / "manifest.json").read_text())
+    del record["raw"]
+    (shards / "manifest.json").write_text(json.dumps(record))
+    with caplog.at_level("INFO"):
+        dm = shard_source(shards, [path], tokenizer_path, max_documents=10)
+        dm.prepare_data()
+    dm.setup()
+    assert dm.manifests["docs"].raw is None
+    assert "records no raw settings (prepared by an older slmlab): cannot check them" in caplog.text
+
+
+def test_concurrent_preparations_of_one_directory_prepare_it_once(tmp_path, tokenizer_path, monkeypatch):
+    """Each process deleted the manifest and the temp files of the other; now one prepares while the
+    other waits for it and then uses its shards."""
+    import threading
+    import time
+
+    import datamodules.token_shards as token_shards
+
+    path, shards = write_jsonl(tmp_path / "docs.jsonl", documents(30)), tmp_path / "shards"
+    started, calls = threading.Event(), []
+
+    def slow_prepare(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.5)  # the second preparation starts meanwhile
+        return prepare_shards(*args, **kwargs)
+
+    monkeypatch.setattr(token_shards, "prepare_shards", slow_prepare)
+    finished, errors = {}, []
+
+    def run(name: str) -> None:
+        try:
+            dm = shard_source(shards, [path], tokenizer_path)
+            dm.prepare_data()  # its own open file, so its own lock, as in another process
+            dm.setup()
+            finished[name] = (time.monotonic(), dm.manifests["docs"])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    first, second = (threading.Thread(target=run, args=(name,), name=name) for name in ("first", "second"))
+    first.start()
+    assert started.wait(10)
+    second.start()
+    first.join()
+    second.join()
+    assert not errors and calls == ["first"]
+    assert finished["first"][1] == finished["second"][1] == open_shards(shards, verify="hash")

@@ -2,16 +2,18 @@
 
     python -m slmlab.data.prepare data=de_en   # the tokenizer and shards of conf/data/de_en.yaml
 
-Sources whose shards exist are left alone; the same happens at the start of training.
+Sources whose shards exist are left alone (an error if their `raw` settings changed since); the same
+happens at the start of training.
 """
 
+import fcntl
 import hashlib
 import logging
 import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +30,11 @@ from slmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
 log = logging.getLogger(__name__)
 
 _BATCH_CHARS = 1 << 20  # characters of text per tokenization task: large enough to amortize the IPC
+LOCK = ".prepare.lock"
+# the DocumentReader settings that decide which documents, and which of their text, reach the shards
+# (`split_key` is recorded apart, with `val_fraction`; `on_decode_error` changes only whether a bad
+# document fails the run)
+_READER_SETTINGS = ("format", "text_key", "hf_dataset", "hf_config", "hf_split", "max_documents")
 
 
 def is_val_document(split_id: bytes, val_fraction: float) -> bool:
@@ -84,7 +91,9 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
     `max_tokens` stops reading once that many tokens (both splits) are written, at the end of a
     batch of about 1M characters. Every file is written atomically and the manifest last: a run
     killed part way leaves a directory that does not load and is prepared again next time;
-    preparing deletes the shards and temp files a previous run left in `out_dir`.
+    preparing deletes the shards and temp files a previous run left in `out_dir`, so no other
+    process may use `out_dir` meanwhile (see `preparation_lock`). The manifest records the reader's
+    settings and `max_tokens` (`raw_settings`).
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
@@ -122,12 +131,77 @@ def prepare_shards(reader: DocumentReader, out_dir: str | Path, tokenizer_path: 
         splits[split].shards = writer.close()
     manifest = Manifest(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash(tokenizer_path),
                         eos_id=tokenizer.token_to_id(EOS), val_fraction=val_fraction, splits=splits,
-                        skipped_documents=skipped, split_key=reader.split_key)
+                        skipped_documents=skipped, split_key=reader.split_key,
+                        raw=raw_settings(reader, max_tokens))
     manifest.save(out_dir)
     log.info("prepared %s: %s; skipped %d documents that are not valid UTF-8", out_dir,
              "; ".join(f"{name} {s.tokens:,} tokens, {s.documents:,} documents, {s.bytes:,} bytes"
                        for name, s in splits.items()), skipped)
     return manifest
+
+
+def raw_settings(reader: DocumentReader, max_tokens: int | None) -> dict:
+    """The settings of a raw source that decide what its shards hold, as the manifest records them.
+
+    Files are recorded by name and size, not path: a moved checkout or artifacts shared between
+    machines still match, and a file rewritten with other text of the same name does not. `files`
+    is None when some configured file is not found (see `check_raw_settings`).
+    """
+    files = None
+    if reader.files is not None:
+        try:
+            paths = list(reader.paths())
+        except DataError:  # a pattern matching no file
+            paths = None
+        if paths is not None and all(path.is_file() for path in paths):
+            files = [{"name": path.name, "bytes": path.stat().st_size} for path in paths]
+    return {"files": files, **{key: getattr(reader, key) for key in _READER_SETTINGS}, "max_tokens": max_tokens}
+
+
+def check_raw_settings(source: str, out_dir: Path, manifest: Manifest, reader: DocumentReader,
+                       max_tokens: int | None) -> None:
+    """Refuse prepared shards whose recorded raw settings differ from the configured ones: they
+    were never read again, so a raised `max_documents` silently kept the old shards."""
+    if manifest.raw is None:
+        log.info("source %r: %s records no raw settings (prepared by an older slmlab): cannot check them "
+                 "against the configured `raw`", source, out_dir / MANIFEST)
+        return
+    configured, recorded = raw_settings(reader, max_tokens), dict(manifest.raw)
+    if reader.files is not None and configured["files"] is None:
+        # the raw files are gone (or elsewhere) once prepared: the shards are still usable
+        log.info("source %r: some of raw.files are not found: cannot check them against %s", source, out_dir / MANIFEST)
+        recorded.pop("files", None)
+        configured.pop("files")
+    if differ := [f"raw.{key}: {_shown(key, recorded.get(key))} when prepared, {_shown(key, configured.get(key))} now"
+                  for key in dict.fromkeys([*recorded, *configured]) if recorded.get(key) != configured.get(key)]:
+        raise DataError(f"source {source!r}: the shards in {out_dir} were prepared with other raw settings: "
+                        f"{'; '.join(differ)}. Delete {out_dir} to prepare it again, or give the source another `path`")
+
+
+def _shown(key: str, value: object) -> str:
+    if key == "files" and value is not None:
+        return "[" + ", ".join(f"{file['name']} ({file['bytes']:,} bytes)" for file in value) + "]"
+    return repr(value)
+
+
+@contextmanager
+def preparation_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out_dir` (its file `.prepare.lock`) while preparing it.
+
+    Processes on several nodes, or runs started together, would otherwise delete each other's temp
+    files or a manifest just loaded. flock, not a file created and deleted: the kernel releases it
+    when its holder dies, so a killed preparation leaves no stale lock, and the file is never
+    deleted (deleting it while another process waits on it would let two processes hold the lock).
+    On shared storage this needs flock support across nodes (NFS and Lustre's flock mount option).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s", out_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def _batches(reader: DocumentReader) -> Iterator[tuple[list[tuple[str, bytes]], int]]:

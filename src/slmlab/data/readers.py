@@ -71,7 +71,8 @@ class DocumentReader:
         documents = self._hf_documents() if self.hf_dataset else self._file_documents()
         yield from islice(documents, self.max_documents)
 
-    def _paths(self) -> Iterator[Path]:
+    def paths(self) -> Iterator[Path]:
+        """The files read, in order: each glob pattern's matches sorted (DataError if none), others as given."""
         for pattern in self.files:
             if glob.has_magic(pattern):
                 matches = sorted(glob.glob(pattern))
@@ -82,7 +83,7 @@ class DocumentReader:
                 yield Path(pattern)
 
     def _file_documents(self) -> Iterator[tuple[str, bytes]]:
-        for path in self._paths():
+        for path in self.paths():
             if not path.is_file():
                 raise DataError(f"{path}: raw data file not found")
             read = getattr(self, f"_read_{self.format or _infer_format(path)}")

@@ -72,6 +72,9 @@ class Manifest:
     splits: dict[str, Split]
     skipped_documents: int = 0  # not valid UTF-8, in neither split
     split_key: str | None = None  # the record field that decided the split (None: the text)
+    # the raw source's settings that decided what the shards hold (`prepare.raw_settings`); None in
+    # manifests written before they were recorded
+    raw: dict | None = None
 
     @property
     def dtype(self) -> np.dtype:
