@@ -3,6 +3,8 @@
 For sequence-level KD (SFT on teacher generations), see `python -m slmlab.seqkd`.
 """
 
+import warnings
+
 import torch
 
 from datamodules.chat import ChatDataModule
@@ -47,6 +49,11 @@ class DistillModule(PretrainModule):
         if isinstance(dm, ChatDataModule) and dm.constraint_val is not None:  # its validation is the loss
             raise ValueError("stage=distill validates the loss on held-out text: remove data.constraint_val")
         super().setup(stage)
+        if dm is not None and dm.seq_len > self.teacher.cfg.max_seq_len:
+            # allowed (a student may be taught a longer context), but the targets there are extrapolated
+            warnings.warn(f"data.seq_len={dm.seq_len} is longer than the teacher's max_seq_len="
+                          f"{self.teacher.cfg.max_seq_len}: its targets past that position come from positions it "
+                          "was not trained at", stacklevel=2)
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)

@@ -526,6 +526,14 @@ def test_a_stage_given_data_of_another_kind_names_the_data_it_needs_before_train
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_distilling_past_the_teachers_context_warns(pretrained, tmp_path):
+    """The teacher was trained at 32 positions: a student trained at 64 learns extrapolated targets there."""
+    with pytest.warns(UserWarning, match=r"data.seq_len=64 is longer than the teacher's max_seq_len=32"):
+        train(compose_config(tiny_run_overrides(tmp_path, steps=2, val_every=2) + [
+            "stage=distill", f"teacher={pretrained}", f"init_from={pretrained}", "model.max_seq_len=64",
+            "data.seq_len=64", "+trainer.limit_val_batches=1"]))
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["stage=distill"], "stage=distill needs teacher=<checkpoint"),
     (["stage=distill", "teacher=PRETRAINED", "stage.teacher_dtype=bf16"],
