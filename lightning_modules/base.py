@@ -19,7 +19,7 @@ from slmlab.models import CausalLM, ModelConfig
 from slmlab.models.lora import add_lora, merge_lora
 from slmlab.models.transformer import BACKBONE, COMPILE_MODES, CUDA_GRAPH_MODES
 from slmlab.training.losses import IGNORE_INDEX
-from slmlab.training.optim import param_groups_for
+from slmlab.training.optim import check_betas, param_groups_for
 from slmlab.training.strategies import shards_parameters
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class LMModule(L.LightningModule):
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             log.info("LoRA rank %d: %s trainable parameters of %s", lora_rank, f"{trainable:,}",
                      f"{sum(p.numel() for p in self.model.parameters()):,}")
+        if "betas" in optimizer.keywords:
+            check_betas(optimizer.keywords["betas"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decay_embeddings, self.compile_blocks = decay_embeddings, compile
         # which parameters decay is decided on the model as built (matrices only): FSDP turns each

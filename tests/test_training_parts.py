@@ -1,6 +1,7 @@
 """Schedules, losses and weight-decay groups against hand-computed values."""
 
 import json
+import re
 import math
 import time
 from types import SimpleNamespace
@@ -912,3 +913,14 @@ def test_a_decay_fraction_outside_zero_to_one_is_named_with_its_key(fraction):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=rf"schedule.decay_fraction={fraction} must lie in \(0, 1\]"):
         WSD(opt, total_steps=10, decay_fraction=fraction)
+
+
+@pytest.mark.parametrize("betas", ["[0.9]", "[0.9,1.5]"])
+def test_adamw_betas_that_are_not_two_values_in_zero_to_one_are_named(tmp_path, betas):
+    """One beta failed inside torch with an index error naming no key; 1.5 with torch's own wording."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tiny_run_overrides(tmp_path) + [f"optim.betas={betas}"])
+    with pytest.raises(InstantiationException, match=re.escape(f"optim.betas={betas.replace(',', ', ')}: Adam's two")):
+        instantiate(cfg.stage)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from slmlab.models.lora import LoRA
-from slmlab.training.optim import embedding_and_head, weight_decay_groups
+from slmlab.training.optim import check_betas, embedding_and_head, weight_decay_groups
 
 # the quintic iteration's coefficients (Muon's): steepest at zero, so small singular values grow
 # fast; after five steps every singular value lies within about [0.7, 1.2] instead of exactly at 1
@@ -92,8 +92,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, neuron_beta2: float | None = 0.95, adamw_lr: float = 3e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):  # else its first AdamW step fails unpacking them
-            raise ValueError(f"optim.betas={list(betas)}: AdamW's two betas, each in [0, 1)")
+        check_betas(betas)  # else its first AdamW step fails unpacking them
         groups = list(params)
         if not groups or not isinstance(groups[0], dict) or not all("use_muon" in g for g in groups):
             raise ValueError("Muon takes parameter groups that each say `use_muon` (see muon_groups)")

@@ -1,5 +1,6 @@
 """Parameter groups for weight decay, and for the optimizer a config names."""
 
+from collections.abc import Sequence
 from functools import partial
 
 from torch import Tensor, nn
@@ -34,3 +35,10 @@ def param_groups_for(optimizer: partial, model: nn.Module, decay_embeddings: boo
     split where it has one (`group_parameters`, as Muon's), else `weight_decay_groups`."""
     split = getattr(optimizer.func, "group_parameters", weight_decay_groups)
     return split(model, optimizer.keywords.get("weight_decay", 0.0), decay_embeddings)
+
+
+def check_betas(betas: Sequence[float]) -> None:
+    """ValueError naming `optim.betas` unless it is Adam's two moment decay rates, each in [0, 1) (one
+    value failed inside torch with an index error naming no key)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"optim.betas={list(betas)}: Adam's two betas, each in [0, 1)")
