@@ -223,6 +223,23 @@ def test_eval_callback_logs_the_suites_during_training_without_changing_the_run(
     assert margins[-1] == pytest.approx(report["all"]["margin"], rel=1e-5)
 
 
+def test_the_eval_callback_frees_the_decoders_kept_for_the_model(tiny_runs, monkeypatch):
+    """Decoders (KV caches, CUDA graphs) kept for the trained model would hold their memory for the rest
+    of training after lm-eval's generation."""
+    pytest.importorskip("lm_eval")
+    from slmlab.models import decode_graph
+
+    run = tiny_runs[True]
+    monkeypatch.chdir(ROOT)  # the task's data file path is relative to the repository
+    model = load_pretrained(run.ckpt)
+    decode_graph.static_decoder(model, 2, 10, graph=False)
+    assert model in decode_graph._decoders
+    suites = EvalSuites(suites=["lm_eval"], tasks=["slmlab_debian_mc"], include_path=str(LM_EVAL_TASKS), limit=2,
+                        batch_size=2)
+    metrics = suites.evaluate(model, SimpleNamespace(tokenizer_path=run.tokenizer), cuda_graph=False)
+    assert "eval/slmlab_debian_mc/acc" in metrics and model not in decode_graph._decoders
+
+
 def test_eval_cli_names_a_tokenizer_larger_than_the_models_vocabulary(tmp_path):
     """The probes' token ids then run past the embedding: an IndexError from inside torch, naming no file."""
     train_tokenizer(DEFAULT_PROBES.read_text(encoding="utf-8").splitlines() * 5, 1000, tmp_path / "tokenizer.json",

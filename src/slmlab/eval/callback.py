@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from slmlab.eval.probes import DEFAULT_PROBES, load_probes, probe_report
 from slmlab.eval.seed import seed_everything
+from slmlab.models.decode_graph import release_decoders
 from slmlab.training.callbacks import runs_rank_zeros_model_calls
 from slmlab.training.strategies import shards_parameters
 
@@ -108,5 +109,8 @@ class EvalSuites(Callback):
             num_fewshot=self.num_fewshot, limit=self.limit, log_samples=False,
             task_manager=TaskManager(include_path=self.include_path),
             **{f"{kind}_seed": self.seed for kind in ("random", "numpy_random", "torch_random", "fewshot_random")})
+        # the decoders its generation kept (KV caches, CUDA graphs: gigabytes at 2B) would stay allocated
+        # for the rest of training; a later rollout or evaluation makes its own again
+        release_decoders(model)
         return {f"eval/{task}/{name}": float(value) for task, row in results["results"].items()
                 for key, value in row.items() if (name := key.split(",")[0]) in LM_EVAL_METRICS}
