@@ -40,6 +40,17 @@ def _numeric(value: object) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The precisions a frozen model (a reference policy, a teacher) may be kept in."""
+
+
+def frozen_dtype(key: str, name: str | None) -> torch.dtype | None:
+    """The dtype of setting `key` (None: the model's own); ValueError naming the key for another name."""
+    if name is not None and name not in FROZEN_DTYPES:
+        raise ValueError(f"{key}={name!r} is not one of {', '.join(FROZEN_DTYPES)} (or null: float32)")
+    return FROZEN_DTYPES[name] if name is not None else None
+
+
 class LMModule(L.LightningModule):
     """Base LightningModule of all stages; a stage adds its `training_step` / `validation_step`.
 
@@ -104,6 +115,13 @@ class LMModule(L.LightningModule):
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return copied
+
+    def require_data(self, kinds: type | tuple[type, ...], needs: str) -> None:
+        """ValueError "<needs>, not a <class>" unless the data module is one of `kinds`: a stage given another
+        kind of data failed at its first step, on a batch of another shape."""
+        dm = self.trainer.datamodule
+        if dm is not None and not isinstance(dm, kinds):
+            raise ValueError(f"{needs}, not a {type(dm).__name__}")
 
     def setup(self, stage: str) -> None:
         if self.compile_blocks in CUDA_GRAPH_MODES:

@@ -9,7 +9,7 @@ import torch
 
 from datamodules.chat import ChatDataModule
 from datamodules.token_shards import TokenShardDataModule
-from lightning_modules.policy import frozen_dtype
+from lightning_modules.base import frozen_dtype
 from lightning_modules.pretrain import PretrainModule
 from slmlab.checkpoint import load_model
 from slmlab.training.losses import distill_loss, lm_loss
@@ -42,10 +42,9 @@ class DistillModule(PretrainModule):
         self.temperature, self.alpha = temperature, alpha
 
     def setup(self, stage: str) -> None:
+        self.require_data((TokenShardDataModule, ChatDataModule), "stage=distill trains on token shards "
+                          "(data=de_en, ...) or conversations (data=chat_embedded, ...)")
         dm = self.trainer.datamodule
-        if dm is not None and not isinstance(dm, (TokenShardDataModule, ChatDataModule)):
-            raise ValueError(f"stage=distill trains on token shards (data=de_en, ...) or conversations "
-                             f"(data=chat_embedded, ...), not a {type(dm).__name__}")
         if isinstance(dm, ChatDataModule) and dm.constraint_val is not None:  # its validation is the loss
             raise ValueError("stage=distill validates the loss on held-out text: remove data.constraint_val")
         super().setup(stage)

@@ -54,12 +54,10 @@ class DPOModule(PolicyModule):
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2): chosen, rejected
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
         expected, data = ((PromptDataModule, "constraint prompts: data=ifeval_prompts") if self.on_policy
                           else (PreferenceDataModule, "preference pairs: data=prefs"))
-        if dm is not None and not isinstance(dm, expected):  # else the first step fails on a batch of another shape
-            raise ValueError(f"stage=dpo stage.on_policy={str(self.on_policy).lower()} trains on {data} (a "
-                             f"{expected.__name__}), not a {type(dm).__name__}")
+        self.require_data(expected, f"stage=dpo stage.on_policy={str(self.on_policy).lower()} trains on {data} "
+                                    f"(a {expected.__name__})")
         super().setup(stage)
 
     def sequence_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

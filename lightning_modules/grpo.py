@@ -31,10 +31,8 @@ class GRPOModule(PolicyModule):
         self.group_size, self.clip_eps, self.kl_beta = group_size, clip_eps, kl_beta
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and not isinstance(dm, PromptDataModule):  # else the first rollout fails on another batch
-            raise ValueError(f"stage=grpo samples answers to constraint prompts: data=ifeval_prompts (a "
-                             f"PromptDataModule), not a {type(dm).__name__}")
+        self.require_data(PromptDataModule, "stage=grpo samples answers to constraint prompts: data=ifeval_prompts "
+                                            "(a PromptDataModule)")
         super().setup(stage)
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:

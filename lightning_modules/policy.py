@@ -6,21 +6,10 @@ from time import perf_counter
 import numpy as np
 import torch
 
-from lightning_modules.base import LMModule
+from lightning_modules.base import LMModule, frozen_dtype
 from slmlab.models.generate import generate_prompts
 from slmlab.training.losses import IGNORE_INDEX
 from slmlab.training.rollout import PassRate, completion_labels, completion_texts
-
-
-FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The precisions a frozen model (a reference policy, a teacher) may be kept in."""
-
-
-def frozen_dtype(key: str, name: str | None) -> torch.dtype | None:
-    """The dtype of setting `key` (None: the model's own); ValueError naming the key for another name."""
-    if name is not None and name not in FROZEN_DTYPES:
-        raise ValueError(f"{key}={name!r} is not one of {', '.join(FROZEN_DTYPES)} (or null: float32)")
-    return FROZEN_DTYPES[name] if name is not None else None
 
 
 class PolicyModule(LMModule):

@@ -23,11 +23,10 @@ class SFTModule(LMModule):
         self.epochs, self.max_new_tokens = epochs, max_new_tokens
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if not isinstance(dm, ChatDataModule):  # else the first step fails on a batch of another shape
-            raise ValueError(f"stage=sft trains on conversations: data=chat_embedded or data=smoltalk (a "
-                             f"ChatDataModule), not a {type(dm).__name__}")
+        self.require_data(ChatDataModule, "stage=sft trains on conversations: data=chat_embedded or data=smoltalk "
+                                          "(a ChatDataModule)")
         super().setup(stage)
+        dm = self.trainer.datamodule
         steps = max(1, round(dm.steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
                              * self.epochs))
         warmup = self.scheduler_factory.keywords.get("warmup_steps", 0)
