@@ -172,6 +172,12 @@ def test_adapter_rolling_loglikelihood_and_generation(tiny_runs):
     stop = full[3:5]  # a stop string the greedy text contains
     (out,) = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 12}))])
     assert out == full[:full.index(stop)]
+    # an empty stop string, as some task configs carry, stops nothing
+    (out,) = lm.generate_until([SimpleNamespace(args=(prompt, {"until": ["", stop], "max_gen_toks": 12}))])
+    assert out == full[:full.index(stop)]
+    no_stop = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [], "max_gen_toks": 12}))])
+    assert lm.generate_until([SimpleNamespace(args=(prompt, {"until": "", "max_gen_toks": 12}))]) == no_stop
+    assert len(no_stop[0]) > len(out)
     # requests of other lengths and budgets, decoded batch_size at a time: what each gives alone
     requests = [SimpleNamespace(args=(text, {"until": [], "max_gen_toks": budget})) for text, budget in [
         ("Das Debian-Paketsystem", 12), ("apt", 8), ("Die Paketquellen für APT stehen in", 12), ("dpkg", 12),

@@ -107,7 +107,8 @@ class SlmlabLM(TemplateLM):
         for request in requests:
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else [*until]
+            # an empty stop string would cut every text to nothing (and `str.split` refuses it)
+            until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             jobs.append((self.tok_encode(context)[-max(1, self.max_length - max_new):], max_new,
                          until + [EOS, IM_END]))  # the end of a document, of a chat turn
