@@ -388,29 +388,155 @@ def test_seqkd_skips_the_answers_the_teacher_did_not_finish_or_left_empty(pretra
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]}) + "\n"
                                for i, q in enumerate(["what is apt?", "was ist dpkg?", "what is sudo?"])))
-    calls = []
+    asked = []
 
-    def teacher(model, prompt, budget, **kwargs):  # the second prompt's answer ends its turn, the others run out
-        calls.append(len(calls))
-        answer = [100, 101, end] if len(calls) == 2 else [100 + i for i in range(budget)]
-        return torch.cat([prompt, torch.tensor([answer])], 1)
+    def teacher(model, prompts, budget, **kwargs):  # the second prompt's answer ends its turn, the others run out
+        answers = []
+        for ids in prompts:
+            asked.append(ids)
+            answer = [100, 101, end, end] if len(asked) == 2 else [100 + i for i in range(budget)]  # end-padded
+            answers.append(torch.tensor([list(ids) + answer]))
+        return answers
 
-    monkeypatch.setattr(slmlab.seqkd, "generate", teacher)
+    monkeypatch.setattr(slmlab.seqkd, "generate_prompts", teacher)
     rows = slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
     assert [row["messages"][0]["content"] for row in rows] == ["was ist dpkg?"]
     assert "1 prompts answered; 0 prompts fill the teacher's max_seq_len=32; 2 answers unfinished" in capsys.readouterr().out
     kept = slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4,
                                               keep_unfinished=True)
     assert len(kept) == 3
-    calls.clear()
-    monkeypatch.setattr(slmlab.seqkd, "generate", lambda model, prompt, budget, **kwargs: torch.cat(
-        [prompt, torch.tensor([[end]])], 1))  # the teacher ends its turn at once
+    asked.clear()
+    monkeypatch.setattr(slmlab.seqkd, "generate_prompts", lambda model, prompts, budget, **kwargs: [
+        torch.tensor([list(ids) + [end] * budget]) for ids in prompts])  # the teacher ends its turn at once
     with pytest.raises(DataError, match="no prompt answered: .* 3 answers empty"):
         slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
-    monkeypatch.setattr(slmlab.seqkd, "generate", teacher)
+    monkeypatch.setattr(slmlab.seqkd, "generate_prompts", teacher)
     prompts.write_text(prompts.read_text().splitlines()[0] + "\n")
     with pytest.raises(DataError, match="no prompt answered: .* 1 answers unfinished"):
         slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4)
+
+
+def seqkd_prompts(tmp_path: Path, questions: list[str]) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]}) + "\n"
+                            for i, q in enumerate(questions)))
+    return path
+
+
+# prompts of 15 to 27 tokens, and one that fills the tiny teacher's 32 positions (skipped)
+SEQKD_QUESTIONS = ["hi", "what is apt?", "was ist dpkg und wozu dient es?", "was ist dpkg und sudo?", "what is sudo?",
+                   "ls", "wie geht es dir?"]
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, None])
+def test_seqkd_answers_in_batches_as_one_prompt_at_a_time_when_greedy(pretrained, tmp_path, monkeypatch,
+                                                                       max_new_tokens):
+    """Batched rows step at the same position, each from its own prompt: a greedy teacher answers as it does
+    alone, with max_new_tokens or up to the end of its context (None), whatever the other rows' lengths."""
+    import slmlab.models.generate
+    import slmlab.seqkd
+    from slmlab.data.chat import encode_chat, load_chat_tokenizer
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    chat_tokenizer, template = load_chat_tokenizer(tokenizer)
+
+    class AnswerIds:  # answers written as their token ids: the tiny greedy teacher's decode to whitespace
+        def __getattr__(self, name):
+            return getattr(chat_tokenizer, name)
+
+        def decode(self, ids: list[int]) -> str:
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(slmlab.seqkd, "load_chat_tokenizer", lambda path: (AnswerIds(), template))
+    rows_per_call = []
+
+    def counted(model, prompt, *args, **kwargs):
+        rows_per_call.append(len(prompt))
+        return generate(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(slmlab.models.generate, "generate", counted)
+    prompts = seqkd_prompts(tmp_path, SEQKD_QUESTIONS)
+    batched, alone = (slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens,
+                                                         temperature=0, keep_unfinished=True, batch_size=batch_size)
+                      for batch_size in (4, 1))
+    assert max(rows_per_call) > 1  # the first run decoded prompts of different lengths together
+    assert len(batched) == len(SEQKD_QUESTIONS) - 1 and batched == alone
+    for row in batched:  # no end of turn: each answer runs to its budget or the context's end, never past
+        ids, _ = encode_chat(chat_tokenizer, row["messages"][:1], template, add_generation_prompt=True)
+        assert len(row["messages"][1]["content"].split()) == min(max_new_tokens or 32, 32 - len(ids))
+
+
+def test_seqkd_samples_in_batches_repeatably_and_one_at_a_time_as_generate_does(pretrained, tmp_path):
+    """The same arguments write the same rows; `--limit` writes the first rows of the run without it;
+    batch_size 1 samples as `generate` on each prompt in turn, from the one seeded generator."""
+    from slmlab.data.chat import IM_END, encode_chat, load_chat_tokenizer
+    from slmlab.seqkd import teacher_conversations
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    prompts = seqkd_prompts(tmp_path, SEQKD_QUESTIONS)
+
+    def answers(batch_size: int, limit: int | None = None) -> list[dict]:
+        return teacher_conversations(str(pretrained), str(tokenizer), str(prompts), 6, seed=3, limit=limit,
+                                     keep_unfinished=True, batch_size=batch_size)
+
+    first = answers(4)
+    assert answers(4) == first and answers(4, limit=4) == first[:4] and len(first) == len(SEQKD_QUESTIONS) - 1
+    model = load_model(pretrained)
+    chat_tokenizer, template = load_chat_tokenizer(tokenizer)
+    end = chat_tokenizer.token_to_id(IM_END)
+    generator = torch.Generator().manual_seed(3)
+    one_at_a_time = answers(1)
+    assert len(one_at_a_time) == len(first)
+    for row in one_at_a_time:
+        ids, _ = encode_chat(chat_tokenizer, row["messages"][:1], template, add_generation_prompt=True)
+        seq = generate(model, torch.tensor([ids]), 6, temperature=0.7, top_p=0.9, stop_ids=end,
+                       generator=generator)[0, len(ids):].tolist()
+        assert row["messages"][1]["content"] == chat_tokenizer.decode([t for t in seq if t != end]).strip()
+
+
+def test_seqkd_limit_counts_answered_prompts_past_skipped_answers_and_held_out_rows(pretrained, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A skipped answer leaves its place to a later prompt, in the batch after; once `limit` prompts are
+    answered, no more are generated, and the held-out rows keep their places among the answered ones."""
+    import slmlab.seqkd
+    from slmlab.data.records import is_val_record
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    val = next(s for s in map(str, range(100)) if is_val_record({"section": s}, "section", 0.1, "test"))
+    train = next(s for s in map(str, range(100)) if not is_val_record({"section": s}, "section", 0.1, "test"))
+    # how the teacher ends each prompt's answer: its turn (answered), not at all (unfinished), or at once (empty)
+    script = {"q0": "answer", "q1": "unfinished", "q2": "empty", "q3": "answer", "q4": "answer", "q5": "answer",
+              "q6": "answer"}
+    rows = [{"id": q, "section": train, "messages": [{"role": "user", "content": q}]} for q in script]
+    held_out = {"id": "v", "section": val, "messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": "the reference answer"}]}
+    rows.insert(2, held_out)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat_tokenizer = slmlab.seqkd.load_chat_tokenizer(tokenizer)[0]
+    calls = []
+
+    def teacher(model, prompts, budget, *, stop_id, max_rows, **kwargs):
+        calls.append((len(prompts), max_rows))
+        answers = []
+        for ids in prompts:
+            q = re.findall(r"q\d", chat_tokenizer.decode(ids))[-1]
+            answer = {"answer": chat_tokenizer.encode(f"a{q[1]}").ids + [stop_id], "empty": [stop_id],
+                      "unfinished": chat_tokenizer.encode("and then").ids}[script[q]]
+            answers.append(torch.tensor([list(ids) + answer + [stop_id] * (budget - len(answer))]))
+        return answers
+
+    monkeypatch.setattr(slmlab.seqkd, "generate_prompts", teacher)
+    out = slmlab.seqkd.teacher_conversations(str(pretrained), str(tokenizer), str(prompts), max_new_tokens=4,
+                                             limit=3, split_key="section", val_fraction=0.1, batch_size=2)
+    assert [row["id"] for row in out] == ["q0", "v", "q3", "q4"]
+    assert [row["messages"][-1]["content"] for row in out] == ["a0", "the reference answer", "a3", "a4"]
+    assert calls == [(2, 2), (2, 2), (2, 2)]  # q0 q1 | q2 q3 | q4 q5: q5's answer is not written, q6 not asked
+    assert re.search("^3 prompts answered; .* 1 answers unfinished .* 1 answers empty .* 1 held out",
+                     capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("stage,key,extra", [
@@ -499,6 +625,45 @@ def test_seqkd_fails_and_writes_nothing_when_no_prompt_is_answered(pretrained, t
     message = str(failed.value.code)  # a message as the code: exit status 1
     assert message.startswith(f"error: {source}: no prompt answered: 1 prompts fill the teacher's max_seq_len=32")
     assert not out.exists()
+
+
+def test_seqkd_names_a_batch_size_below_one_before_loading_the_teacher(tmp_path):
+    from slmlab.seqkd import main as seqkd, teacher_conversations
+
+    teacher, tokenizer, out = (str(tmp_path / name) for name in ("teacher.ckpt", "tokenizer.json", "seqkd.jsonl"))
+    with pytest.raises(SystemExit) as failed:
+        seqkd(["--teacher", teacher, "--tokenizer", tokenizer, "--out", out, "--batch-size", "0"])
+    assert str(failed.value.code) == "error: --batch-size 0 must be at least 1"
+    assert not Path(out).exists()
+    with pytest.raises(ValueError, match="^batch_size=0 must be at least 1$"):
+        teacher_conversations(teacher, tokenizer, str(tmp_path / "prompts.jsonl"), batch_size=0)
+
+
+def test_seqkd_names_a_missing_teacher_and_an_unknown_device(pretrained, tmp_path):
+    from slmlab.seqkd import main as seqkd
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    out = tmp_path / "seqkd.jsonl"
+    for teacher, device, message in [(tmp_path / "none.ckpt", "cpu", f"error: checkpoint not found: {tmp_path / 'none.ckpt'}"),
+                                     (pretrained, "cuda:99" if torch.cuda.is_available() else "nope", "error: device=")]:
+        with pytest.raises(SystemExit) as failed:
+            seqkd(["--teacher", str(teacher), "--tokenizer", str(tokenizer), "--out", str(out), "--device", device])
+        assert str(failed.value.code).startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seqkd_answers_on_the_gpu_repeatably(pretrained, tmp_path):
+    from slmlab.seqkd import teacher_conversations
+    from tests.conftest import ROOT
+
+    tokenizer = ROOT / ".pytest_cache" / "artifacts" / "tokenizers" / "de_en-v512" / "tokenizer.json"
+    prompts = seqkd_prompts(tmp_path, SEQKD_QUESTIONS)
+    a, b = (teacher_conversations(str(pretrained), str(tokenizer), str(prompts), 6, seed=3, keep_unfinished=True,
+                                  batch_size=4, device="cuda") for _ in range(2))
+    assert a == b and len(a) == len(SEQKD_QUESTIONS) - 1
 
 
 @pytest.mark.parametrize("overrides,match", [
