@@ -12,12 +12,13 @@ from datamodules.token_shards import TokenShardDataModule
 from lightning_modules.base import frozen_dtype
 from lightning_modules.pretrain import PretrainModule
 from slmlab.checkpoint import load_model
-from slmlab.training.losses import distill_loss, lm_loss
+from slmlab.training.losses import chunked_distill_loss
 
 
 class DistillModule(PretrainModule):
     """loss = alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ stage.z_loss's term),
-    on whatever data the run uses (pretraining shards or chat data); validation is the pretraining one."""
+    on whatever data the run uses (pretraining shards or chat data); validation is the pretraining one.
+    Neither model's (tokens, vocab) logits are ever held for the whole batch (`chunked_distill_loss`)."""
 
     def __init__(self, *args, teacher: str | None, temperature: float = 1.0, alpha: float = 0.5,
                  teacher_dtype: str | None = None, **kwargs) -> None:
@@ -59,11 +60,12 @@ class DistillModule(PretrainModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         positions = self.batch_positions(batch)  # packed chat data, or stage.document_mask's documents
-        logits = self.model(batch["input_ids"], positions=positions)
+        hidden = self.model.hidden(batch["input_ids"], positions=positions)
         with torch.no_grad():
-            teacher_logits = self.teacher(batch["input_ids"], positions=positions)
-        kd = distill_loss(logits, teacher_logits, batch["labels"], self.temperature)
-        ce_and_z, ce = lm_loss(logits, batch["labels"], self.z_loss)
-        loss = self.alpha * kd + (1 - self.alpha) * ce + (ce_and_z - ce)  # the z-loss whatever alpha
+            teacher_hidden = self.teacher.hidden(batch["input_ids"], positions=positions)
+        # neither model's logits exist for the whole batch: each head runs a chunk of rows at a time
+        loss, kd, ce = chunked_distill_loss(hidden, self.model.lm_head.weight, teacher_hidden,
+                                            self.teacher.lm_head.weight, batch["labels"], self.temperature, self.alpha,
+                                            self.z_loss, self.model.cfg.logit_softcap, self.teacher.cfg.logit_softcap)
         self.log_train_means({"train/loss": ce, "train/kd": kd, "train/total_loss": loss}, batch["labels"])
         return self.token_weighted(loss, batch["labels"])  # chat data: micro-batches of unequal label counts

@@ -391,6 +391,36 @@ def test_compiled_chunked_loss_matches_autograd_through_cross_entropy(softcap, z
         check(name, g, w, 1e-2)  # the compiled path rounds the logits' gradient to bf16 before the matmuls
 
 
+@pytest.mark.parametrize("softcaps,z_loss", [((None, None), 0.0), ((30.0, 20.0), 1e-3)])
+def test_compiled_chunked_distill_loss_matches_autograd_through_the_full_logits(softcaps, z_loss):
+    """On CUDA the distillation loss's gradient is a torch.compile'd kernel: it must agree with the float32
+    autograd path of `distill_loss` and `lm_loss` on the same bf16 logits."""
+    from slmlab.training.losses import IGNORE_INDEX, chunked_distill_loss, distill_loss, lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
+    weight = (0.1 * torch.randn(5000, 64, device="cuda")).requires_grad_()
+    teacher_hidden = torch.randn(4, 300, 96, device="cuda")
+    teacher_weight = 0.1 * torch.randn(5000, 96, device="cuda")
+    labels = torch.randint(0, 5000, (4, 300), device="cuda")
+    labels[0, :50] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, 2.0, 0.3, z_loss,
+                                   *softcaps, chunk_tokens=512)
+        logits, teacher_logits = (hidden @ weight.T).float(), (teacher_hidden @ teacher_weight.T).float()
+        if softcaps[0]:
+            logits = softcaps[0] * torch.tanh(logits / softcaps[0])
+            teacher_logits = softcaps[1] * torch.tanh(teacher_logits / softcaps[1])
+        kd = distill_loss(logits, teacher_logits, labels, 2.0)
+        ce_and_z, ce = lm_loss(logits, labels, z_loss)
+        want = 0.3 * kd + 0.7 * ce + (ce_and_z - ce)
+    for name, g, w in zip(("loss", "kd", "ce"), got, (want, kd, ce)):
+        check(name, g, w, 1e-5)
+    for name, g, w in zip(("dhidden", "dweight"), torch.autograd.grad(got[0], (hidden, weight)),
+                          torch.autograd.grad(want, (hidden, weight))):
+        check(name, g, w, 1e-2)  # the compiled path rounds the logits' gradient to bf16 before the matmuls
+
+
 @pytest.mark.parametrize("layout", ["A,S", "G,H"])
 def test_cuda_graph_decoding_equals_eager_decoding(layout):
     """Greedy generation replayed from a CUDA graph, twice (the second reuses the captured graph with

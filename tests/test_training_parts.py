@@ -406,6 +406,65 @@ def test_distill_loss_is_zero_for_the_teacher_itself_and_matches_kl_by_hand():
     assert distill_loss(s, t, labels, temperature=2.0).item() == pytest.approx(want.item())
 
 
+@pytest.mark.parametrize("softcaps,temperature,alpha,z_loss,chunk", [
+    ((None, None), 1.0, 0.5, 0.0, 5), ((30.0, 5.0), 2.0, 0.3, 1e-2, 7), ((None, 8.0), 0.5, 1.0, 1e-3, 1000),
+    ((4.0, None), 3.0, 0.0, 0.0, 4)])
+def test_chunked_distill_loss_equals_the_full_logits_objective_and_its_gradients(softcaps, temperature, alpha, z_loss,
+                                                                                 chunk):
+    """The teacher may differ in width and softcap; its head and hidden states get no gradient."""
+    from slmlab.training.losses import chunked_distill_loss, distill_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(3, 11, 24, dtype=torch.float64, requires_grad=True)
+    teacher_weight = torch.randn(50, 24, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = IGNORE_INDEX
+
+    def capped(logits, softcap):
+        return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+    logits = capped(hidden @ weight.T, softcaps[0])
+    teacher_logits = capped(teacher_hidden @ teacher_weight.T, softcaps[1]).detach()
+    kd = distill_loss(logits, teacher_logits, labels, temperature)
+    ce_and_z, ce = lm_loss(logits, labels, z_loss)
+    loss = alpha * kd + (1 - alpha) * ce + (ce_and_z - ce)
+    expected = torch.autograd.grad(2 * loss, (hidden, weight))
+    got = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, temperature, alpha, z_loss,
+                               *softcaps, chunk_tokens=chunk)
+    torch.testing.assert_close(got, (loss, kd, ce))
+    assert not got[1].requires_grad and not got[2].requires_grad
+    grads = torch.autograd.grad(2 * got[0], (hidden, weight, teacher_hidden, teacher_weight), allow_unused=True)
+    torch.testing.assert_close(grads[:2], expected)
+    assert grads[2] is None and grads[3] is None
+
+
+def test_distillation_never_holds_the_logits_of_the_whole_batch(tmp_path):
+    """Nothing autograd keeps for the backward is as large as either model's (tokens, vocab) logits: the
+    heads' gradients are computed with the loss, a chunk of rows at a time (`chunked_distill_loss`)."""
+    from dataclasses import asdict
+    from functools import partial
+
+    from lightning_modules.distill import DistillModule
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, max_seq_len=64, ffn_hidden=32)
+    teacher = tmp_path / "teacher.ckpt"
+    torch.save({"model_config": asdict(cfg), "state_dict": {f"model.{k}": v for k, v in CausalLM(cfg).state_dict().items()}},
+               teacher)
+    module = DistillModule(cfg, partial(torch.optim.AdamW), partial(Constant), teacher=str(teacher), alpha=0.5)
+    module.log_dict = lambda *args, **kwargs: None
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=4))
+    batch = {"input_ids": torch.randint(0, 512, (4, 64)), "labels": torch.randint(0, 512, (4, 64))}
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    assert max(saved) < 4 * 64 * 512 / 4
+    assert module.model.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_distillation_adds_the_z_loss_to_its_objective(tmp_path):
     from dataclasses import asdict
     from functools import partial

@@ -1,5 +1,6 @@
 """Loss functions as pure functions of logits and labels."""
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -65,14 +66,14 @@ def _softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: 
 
 
 @cache
-def _compiled_softmax_xent_grad():
-    return torch.compile(_softmax_xent_grad)
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
 
 
 def softmax_xent_grad(raw: Tensor, labels: Tensor, row_scale: Tensor, softcap: float | None,
                       z_loss: float = 0.0, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """`_softmax_xent_grad`, fused by torch.compile on CUDA."""
-    fn = _compiled_softmax_xent_grad() if raw.is_cuda else _softmax_xent_grad
+    fn = _compiled(_softmax_xent_grad) if raw.is_cuda else _softmax_xent_grad
     return fn(raw, labels, row_scale, softcap, z_loss, temperature)
 
 
@@ -89,7 +90,42 @@ def _accumulate_head_grads(grad_logits: Tensor, h: Tensor, w: Tensor, grad_h: Te
         grad_w += (grad_logits.T @ h.to(w.dtype)).float()
 
 
-class _ChunkedLMLoss(torch.autograd.Function):
+def _fused_head_pass(hidden: Tensor, weight: Tensor, chunk_rows: int,
+                     chunk_loss: Callable[[slice, Tensor], tuple[list[Tensor], Tensor]]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Runs the head `weight` over `hidden` (tokens, d) a chunk of rows at a time. chunk_loss(rows, raw
+    logits) gives the chunk's loss terms, each a sum over its rows, and the gradient of the loss with
+    respect to the raw logits; the logits are freed before the next chunk. Returns the terms summed
+    over all chunks, d loss / d hidden and d loss / d weight (float32)."""
+    w = weight.to(compute_dtype_of(hidden))  # cast once, not per chunk
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    sums: list[Tensor] = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h = hidden[rows]
+        terms, grad_logits = chunk_loss(rows, _head(h, w))
+        _accumulate_head_grads(grad_logits, h, w, grad_hidden[rows], grad_weight)
+        sums = [a + b for a, b in zip(sums, terms)] if sums else terms
+    return sums, grad_hidden, grad_weight
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """A loss whose forward has already computed its gradients (`_fused_head_pass`): backward scales the
+    gradients stored for hidden (input 0) and the head's weight (input 1); its other inputs get none."""
+
+    @staticmethod
+    def save_grads(ctx, grad_hidden: Tensor, grad_weight: Tensor, weight: Tensor, n_inputs: int) -> None:
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.n_inputs = n_inputs
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *grad_logged: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+                *[None] * (ctx.n_inputs - 2))
+
+
+class _ChunkedLMLoss(_FusedHeadLoss):
     """Cross-entropy of `hidden @ weight.T` computed a chunk of rows at a time: forward computes each
     chunk's logits, loss and gradients at once (`softmax_xent_grad`) and frees the logits, so neither
     the (tokens, vocab) logits nor their float32 copy ever exist for the whole batch (Liger's fused
@@ -100,27 +136,17 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 chunk_rows: int) -> tuple[Tensor, Tensor]:
         valid = labels != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
-        w = weight.to(compute_dtype_of(hidden))  # cast once, not per chunk
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        loss_sum = ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, lab, scale = hidden[rows], labels[rows].clamp(min=0), valid[rows].float()
-            lse, target, grad_logits = softmax_xent_grad(_head(h, w), lab, scale, softcap, z_loss)
-            _accumulate_head_grads(grad_logits, h, w, grad_hidden[rows], grad_weight)
-            ce = ((lse - target) * scale).sum()
-            ce_sum = ce_sum + ce
-            loss_sum = loss_sum + ce + (z_loss * (lse.square() * scale).sum() if z_loss else 0)
-        ctx.save_for_backward(grad_hidden / n_valid, (grad_weight / n_valid).to(weight.dtype))
+
+        def chunk_loss(rows: slice, raw: Tensor) -> tuple[list[Tensor], Tensor]:
+            scale = valid[rows].float()
+            lse, target, grad_logits = softmax_xent_grad(raw, labels[rows].clamp(min=0), scale, softcap, z_loss)
+            return [((lse - target) * scale).sum(), (lse.square() * scale).sum()], grad_logits
+
+        (ce_sum, z_sum), grad_hidden, grad_weight = _fused_head_pass(hidden, weight, chunk_rows, chunk_loss)
+        _FusedHeadLoss.save_grads(ctx, grad_hidden / n_valid, grad_weight / n_valid, weight, 6)
         ce_mean = ce_sum / n_valid
         ctx.mark_non_differentiable(ce_mean)
-        return loss_sum / n_valid, ce_mean
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_ce: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
+        return (ce_sum + z_loss * z_sum) / n_valid, ce_mean
 
 
 def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None,
@@ -253,3 +279,74 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
     s = F.log_softmax(student_logits.float().flatten(0, 1)[mask] / t, dim=-1)
     p = F.log_softmax(teacher_logits.float().flatten(0, 1)[mask] / t, dim=-1)
     return F.kl_div(s, p, log_target=True, reduction="sum") / mask.sum().clamp(min=1) * t * t
+
+
+def _distill_grad(raw: Tensor, teacher_raw: Tensor, labels: Tensor, valid: Tensor, softcap: float | None,
+                  teacher_softcap: float | None, temperature: float, alpha: float,
+                  z_loss: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For one chunk of raw student and teacher head outputs (rows, vocab): per row the student's
+    logsumexp, its target logit and KL(teacher_T || student_T) (float32, after each model's softcap),
+    and the gradient of sum_r valid_r (alpha T^2 KL_r + (1 - alpha) CE_r + z_loss lse_r^2) with respect
+    to the raw student outputs, in their dtype. Labels must be valid indices (mask through `valid`)."""
+    z = raw.float()
+    t = None
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    z_teacher = teacher_raw.float()
+    if teacher_softcap:
+        z_teacher = teacher_softcap * torch.tanh(z_teacher / teacher_softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    target = z.gather(1, labels[:, None]).squeeze(1)
+    log_student = torch.log_softmax(z / temperature, dim=-1)
+    log_teacher = torch.log_softmax(z_teacher / temperature, dim=-1)
+    p_teacher = log_teacher.exp()
+    kl = (p_teacher * (log_teacher - log_student)).sum(-1)
+    p = torch.exp(z - lse[:, None])
+    onehot = torch.arange(z.shape[1], device=z.device) == labels[:, None]
+    # d(T^2 KL)/dz = T (p_student_T - p_teacher_T); d CE/dz = p - onehot; d lse^2/dz = 2 lse p
+    grad = (alpha * temperature * (log_student.exp() - p_teacher) + (1 - alpha) * (p - onehot.float())
+            + 2 * z_loss * lse[:, None] * p) * valid[:, None]
+    if t is not None:
+        grad = grad * (1 - t * t)
+    return lse, target, kl, grad.to(raw.dtype)
+
+
+class _ChunkedDistillLoss(_FusedHeadLoss):
+    """`chunked_distill_loss`: both heads run a chunk of rows at a time; forward keeps the student's
+    gradients and backward scales them, as `_ChunkedLMLoss`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, labels: Tensor,
+                temperature: float, alpha: float, z_loss: float, softcap: float | None, teacher_softcap: float | None,
+                chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        valid = labels != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        teacher_w = teacher_weight.to(compute_dtype_of(hidden))
+        grad_fn = _compiled(_distill_grad) if hidden.is_cuda else _distill_grad
+
+        def chunk_loss(rows: slice, raw: Tensor) -> tuple[list[Tensor], Tensor]:
+            scale = valid[rows].float()
+            lse, target, kl, grad_logits = grad_fn(raw, _head(teacher_hidden[rows], teacher_w), labels[rows].clamp(min=0),
+                                                   scale, softcap, teacher_softcap, temperature, alpha, z_loss)
+            return [(kl * scale).sum(), ((lse - target) * scale).sum(), (lse.square() * scale).sum()], grad_logits
+
+        (kl_sum, ce_sum, z_sum), grad_hidden, grad_weight = _fused_head_pass(hidden, weight, chunk_rows, chunk_loss)
+        _FusedHeadLoss.save_grads(ctx, grad_hidden / n_valid, grad_weight / n_valid, weight, 11)
+        kd, ce = kl_sum * temperature ** 2 / n_valid, ce_sum / n_valid
+        ctx.mark_non_differentiable(kd, ce)
+        return alpha * kd + (1 - alpha) * ce + z_loss * z_sum / n_valid, kd, ce
+
+
+def chunked_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                         labels: Tensor, temperature: float = 1.0, alpha: float = 0.5, z_loss: float = 0.0,
+                         softcap: float | None = None, teacher_softcap: float | None = None,
+                         chunk_tokens: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
+    """Distillation's objective, `alpha * distill_loss + (1 - alpha) * cross-entropy` plus the z-loss term
+    of `lm_loss`, for the logits `softcap(hidden @ weight.T)` (batch, seq, d) against the teacher's
+    `teacher_softcap(teacher_hidden @ teacher_weight.T)`, without either model's logits of the whole
+    batch: a chunk of `chunk_tokens` rows at a time, as `chunked_lm_loss`. Returns (loss to optimise,
+    the distillation term, cross-entropy); the last two carry no gradient, and the teacher gets none."""
+    return _ChunkedDistillLoss.apply(hidden.flatten(0, 1), weight, teacher_hidden.flatten(0, 1).detach(),
+                                     teacher_weight.detach(), labels.flatten(), temperature, alpha, z_loss, softcap,
+                                     teacher_softcap, chunk_tokens)
