@@ -196,7 +196,12 @@ class LMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_blocks:
-            self.model.compile_blocks(None if self.compile_blocks is True else self.compile_blocks)
+            mode = None if self.compile_blocks is True else self.compile_blocks
+            self.model.compile_blocks(mode)
+            # a teacher's or reference policy's forward runs every step too; their blocks are compiled
+            # without CUDA graphs, whose output buffers the trained model's graphs would overwrite
+            for name in self.__dict__.get("_frozen_names", ()):
+                self.__dict__[name].compile_blocks(BACKBONE if mode == BACKBONE else None)
 
     # CUDA graphs of compiled blocks reuse their output memory from one step to the next; marking each
     # step's start tells torch that the last step's outputs are dead (without it, a replay that finds

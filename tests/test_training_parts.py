@@ -465,6 +465,34 @@ def test_distillation_never_holds_the_logits_of_the_whole_batch(tmp_path):
     assert module.model.lm_head.weight.grad.abs().sum() > 0
 
 
+def test_stage_compile_compiles_the_teacher_too_and_keeps_the_loss(tmp_path):
+    """The teacher's forward runs every step: with `stage.compile` its blocks are compiled as the student's,
+    and the step's loss is the eager one."""
+    from dataclasses import asdict
+    from functools import partial
+
+    from lightning_modules.distill import DistillModule
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, ffn_hidden=32)
+    teacher_cfg = ModelConfig(vocab_size=64, d_model=24, n_layers=1, n_heads=2, max_seq_len=16, ffn_hidden=48)
+    teacher = tmp_path / "teacher.ckpt"
+    torch.save({"model_config": asdict(teacher_cfg),
+                "state_dict": {f"model.{k}": v for k, v in CausalLM(teacher_cfg).state_dict().items()}}, teacher)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(1)
+        module = DistillModule(cfg, partial(torch.optim.AdamW), partial(Constant), teacher=str(teacher), compile=compile)
+        module.log_dict = lambda *args, **kwargs: None
+        module.trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=2))
+        module.configure_model()
+        compiled = [block._compiled_call_impl is not None for block in (*module.model.blocks, *module.teacher.blocks)]
+        assert compiled == [compile] * 3
+        losses.append(module.training_step(batch, 0).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_distillation_adds_the_z_loss_to_its_objective(tmp_path):
     from dataclasses import asdict
     from functools import partial

@@ -132,9 +132,10 @@ class CausalLM(nn.Module):
             self._compiled_stack = torch.compile(run_blocks)
             return
         # the blocks share one compiled forward, and each kind of mixer needs its own variants of it
-        # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind
+        # (training, evaluation, without gradients, dynamic batch): dynamo's cap of 8 per mixer kind, for
+        # each model compiled in the process (a teacher's blocks share the code of the student's)
         kinds = len({type(block.mixer) for block in self.blocks})
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * kinds)
+        torch._dynamo.config.recompile_limit += 8 * kinds
         # CUDA graphs record a graph per input shape; sampling stages pad their batches to a few shapes
         # (`training/batching.py`). Inductor's `cudagraph_skip_dynamic_graphs` would skip graphs of varying
         # shapes instead, but with it helix_hybrid's blocks ran 10x slower (H200: 6,711 against 66,594
