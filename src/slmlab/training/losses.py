@@ -110,19 +110,14 @@ def _fused_head_pass(hidden: Tensor, weight: Tensor, chunk_rows: int,
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """A loss whose forward has already computed its gradients (`_fused_head_pass`): backward scales the
-    gradients stored for hidden (input 0) and the head's weight (input 1); its other inputs get none."""
-
-    @staticmethod
-    def save_grads(ctx, grad_hidden: Tensor, grad_weight: Tensor, weight: Tensor, n_inputs: int) -> None:
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        ctx.n_inputs = n_inputs
+    """A loss whose forward has already computed its gradients (`_fused_head_pass`) and saved them for
+    hidden (input 0) and the head's weight (input 1): backward scales them; its other inputs get none."""
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *grad_logged: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                *[None] * (ctx.n_inputs - 2))
+                *[None] * (len(ctx.needs_input_grad) - 2))
 
 
 class _ChunkedLMLoss(_FusedHeadLoss):
@@ -143,7 +138,7 @@ class _ChunkedLMLoss(_FusedHeadLoss):
             return [((lse - target) * scale).sum(), (lse.square() * scale).sum()], grad_logits
 
         (ce_sum, z_sum), grad_hidden, grad_weight = _fused_head_pass(hidden, weight, chunk_rows, chunk_loss)
-        _FusedHeadLoss.save_grads(ctx, grad_hidden / n_valid, grad_weight / n_valid, weight, 6)
+        ctx.save_for_backward(grad_hidden / n_valid, (grad_weight / n_valid).to(weight.dtype))
         ce_mean = ce_sum / n_valid
         ctx.mark_non_differentiable(ce_mean)
         return (ce_sum + z_loss * z_sum) / n_valid, ce_mean
@@ -293,13 +288,10 @@ def _distill_grad(raw: Tensor, teacher_raw: Tensor, labels: Tensor, valid: Tenso
     if softcap:
         t = torch.tanh(z / softcap)
         z = softcap * t
-    z_teacher = teacher_raw.float()
-    if teacher_softcap:
-        z_teacher = teacher_softcap * torch.tanh(z_teacher / teacher_softcap)
     lse = torch.logsumexp(z, dim=-1)
     target = z.gather(1, labels[:, None]).squeeze(1)
     log_student = torch.log_softmax(z / temperature, dim=-1)
-    log_teacher = torch.log_softmax(z_teacher / temperature, dim=-1)
+    log_teacher = torch.log_softmax(_softcapped(teacher_raw, teacher_softcap, temperature), dim=-1)
     p_teacher = log_teacher.exp()
     kl = (p_teacher * (log_teacher - log_student)).sum(-1)
     p = torch.exp(z - lse[:, None])
@@ -332,7 +324,7 @@ class _ChunkedDistillLoss(_FusedHeadLoss):
             return [(kl * scale).sum(), ((lse - target) * scale).sum(), (lse.square() * scale).sum()], grad_logits
 
         (kl_sum, ce_sum, z_sum), grad_hidden, grad_weight = _fused_head_pass(hidden, weight, chunk_rows, chunk_loss)
-        _FusedHeadLoss.save_grads(ctx, grad_hidden / n_valid, grad_weight / n_valid, weight, 11)
+        ctx.save_for_backward(grad_hidden / n_valid, (grad_weight / n_valid).to(weight.dtype))
         kd, ce = kl_sum * temperature ** 2 / n_valid, ce_sum / n_valid
         ctx.mark_non_differentiable(kd, ce)
         return alpha * kd + (1 - alpha) * ce + z_loss * z_sum / n_valid, kd, ce
